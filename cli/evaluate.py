@@ -1,0 +1,62 @@
+"""`distrain eval ckpt=<checkpoint | export | run dir> split=test`: the task's report as a table, and files.
+
+Evaluation runs in this process (one device); weights from a run of any world size load, since checkpoints
+are keyed by parameter name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+from rich.table import Table
+
+from distrain.cli.console import console, print_error
+from distrain.trainer.errors import UserError
+from distrain.trainer.evaluate import evaluate_weights, locate
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"{report['split']} split: {report['examples']} examples")
+    for column in ("", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if not column else "right")
+    classes = report["classes"]
+    averages = [name for name in classes if name.endswith("avg")]
+    for name in [n for n in classes if n not in averages] + averages:
+        row = classes[name]
+        table.add_row(
+            name,
+            *(f"{row[k]:.4f}" for k in ("precision", "recall", "f1-score")),
+            str(int(row["support"])),
+            end_section=name == ([n for n in classes if n not in averages] or [None])[-1],
+        )
+    return table
+
+
+@hydra.main(config_path="pkg://distrain.configs", config_name="eval", version_base=None)
+def eval_job(cfg: DictConfig) -> float:
+    try:
+        weights = locate(Path(cfg.ckpt).expanduser().resolve())
+        console.print(f"[bold]distrain eval[/] {weights.kind} {weights.path} on {cfg.split}")
+        output = Path(cfg.output).expanduser().resolve() if cfg.output else None
+        report = evaluate_weights(weights, cfg.split, cfg.batch_size, cfg.data_dir, output)
+    except UserError as error:
+        print_error("cannot evaluate", str(error))
+        raise SystemExit(2) from None
+    console.print(report_table(report))
+    console.print(
+        f"entity F1 [bold]{report['f1']:.4f}[/]  precision {report['precision']:.4f}  "
+        f"recall {report['recall']:.4f}  token accuracy {report['accuracy']:.4f}"
+    )
+    console.print(f"wrote {report['output_dir']}/eval_{cfg.split}.json and predictions_{cfg.split}.txt")
+    return report["f1"]
+
+
+def main() -> None:
+    eval_job()
+
+
+if __name__ == "__main__":
+    main()

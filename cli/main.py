@@ -1,0 +1,42 @@
+"""`distrain <command> [overrides]`: dispatches to the command's Hydra app."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("distrain.cli.train", "compose + validate a config, write a run dir, train with torchrun workers"),
+    "eval": ("distrain.cli.evaluate", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
+}
+
+USAGE = """usage: distrain <command> [key=value ...] [hydra flags]
+
+commands:
+{commands}
+
+examples:
+  distrain train +experiment=wnut_ner
+  distrain train +experiment=conll_ner data.dir=/data/conll2003 launcher.nproc_per_node=2
+  distrain train -m +experiment=wnut_ner optim.lr=5e-5,1e-4
+  distrain eval ckpt=runs/wnut_ner/<run>/export split=test
+
+`distrain <command> --help` lists the config groups and keys; `--cfg job` prints the composed config."""
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.format(commands="\n".join(f"  {name:<6} {text}" for name, (_, text) in COMMANDS.items())))
+        return
+    if args[0] not in COMMANDS:
+        print(f"distrain: unknown command {args[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    module, _ = COMMANDS[args[0]]
+    # Hydra reads sys.argv: hand it the command's own arguments.
+    sys.argv = [f"distrain {args[0]}", *args[1:]]
+    importlib.import_module(module).main()
+
+
+if __name__ == "__main__":
+    main()

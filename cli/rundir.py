@@ -1,0 +1,93 @@
+"""The run directory: what the launcher writes before any worker starts.
+
+    <run.dir>/config.yaml     the fully resolved config the workers read (no interpolations left)
+    <run.dir>/overrides.yaml  the command-line overrides of this job
+    <run.dir>/env.json        versions, git sha, host, devices, command line
+A rerun in the same directory keeps the checkpoints; if its config differs, the old one is kept as
+config.previous.yaml and the changed keys are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from distrain.cli.console import console
+from distrain.trainer.paths import PKG_PREFIX
+
+PACKAGES = ("distrain", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "seqeval", "safetensors")
+
+
+def absolutize(cfg: DictConfig) -> None:
+    """Make local paths absolute, so config.yaml means the same thing from any working directory."""
+    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if cfg.data.dir is not None and not cfg.data.dir.startswith(PKG_PREFIX):
+        cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) and value else f"{prefix}{key}"))
+    return out
+
+
+def write_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    config_path = run_dir / "config.yaml"
+    if config_path.exists() and config_path.read_text() != resolved:
+        before, after = flatten(yaml.safe_load(config_path.read_text())), flatten(yaml.safe_load(resolved))
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        console.print(f"[yellow]{run_dir} had another config; changed keys: {', '.join(changed)}")
+        config_path.replace(run_dir / "config.previous.yaml")
+    config_path.write_text(resolved)
+    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides, default_flow_style=False))
+    (run_dir / "env.json").write_text(json.dumps(environment(), indent=1))
+    return run_dir
+
+
+def _git_sha() -> str | None:
+    source = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "git_sha": _git_sha(),
+        "cpu_count": os.cpu_count(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }

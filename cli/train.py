@@ -1,0 +1,56 @@
+"""`distrain train`: compose (Hydra) -> validate -> write the run dir -> torchrun workers -> their status.
+
+Hydra runs here only, once per job; workers read the resolved config.yaml. Under `-m` each job of the sweep
+gets its own run dir (`<hydra.sweep.dir>/<job number>`, unless run.dir is swept) and its own torchrun, and
+returns its best dev metric to the sweeper.
+"""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from distrain.cli.console import console, print_error
+from distrain.cli.launch import TrainingFailed, launch
+from distrain.cli.rundir import absolutize, write_run_dir
+from distrain.trainer.config import register_configs, validate
+from distrain.trainer.errors import ConfigError
+
+register_configs()
+
+
+@hydra.main(config_path="pkg://distrain.configs", config_name="train", version_base=None)
+def train_job(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not any(o.startswith("run.dir=") for o in overrides):
+        # One run dir per job: <hydra.sweep.dir>/<job number>, made by Hydra.
+        cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        print_error("invalid configuration", "\n".join(error.problems))
+        raise SystemExit(2) from None
+    absolutize(cfg)
+    run_dir = write_run_dir(cfg, overrides)
+    console.print(f"[bold]distrain train[/] run dir: {run_dir}")
+    try:
+        launch(cfg.launcher, run_dir)
+    except TrainingFailed as error:
+        print_error(f"training failed ({run_dir})", str(error))
+        raise SystemExit(1) from None
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return summary.get("best_metric")
+
+
+def main() -> None:
+    train_job()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""distrain's Hydra config tree, shipped as package data (searched as pkg://distrain.configs)."""

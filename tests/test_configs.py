@@ -1,0 +1,105 @@
+"""Every YAML in configs/ composes onto the typed schema and validates; bad values fail with their key."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import pytest
+from conftest import compose_train
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from distrain.trainer.config import hub_dataset_unreachable, validate
+from distrain.trainer.errors import ConfigError
+
+CONFIGS = importlib.resources.files("distrain.configs")
+GROUP_OPTIONS = [
+    (group.name, option.name.removesuffix(".yaml"))
+    for group in sorted(CONFIGS.iterdir(), key=lambda p: p.name)
+    if group.is_dir() and not group.name.startswith("__")
+    for option in sorted(group.iterdir(), key=lambda p: p.name)
+    if option.name.endswith(".yaml")
+]
+
+
+def test_the_tree_has_every_group():
+    groups = {group for group, _ in GROUP_OPTIONS}
+    assert groups == {"model", "data", "task", "parallel", "precision", "optim", "launcher", "experiment"}
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_option_composes_and_validates(group, option, conll_dir):
+    override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    cfg = compose_train([override, f"data.dir={conll_dir}"] if "conll" in option else [override])
+    validate(cfg)
+    if group == "experiment":
+        assert cfg.run.name == option
+    elif group in ("model", "data", "parallel", "precision"):
+        assert cfg[group].name == option
+
+
+def test_default_config_is_the_bundled_demo_setup():
+    cfg = compose_train([])
+    validate(cfg)
+    chosen = (cfg.model.name, cfg.data.name, cfg.task.name, cfg.parallel.name.value)
+    assert chosen == ("minilm", "wnut16", "ner", "single")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("precision.name=fp8", "precision.name"),
+        ("parallel.name=zero3", "parallel.name"),
+        ("launcher.nproc_per_node=two", "launcher.nproc_per_node"),
+        ("train.not_a_key=1", "not_a_key"),
+    ],
+)
+def test_wrong_types_and_unknown_keys_fail_at_composition_with_their_key(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as error:
+        compose_train([override])
+    text = str(error.value) + str(error.value.__cause__)
+    assert key in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.micro_batch_size=0"], "train.micro_batch_size: expected an integer >= 1, got 0"),
+        (["train.grad_accum_steps=-1"], "train.grad_accum_steps: expected an integer >= 1"),
+        (["optim.lr=0"], "optim.lr: expected a number > 0"),
+        (["optim.warmup_ratio=1.5"], "optim.warmup_ratio: expected a number in [0, 1)"),
+        (["launcher.nproc_per_node=2"], "parallel.name: 'single' runs one process"),
+        (["parallel=ddp", "launcher.nnodes=2"], "launcher.rdzv_endpoint: expected host:port"),
+        (["train.max_steps=10", "train.stop_at_step=20"], "train.stop_at_step: expected <= train.max_steps (10)"),
+        (["data.dir=/nonexistent/folder"], "data.dir: expected an existing folder, got '/nonexistent/folder'"),
+        (["model.name_or_path=/nonexistent/model"], "model.name_or_path: expected an existing folder"),
+        (["data.max_length=2"], "data.max_length: expected an integer >= 8"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_expectation(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(overrides))
+    assert any(expected in problem for problem in error.value.problems), error.value.problems
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(["train.micro_batch_size=0", "optim.lr=-1", "train.log_every=0"]))
+    assert len(error.value.problems) == 3
+
+
+def test_conll_data_dir_needs_the_expected_files(tmp_path):
+    (tmp_path / "train.txt").write_text("a O\n")
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(["+experiment=conll_ner", f"data.dir={tmp_path}"]))
+    assert f"data.files.dev: expected a file, '{tmp_path / 'dev.txt'}' does not exist" in error.value.problems
+
+
+def test_conll_without_data_dir_or_hub_names_both_and_the_bundled_experiment():
+    if hub_dataset_unreachable("eriktks/conll2003") is None:
+        pytest.skip("the Hub is reachable from here: conll_ner would download CoNLL-2003")
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(["+experiment=conll_ner"]))
+    (problem,) = error.value.problems
+    assert "data.dir" in problem and "eriktks/conll2003" in problem and "+experiment=wnut_ner" in problem

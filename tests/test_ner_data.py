@@ -1,0 +1,105 @@
+"""NER data: first-sub-word label alignment, the tokenized cache, and metrics that agree with seqeval."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import compose_train
+from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+from distrain.trainer.distributed import DistEnv
+from distrain.trainer.model import load_tokenizer
+from distrain.trainer.ner import IGNORE
+from distrain.trainer.tasks import build_task
+
+
+def ner_task(cache_dir, *overrides):
+    cfg = compose_train(["model=bert_tiny", f"data.cache_dir={cache_dir}", *overrides])
+    return build_task(cfg, load_tokenizer(cfg.model))
+
+
+def test_first_sub_word_carries_the_label_and_the_rest_are_ignored(cache_dir, conll_dir):
+    task = ner_task(cache_dir, "data=conll2003", f"data.dir={conll_dir}")
+    data = task.prepare(DistEnv())
+    example = data.splits["train"][1]  # Peter Blackburn -> [CLS] peter blackburn [SEP]
+    names = data.labels
+    tokens = task.tokenizer.convert_ids_to_tokens(example["input_ids"])
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    assert example["labels"][0] == IGNORE and example["labels"][-1] == IGNORE
+    labeled = [(tok, names[lab]) for tok, lab in zip(tokens, example["labels"], strict=True) if lab != IGNORE]
+    assert labeled == [("peter", "B-PER"), ("blackburn", "I-PER")]
+    # "1996-08-22" splits into several sub-words: only the first is labeled.
+    date = data.splits["train"][2]
+    pieces = task.tokenizer.convert_ids_to_tokens(date["input_ids"])
+    assert len(pieces) > 4
+    assert [lab for lab in date["labels"] if lab != IGNORE] == [names.index("B-LOC"), names.index("O")]
+    assert date["word_index"] == [0, 1]
+    assert date["length"] == len(date["input_ids"])
+
+
+def test_words_cut_by_max_length_are_predicted_o_not_dropped(cache_dir, tmp_path):
+    sentence = "w O\n" * 20 + "Paris B-LOC\n"
+    for split in ("train", "dev", "test"):
+        (tmp_path / f"{split}.txt").write_text(sentence)
+    task = ner_task(cache_dir, "data=conll2003", f"data.dir={tmp_path}", "data.max_length=10")
+    data = task.prepare(DistEnv())
+    dev = data.splits["dev"]
+    assert len(dev[0]["tokens"]) == 21 and len(dev[0]["word_index"]) == 8  # [CLS] + 8 words + [SEP]
+    perfect = {0: [data.labels.index("O")] * 8}
+    metrics = task.metrics(perfect, dev)
+    assert metrics["recall"] == 0.0  # the entity at the end was never seen: a miss, not an omission
+    assert metrics["accuracy"] == pytest.approx(20 / 21)
+
+
+def test_metrics_agree_with_seqeval(cache_dir):
+    task = ner_task(cache_dir, "data.max_eval_samples=100")
+    data = task.prepare(DistEnv())
+    dev = data.splits["dev"]
+    rng = random.Random(0)
+    predictions = {}
+    gold, pred = [], []
+    for i in range(len(dev)):
+        row = dev[i]
+        # Mostly right, sometimes a random tag: a realistic mix of hits and misses.
+        gold_ids = [row["tags"][w] for w in row["word_index"]]
+        ids = [tag if rng.random() < 0.95 else rng.randrange(len(data.labels)) for tag in gold_ids]
+        predictions[i] = ids
+        tags = ["O"] * len(row["tokens"])
+        for word, label in zip(row["word_index"], ids, strict=True):
+            tags[word] = data.labels[label]
+        gold.append([data.labels[t] for t in row["tags"]])
+        pred.append(tags)
+    metrics = task.metrics(predictions, dev)
+    assert metrics["f1"] == pytest.approx(f1_score(gold, pred))
+    assert metrics["precision"] == pytest.approx(precision_score(gold, pred))
+    assert metrics["recall"] == pytest.approx(recall_score(gold, pred))
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    assert 0.2 < metrics["f1"] < 0.95
+
+
+def test_wnut_split_is_fixed_80_10_10_and_labels_cover_all_21_tags(cache_dir):
+    data = ner_task(cache_dir).prepare(DistEnv())
+    sizes = {split: len(ds) for split, ds in data.splits.items()}
+    assert sizes == {"train": 1915, "dev": 239, "test": 240}
+    assert len(data.labels) == 21 and data.labels[0] == "O"
+    again = ner_task(cache_dir, "data.split_seed=1").prepare(DistEnv())
+    assert again.splits["dev"]["tokens"] != data.splits["dev"]["tokens"]
+
+
+def test_tokenized_splits_are_cached_by_content(cache_dir, conll_dir, tmp_path):
+    from pathlib import Path
+
+    cache = Path(cache_dir) / "ner"
+    task = ner_task(cache_dir, "data=conll2003", f"data.dir={conll_dir}")
+    task.prepare(DistEnv())
+    before = set(cache.iterdir())
+    task.prepare(DistEnv())  # same files, same settings: nothing new is built
+    assert set(cache.iterdir()) == before
+    for name in ("train.txt", "dev.txt", "test.txt"):
+        (tmp_path / name).write_text((conll_dir / name).read_text() + "\nextra NN B-NP O\n")
+    ner_task(cache_dir, "data=conll2003", f"data.dir={tmp_path}").prepare(DistEnv())
+    after = set(cache.iterdir())
+    assert len(after - before) == 1
+    (new,) = after - before
+    assert sorted(p.name for p in new.glob("*.arrow")) == ["dev.arrow", "test.arrow", "train.arrow"]

@@ -1,0 +1,251 @@
+"""`distrain train` and `distrain eval` end to end: real torchrun workers on gloo, real files.
+
+Each configuration runs once per module (fixtures); the tests compare what the runs wrote. Correctness is shown
+by comparison: 1 process and 2 processes, with and without gradient accumulation, give the same per-step losses
+for the same global batch; a run stopped and resumed gives the losses and weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_distrain, train_losses
+from safetensors.torch import load_file
+from seqeval.metrics import f1_score
+
+from distrain.trainer.checkpoint import SafeFileSystemReader, complete_checkpoints
+
+STEPS = 6
+PARITY = {
+    # name: overrides; every one trains on global batches of 8 samples
+    "single_8": ["parallel=single", "train.micro_batch_size=8"],
+    "ddp2_4": ["parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=4"],
+    "ddp2_2x2": ["parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
+    "single_2x4": ["parallel=single", "train.micro_batch_size=2", "train.grad_accum_steps=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, overrides in PARITY.items():
+        out[name] = root / name
+        run_distrain(
+            "train",
+            *TINY,
+            f"data.cache_dir={cache_dir}",
+            f"train.max_steps={STEPS}",
+            *overrides,
+            f"run.dir={out[name]}",
+        )
+    return out
+
+
+def test_ddp_and_accumulation_match_one_process_step_by_step(runs):
+    reference = train_losses(runs["single_8"])
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert reference[STEPS] < reference[1]  # it learns
+    for name in ("ddp2_4", "ddp2_2x2", "single_2x4"):
+        losses = train_losses(runs[name])
+        assert sorted(losses) == sorted(reference)
+        for step, loss in reference.items():
+            assert losses[step] == pytest.approx(loss, abs=1e-5), (name, step)
+
+
+def test_final_weights_match_across_strategies(runs):
+    reference = load_file(runs["single_8"] / "export" / "model.safetensors")
+    for name in ("ddp2_4", "ddp2_2x2"):
+        weights = load_file(runs[name] / "export" / "model.safetensors")
+        assert weights.keys() == reference.keys()
+        assert max((weights[k] - reference[k]).abs().max().item() for k in reference) < 1e-5
+
+
+def test_run_dir_layout_and_metrics_records(runs):
+    run = runs["ddp2_4"]
+    for name in ("config.yaml", "overrides.yaml", "env.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (run / "logs" / "rank_0.log").is_file() and (run / "logs" / "rank_1.log").is_file()
+    assert "${" not in (run / "config.yaml").read_text()  # fully resolved
+    assert "launcher.nproc_per_node=2" in (run / "overrides.yaml").read_text()
+    env = json.loads((run / "env.json").read_text())
+    assert env["versions"]["torch"] == torch.__version__
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert set(train[0]) == {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"}
+    assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
+    assert train[0]["lr"] == pytest.approx(1e-3)
+    (evaluation,) = [r for r in records if r["kind"] == "eval"]
+    assert set(evaluation) == {"kind", "split", "step", "f1", "precision", "recall", "accuracy"}
+    assert evaluation["split"] == "dev" and evaluation["step"] == STEPS
+    assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [STEPS]
+    labels = json.loads((run / "export" / "config.json").read_text())["id2label"]
+    assert len(labels) == 21 and labels["0"] == "O"
+
+
+def test_eval_of_a_two_process_checkpoint_reports_what_training_measured(runs):
+    run = runs["ddp2_4"]
+    dev_f1 = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"][0]
+    result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev")
+    assert "entity F1" in result.stdout and "micro avg" in result.stdout and "token accuracy" in result.stdout
+    report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    for key in ("f1", "precision", "recall", "accuracy"):
+        assert report[key] == pytest.approx(dev_f1[key]), key
+
+
+def test_eval_on_the_test_split_agrees_with_seqeval_on_its_predictions(runs):
+    export = runs["single_8"] / "export"
+    run_distrain("eval", f"ckpt={export}", "split=test")
+    report = json.loads((export / "eval_test.json").read_text())
+    gold, pred, g, p = [], [], [], []
+    for line in (export / "predictions_test.txt").read_text().splitlines() + [""]:
+        if line:
+            _, gt, pt = line.split(" ")
+            g.append(gt)
+            p.append(pt)
+        elif g:
+            gold.append(g)
+            pred.append(p)
+            g, p = [], []
+    assert len(gold) == report["examples"] == 64
+    assert report["f1"] == pytest.approx(f1_score(gold, pred))
+    assert {"micro avg", "macro avg"} <= set(report["classes"])
+
+
+def test_the_export_loads_into_a_transformers_pipeline(runs):
+    from transformers import pipeline
+
+    export = runs["ddp2_4"] / "export"
+    tagger = pipeline("token-classification", model=str(export), aggregation_strategy="simple")
+    entities = tagger("Lancashire beat Yorkshire at Old Trafford on Sunday")
+    labels = set(json.loads((export / "config.json").read_text())["id2label"].values())
+    assert all(f"B-{e['entity_group']}" in labels for e in entities)
+    assert all(0 <= e["start"] < e["end"] for e in entities)
+
+
+def test_stop_and_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(runs, tmp_path, cache_dir):
+    run = tmp_path / "resumed"
+    args = [
+        *TINY,
+        f"data.cache_dir={cache_dir}",
+        f"train.max_steps={STEPS}",
+        *PARITY["ddp2_4"],
+        f"run.dir={run}",
+        "train.save_every=1",
+        "train.keep_last=2",
+        "train.eval_every=2",
+        "train.export_weights=last",
+    ]
+    first = run_distrain("train", *args, "train.stop_at_step=3")
+    assert "stopped at step 3" in first.stdout
+    assert not (run / "export").exists()
+    second = run_distrain("train", *args)
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    assert train_losses(run) == pytest.approx(train_losses(runs["ddp2_4"]), abs=0)  # bit-identical
+    uninterrupted = load_file(runs["ddp2_4"] / "export" / "model.safetensors")
+    resumed = load_file(run / "export" / "model.safetensors")
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    # keep_last=2 plus the best (by dev F1, evaluated every 2 steps)
+    best = json.loads((run / "summary.json").read_text())["best_step"]
+    assert {step for step, _ in complete_checkpoints(run / "checkpoints")} == {5, 6, best}
+
+
+def test_incomplete_checkpoints_are_never_loaded(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["single_8"], run)
+    torn = run / "checkpoints" / "step_9"
+    shutil.copytree(run / "checkpoints" / f"step_{STEPS}", torn)
+    (torn / "COMPLETE").unlink()  # as if the save was interrupted before its marker
+    assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [STEPS]
+    result = run_distrain("eval", f"ckpt={torn}", check=False)
+    assert result.returncode == 2 and "incomplete checkpoint" in result.stderr
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(runs, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (shutil.copy, (__file__, str(marker)))
+
+    ckpt = tmp_path / "step_1"
+    shutil.copytree(runs["single_8"] / "checkpoints" / f"step_{STEPS}", ckpt)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(pickle.UnpicklingError, match="shutil.copy: not a DCP type, refused"):
+        SafeFileSystemReader(ckpt).read_metadata()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(runs, tmp_path, cache_dir, precision):
+    run_distrain(
+        "train",
+        *TINY,
+        f"data.cache_dir={cache_dir}",
+        f"train.max_steps={STEPS}",
+        *PARITY["single_8"],
+        f"precision={precision}",
+        f"run.dir={tmp_path}",
+    )
+    losses, reference = train_losses(tmp_path), train_losses(runs["single_8"])
+    # The first forward pass sees the same weights: only rounding differs.
+    assert losses[1] == pytest.approx(reference[1], abs=0.02)
+    if precision == "fp16":
+        # The loss scaler starts high and skips the steps whose gradients overflow, then training proceeds.
+        log = (tmp_path / "logs" / "rank_0.log").read_text()
+        skipped = log.count("skipped by the fp16 loss scaler")
+        assert 1 <= skipped < STEPS
+    assert losses[STEPS] < losses[1]
+
+
+def test_a_two_job_multirun_makes_two_run_dirs(tmp_path, cache_dir):
+    result = run_distrain(
+        "train",
+        "-m",
+        *TINY,
+        f"data.cache_dir={cache_dir}",
+        "train.max_steps=2",
+        "optim.lr=1e-3,2e-3",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert result.stdout.count("distrain run summary") == 2
+    for job, lr in (("0", "0.001"), ("1", "0.002")):
+        run = tmp_path / job
+        assert f"optim.lr={lr}" in (run / "overrides.yaml").read_text()
+        assert (run / "export" / "model.safetensors").is_file()
+        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["lr"] == pytest.approx(float(lr))
+
+
+def test_bad_data_fails_the_run_with_file_and_line(tmp_path, conll_dir, cache_dir):
+    data = tmp_path / "data"
+    shutil.copytree(conll_dir, data)
+    (data / "train.txt").write_text("EU NNP B-NP B-ORG\nrejects VBZ\n")
+    result = run_distrain(
+        "train",
+        "+experiment=conll_ner",
+        "model=bert_tiny",
+        f"data.dir={data}",
+        f"data.cache_dir={cache_dir}",
+        f"run.dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"{data / 'train.txt'}:2: expected 4 columns like the lines before, got 2" in result.stderr
+    assert "rank 0 failed first (exit code 1): DataError" in result.stderr
+
+
+def test_a_bad_config_stops_before_any_worker_or_run_dir(tmp_path):
+    result = run_distrain(
+        "train", "train.micro_batch_size=0", "optim.lr=-1", f"run.dir={tmp_path / 'run'}", check=False
+    )
+    assert result.returncode == 2
+    assert "train.micro_batch_size: expected an integer >= 1, got 0" in result.stderr
+    assert "optim.lr: expected a number > 0, got -1" in result.stderr
+    assert not (tmp_path / "run").exists()

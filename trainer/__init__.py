@@ -1,0 +1,1 @@
+"""Everything that runs inside a distrain worker process (and the pieces `distrain eval` reuses)."""

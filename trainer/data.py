@@ -1,0 +1,88 @@
+"""Preprocessed datasets shared by all ranks of a node, and the loaders that feed the loop.
+
+Tokenization runs once per node: local rank 0 builds the `datasets` cache (an Arrow file per split, written by
+`Dataset.map(cache_file_name=...)`) in a folder named by a hash of the input files' contents and every setting
+that changes the result; the other ranks wait at a barrier and memory-map the same files. A rerun with the same
+data and settings skips tokenization entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from distrain.trainer.distributed import DistEnv
+from distrain.trainer.paths import resolve_path
+from distrain.trainer.sampler import GlobalBatchSampler, eval_batches
+
+CACHE_FORMAT_VERSION = 1  # bump when the cached columns change
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of what the tokenizer does; its truncation/padding state, which calls mutate, is left out."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["truncation"] = spec["padding"] = None
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def cached_splits(
+    cache_dir: str, namespace: str, key: dict[str, Any], build: Callable[[Path], None], env: DistEnv
+) -> dict[str, Dataset]:
+    """Load the splits cached under `key`, calling `build(folder)` on local rank 0 first if they are missing.
+
+    `build` writes `<split>.arrow` files into the folder it is given; the folder only takes its final name once
+    complete, so an interrupted build is never read.
+    """
+    key = {"version": CACHE_FORMAT_VERSION, **key}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = resolve_path(cache_dir) / namespace / digest
+    if env.local_rank == 0 and not folder.is_dir():
+        partial = folder.with_name(f"{digest}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        build(partial)
+        (partial / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
+        try:
+            partial.rename(folder)
+        except OSError:  # another node or job finished the same cache first: theirs is identical
+            shutil.rmtree(partial, ignore_errors=True)
+    env.barrier()
+    return {path.stem: Dataset.from_file(str(path)) for path in sorted(folder.glob("*.arrow"))}
+
+
+def train_loader(
+    dataset: Dataset, collate: Any, columns: list[str], sampler: GlobalBatchSampler, num_workers: int
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset.with_format(columns=columns),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+    )
+
+
+def eval_loader(
+    dataset: Dataset, collate: Any, columns: list[str], batch_size: int, env: DistEnv
+) -> tuple[torch.utils.data.DataLoader, list[list[int]]]:
+    """This rank's evaluation loader and the dataset indices of each of its batches."""
+    batches = eval_batches(dataset["length"], batch_size, env.rank, env.world_size)
+    loader = torch.utils.data.DataLoader(
+        dataset.with_format(columns=columns), batch_sampler=batches, collate_fn=collate
+    )
+    return loader, batches

@@ -1,0 +1,92 @@
+"""The process group and the few collectives the loop needs.
+
+Workers are started by torchrun (`distrain train`), so rank and world size come from its environment. The store
+is namespaced by restart attempt: torchrun's agent keeps one TCPStore across worker restarts, and keys left by the
+failed attempt (e.g. gloo's connection info) would otherwise be read by the new one, which then hangs or fails.
+Outside torchrun (`distrain eval`) a `DistEnv` of one process makes every collective a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns the tensor for chaining."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True: stop decisions must be the same everywhere."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        if self.active:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's object on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any] | None:
+        """Every rank's object, on rank 0 only (None elsewhere)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@contextmanager
+def process_group(device_choice: str, backend: str | None) -> Iterator[DistEnv]:
+    """Join the torchrun job's process group for the duration of the block, and always leave it."""
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_choice, local_rank)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"attempt{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    try:
+        yield DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,302 @@
+"""The one training loop every task and strategy shares.
+
+`fit()` owns the schedule (epochs, evaluation, checkpoints, early stopping, export); `train_step()` runs one
+optimizer step over `grad_accum_steps` micro-batches. The loss of a step is the sum of per-target losses over the
+whole global batch divided by the global number of targets (all-reduced once per step), so 1 process and N
+processes, with or without accumulation, compute the same loss and the same gradients. Scalars are read on the
+host only when logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights
+from distrain.trainer.config import ExportWeights
+from distrain.trainer.data import train_loader
+from distrain.trainer.distributed import DistEnv
+from distrain.trainer.evaluate import gather_predictions
+from distrain.trainer.metrics import MetricsWriter, RunProgress, console, format_record, summary_table
+from distrain.trainer.optim import build_scheduler
+from distrain.trainer.parallel import no_sync, unwrap
+from distrain.trainer.precision import autocast, grad_scaler
+from distrain.trainer.sampler import GlobalBatchSampler
+from distrain.trainer.tasks import Task, TaskData
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        env: DistEnv,
+        task: Task,
+        data: TaskData,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ):
+        self.cfg, self.run_dir, self.env, self.task, self.data = cfg, run_dir, env, task, data
+        self.model, self.optimizer = model, optimizer
+        t = cfg.train
+        self.sampler = GlobalBatchSampler(
+            data.splits["train"]["length"],
+            micro_batch_size=t.micro_batch_size,
+            grad_accum_steps=t.grad_accum_steps,
+            dp_rank=env.rank,
+            dp_size=env.world_size,
+            seed=t.seed,
+            group_by_length=cfg.data.group_by_length,
+        )
+        self.collate = task.collator()
+        self.loader = train_loader(
+            data.splits["train"], self.collate, self._columns, self.sampler, cfg.data.num_workers
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.scaler = grad_scaler(cfg.precision.name, env.device)
+        self.checkpointer = Checkpointer(run_dir, env, t.keep_last)
+        self.metrics = MetricsWriter(run_dir / "metrics.jsonl", env.is_main)
+        self.step = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.evals_without_improvement = 0
+        self._reset_window()
+
+    @property
+    def _columns(self) -> list[str]:
+        return [*self.task.model_inputs, "labels"]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(self.cfg.precision.name, self.env.device):
+            return model(**{k: batch[k] for k in self.task.model_inputs}).logits
+
+    # --- one optimizer step --------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        local_targets = sum(self.task.num_targets(mb) for mb in micro_batches)
+        global_targets = self.env.all_reduce_sum(torch.tensor(float(local_targets), device=self.env.device))
+        # DDP averages gradients over ranks; multiplying by the world size turns that into a sum, so the
+        # gradient is that of (sum of losses over the global batch) / (global targets).
+        scale = self.env.world_size / global_targets.clamp(min=1)
+        step_loss = torch.zeros((), device=self.env.device)
+        for i, cpu_batch in enumerate(micro_batches):
+            batch = self._to_device(cpu_batch)
+            with no_sync(self.model, sync=i == len(micro_batches) - 1):
+                loss_sum = self.task.loss_sum(self._forward(self.model, batch), batch)
+                self.scaler.scale(loss_sum * scale).backward()
+            step_loss += loss_sum.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            # fp16 overflow: the scaler skipped the optimizer step, so the schedule waits too.
+            log.info("step %d skipped by the fp16 loss scaler (overflow); scale now %g", self.step + 1, scale / 2)
+        else:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        w = self.window
+        w["loss_sum"] += step_loss
+        w["targets"] += global_targets
+        w["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        w["samples"] += sum(len(mb["attention_mask"]) for mb in micro_batches)
+        w["grad_norm"], w["lr"] = grad_norm, lr
+
+    def _reset_window(self) -> None:
+        self.window: dict[str, Any] = {
+            "loss_sum": torch.zeros((), device=self.env.device),
+            "targets": torch.zeros((), device=self.env.device),
+            "tokens": 0,
+            "samples": 0,
+            "seconds": 0.0,
+            "grad_norm": None,
+            "lr": None,
+        }
+
+    def _log_train(self) -> dict[str, Any]:
+        w = self.window
+        totals = torch.stack([w["loss_sum"], torch.tensor(float(w["tokens"])), torch.tensor(float(w["samples"]))])
+        totals = self.env.all_reduce_sum(totals.to(self.env.device).double()).tolist()
+        grad_norm = w["grad_norm"]
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharded strategies
+            grad_norm = grad_norm.full_tensor()
+        seconds = max(w["seconds"], 1e-9)
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": totals[0] / max(float(w["targets"]), 1.0),
+            "lr": w["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": totals[1] / seconds,
+            "samples_per_s": totals[2] / seconds,
+        }
+        self._report(record)
+        self._reset_window()
+        return record
+
+    def _report(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        self.progress.record(record)
+        if self.env.is_main:
+            log.info("%s %s", record["kind"], format_record(record))
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        dataset = self.data.splits[split]
+        batch_size = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
+        # The bare model: ranks' shards may differ by a batch, and DDP's forward could wait on a collective.
+        merged = gather_predictions(
+            unwrap(self.model), self.task, dataset, batch_size, self.env, self.cfg.precision.name
+        )
+        metrics = self.task.metrics(merged, dataset) if merged is not None else None
+        metrics = self.env.broadcast_object(metrics)
+        self._report({"kind": "eval", "split": split, "step": self.step, **metrics})
+        return metrics
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "metric": self.cfg.task.metric,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+            "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
+            "world_size": self.env.world_size,
+            "strategy": self.cfg.parallel.name.value,
+        }
+
+    def save(self) -> Path:
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+
+    def resume(self) -> None:
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return
+        state = self.checkpointer.load(latest, self.model, self.optimizer)
+        self.step = state["step"]
+        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        self.evals_without_improvement = state["evals_without_improvement"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        if self.env.is_main:
+            message = f"resumed from {latest} at step {self.step}"
+            log.info(message)
+            console.print(message, markup=False, highlight=False)
+
+    # --- the schedule --------------------------------------------------------------------------------------
+    def _step_batches(self):
+        """Micro-batches of each step from the current position on, epoch after epoch."""
+        while True:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, start)
+            batches = iter(self.loader)
+            for _ in range(start, self.steps_per_epoch):
+                yield [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.resume()
+        first_step = self.step
+        stop_at = min(t.stop_at_step or self.total_steps, self.total_steps)
+        self.progress = RunProgress(self.env.is_main, total=self.total_steps, completed=self.step)
+        started = time.perf_counter()
+        stopped_early = False
+        steps = self._step_batches()
+        try:
+            while self.step < stop_at:
+                tick = time.perf_counter()
+                self.train_step(next(steps))
+                self.step += 1
+                self.window["seconds"] += time.perf_counter() - tick
+                self.progress.step(self.step)
+                last = self.step == self.total_steps
+                if self._due(t.log_every) or last or self.step == stop_at:
+                    self._log_train()
+                epoch_end = self.step % self.steps_per_epoch == 0
+                improved = False
+                if self._due(t.eval_every) or (t.eval_every == 0 and epoch_end) or last:
+                    improved, stopped_early = self._after_eval(self.evaluate("dev"))
+                if self._due(t.save_every) or improved or last or stopped_early or self.step == stop_at:
+                    self.save()
+                if stopped_early:
+                    break
+        finally:
+            self.progress.close()
+            self.metrics.close()
+        finished = self.step >= self.total_steps or stopped_early
+        status = "early stopped" if stopped_early else "finished" if finished else f"stopped at step {self.step}"
+        export = (
+            self.export() if finished and (self.step > first_step or not (self.run_dir / "export").is_dir()) else None
+        )
+        summary = {
+            "status": status,
+            "steps": f"{self.step} / {self.total_steps}",
+            "epochs": round(self.step / self.steps_per_epoch, 2),
+            f"best dev {self.cfg.task.metric}": self.best_metric,
+            "best step": self.best_step,
+            "train time (s)": round(time.perf_counter() - started, 1),
+            "checkpoint": str(self.checkpointer.latest()),
+            "export": str(export) if export else "-",
+        }
+        if self.env.is_main:
+            self.progress.console.print(summary_table(summary))
+        return {"status": status, "step": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
+
+    def _after_eval(self, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """(new best?, stop now?) — the same on every rank, since the metrics were broadcast."""
+        value = metrics[self.cfg.task.metric]
+        improved = self.best_metric is None or value > self.best_metric
+        if improved:
+            self.best_metric, self.best_step = value, self.step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        patience = self.cfg.train.early_stopping_patience
+        stop = self.env.any(patience > 0 and self.evals_without_improvement >= patience)
+        if stop:
+            self.progress.print(f"early stopping: no better dev {self.cfg.task.metric} for {patience} evaluations")
+        return improved, stop
+
+    def export(self) -> Path:
+        """A plain Hugging Face folder (weights, tokenizer, label names) that transformers.pipeline loads."""
+        model = unwrap(self.model)
+        if self.cfg.train.export_weights == ExportWeights.best and self.best_step not in (None, self.step):
+            load_model_weights(self.checkpointer.root / f"step_{self.best_step}", model)
+        state = full_model_state(self.model)
+        target = self.run_dir / "export"
+        if self.env.is_main:
+            partial = self.run_dir / "export.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            model.save_pretrained(partial, state_dict=state)
+            self.task.tokenizer.save_pretrained(partial)
+            shutil.copy(self.run_dir / "config.yaml", partial / "distrain_config.yaml")
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+        self.env.barrier()
+        return target

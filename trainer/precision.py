@@ -1,0 +1,22 @@
+"""Mixed precision: autocast for bf16/fp16 (weights and optimizer state stay fp32), loss scaling for fp16."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distrain.trainer.config import Precision
+
+DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == Precision.fp32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
+    """A real scaler for fp16 (its range underflows small gradients); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == Precision.fp16)

@@ -1,0 +1,100 @@
+"""A worker process: `python -m distrain.trainer.worker <run dir>`, started by torchrun through `distrain train`.
+
+It reads the resolved `config.yaml` of the run dir (no Hydra here: every rank sees exactly the same values),
+joins the process group, and runs: data -> model -> parallelize -> optimizer -> resume -> train -> export.
+Rank 0 talks to the console; every rank logs to `<run dir>/logs/rank_<r>.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+
+from distrain.trainer.config import load_run_config
+from distrain.trainer.distributed import DistEnv, process_group
+from distrain.trainer.errors import UserError
+from distrain.trainer.loop import Trainer
+from distrain.trainer.model import build_model, load_tokenizer
+from distrain.trainer.optim import build_optimizer
+from distrain.trainer.parallel import parallelize
+from distrain.trainer.tasks import build_task
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    log_file = logs / f"rank_{rank}.log"
+    handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
+    if rank == 0:
+        from rich.logging import RichHandler
+
+        # The console shows progress and records itself; logging adds only warnings and errors there.
+        console_handler = RichHandler(show_path=False, show_time=False, level=logging.WARNING)
+        console_handler.setFormatter(logging.Formatter("%(message)s"))
+        # Library chatter (e.g. transformers' load report: "classifier.weight newly initialized") is kept in
+        # the log file; the console gets it only when it is an error.
+        console_handler.addFilter(lambda r: r.levelno >= logging.ERROR or not r.name.startswith("transformers"))
+        console_handler.addFilter(lambda r: not getattr(r, "file_only", False))
+        handlers.append(console_handler)
+    else:
+        # Everything else this rank prints (library warnings, tracebacks) goes to its file, not the console.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_default_handler()  # its records reach our handlers instead
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" for a single file
+    if rank != 0 or not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # tqdm bars are for terminals, not log files
+
+
+def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
+    tokenizer = load_tokenizer(cfg.model)
+    task = build_task(cfg, tokenizer)
+    data = task.prepare(env)
+    model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, **task.head(data)).to(env.device)
+    # Same initial weights on every rank (seeded above); from here on each rank has its own random stream.
+    torch.manual_seed(cfg.train.seed + env.rank)
+    optimizer = build_optimizer(model, cfg.optim)
+    trainer = Trainer(cfg, run_dir, env, task, data, parallelize(model, cfg.parallel.name, env), optimizer)
+    return trainer.fit()
+
+
+@record
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m distrain.trainer.worker <run dir>  (started by `distrain train`)")
+    run_dir = Path(sys.argv[1])
+    cfg = load_run_config(run_dir / "config.yaml")
+    with process_group(cfg.train.device, cfg.parallel.backend) as env:
+        setup_logging(run_dir, env.rank)
+        try:
+            result = train(cfg, run_dir, env)
+        except UserError as error:
+            # Bad data or settings: the message names the file:line or key; a traceback would bury it.
+            # The launcher reports it on the console (from the error file); the rank's log keeps it too.
+            logging.getLogger("distrain").error("%s: %s", type(error).__name__, error, extra={"file_only": True})
+            get_error_handler().record_exception(error)
+            raise SystemExit(1) from None
+        if env.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
