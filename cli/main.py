@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": ("distrain.cli.train", "compose + validate a config, write a run dir, train with torchrun workers"),
     "eval": ("distrain.cli.evaluate", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
+    "predict": ("distrain.cli.predict", "batch inference, one JSON line per input line (ckpt=... input=FILE|-)"),
 }
 
 USAGE = """usage: distrain <command> [key=value ...] [hydra flags]
@@ -20,6 +21,7 @@ examples:
   distrain train +experiment=conll_ner data.dir=/data/conll2003 launcher.nproc_per_node=2
   distrain train -m +experiment=wnut_ner optim.lr=5e-5,1e-4
   distrain eval ckpt=runs/wnut_ner/<run>/export split=test
+  echo "Obama visited Paris" | distrain predict ckpt=runs/wnut_ner/<run>
 
 `distrain <command> --help` lists the config groups and keys; `--cfg job` prints the composed config."""
 
@@ -27,7 +29,7 @@ examples:
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE.format(commands="\n".join(f"  {name:<6} {text}" for name, (_, text) in COMMANDS.items())))
+        print(USAGE.format(commands="\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items())))
         return
     if args[0] not in COMMANDS:
         print(f"distrain: unknown command {args[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)

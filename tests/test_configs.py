@@ -27,10 +27,28 @@ def test_the_tree_has_every_group():
     assert groups == {"model", "data", "task", "parallel", "precision", "optim", "launcher", "experiment"}
 
 
+# Options that need a partner from another group to make a valid run (a task needs data it can read).
+PARTNERS = {
+    "data=bbc_news": ["task=classify"],
+    "data=shakespeare": ["task=clm"],
+    "data=custom": ["task=classify", "data.format=jsonl"],
+    "task=classify": ["data=bbc_news"],
+    "task=clm": ["data=shakespeare"],
+    "task=mlm": ["data=shakespeare", "data.document_boundaries=false"],
+}
+
+
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
-def test_every_option_composes_and_validates(group, option, conll_dir):
+def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path):
     override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
-    cfg = compose_train([override, f"data.dir={conll_dir}"] if "conll" in option else [override])
+    overrides = [override, *PARTNERS.get(override, [])]
+    if "conll" in option:
+        overrides.append(f"data.dir={conll_dir}")
+    if option == "custom":
+        for split in ("train", "dev", "test"):
+            (tmp_path / f"{split}.jsonl").write_text('{"text": "a", "label": "x"}\n')
+        overrides.append(f"data.dir={tmp_path}")
+    cfg = compose_train(overrides)
     validate(cfg)
     if group == "experiment":
         assert cfg.run.name == option

@@ -16,7 +16,7 @@ from distrain.trainer.tasks import build_task
 
 def ner_task(cache_dir, *overrides):
     cfg = compose_train(["model=bert_tiny", f"data.cache_dir={cache_dir}", *overrides])
-    return build_task(cfg, load_tokenizer(cfg.model))
+    return build_task(cfg, load_tokenizer(cfg.model, DistEnv()))
 
 
 def test_first_sub_word_carries_the_label_and_the_rest_are_ignored(cache_dir, conll_dir):

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import run_distrain
 
 CONLL = os.environ.get("DISTRAIN_CONLL2003_DIR")

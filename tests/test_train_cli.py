@@ -76,7 +76,9 @@ def test_run_dir_layout_and_metrics_records(runs):
     assert env["versions"]["torch"] == torch.__version__
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert set(train[0]) == {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"}
+    keys = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "padding"}
+    assert set(train[0]) == keys
+    assert all(0 <= r["padding"] < 1 for r in train)
     assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert train[0]["lr"] == pytest.approx(1e-3)
     (evaluation,) = [r for r in records if r["kind"] == "eval"]

@@ -9,6 +9,7 @@ collects every problem, each naming its key, before any worker starts.
 from __future__ import annotations
 
 import enum
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.paths import is_local, resolve_path
+from distrain.trainer.sources import FORMATS
 
 
 class Strategy(str, enum.Enum):
@@ -49,19 +51,31 @@ class ModelConfig:
     architecture: dict[str, Any] | None = None  # transformers config fields for a random-init model
     revision: str | None = None  # Hub revision
     trust_remote_code: bool = False  # run model code shipped with a Hub repo: only for repos you trust
+    gguf_file: str | None = None  # a GGUF file inside name_or_path: dequantized once into cache_dir
+    train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
+    cache_dir: str = "~/.cache/distrain"  # converted GGUF models
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
+    format: str = "conll"  # conll | jsonl | csv | text | folders (one sub-folder of .txt files per class)
     dir: str | None = None  # folder (or pkg://...) holding the files below; null = use hub_name
-    files: dict[str, str] = field(default_factory=dict)  # split -> file inside dir ("all" + split: one file)
+    files: dict[str, str] = field(default_factory=dict)  # split -> file (glob) inside dir; "all" + split: cut one
     split: dict[str, float] | None = None  # fractions to cut files.all into train/dev/test, fixed seed
     split_seed: int = 0
     hub_name: str | None = None  # Hub dataset used when dir is null (needs network)
+    hub_config: str | None = None
+    hub_revision: str | None = None
     hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"})
-    tokens_column: str = "tokens"  # Hub columns
+    text_column: str = "text"  # jsonl / csv / Hub columns
+    label_column: str = "label"
+    tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
+    labels: list[str] | None = None  # the label set, in id order; null = the labels seen in training data
+    text_unit: str = "file"  # text format: one document per file | paragraph (blank-line separated) | line
+    packing: bool = False  # mlm/clm: fill blocks of max_length tokens from consecutive documents, no padding
+    document_boundaries: bool = True  # clm packing: attention and targets stay inside each document
     max_length: int = 256  # sub-word tokens per sequence, longer ones are truncated
     max_train_samples: int | None = None  # take the first N (after the split) for quick runs
     max_eval_samples: int | None = None
@@ -72,8 +86,9 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "ner"
-    metric: str = "f1"  # dev metric for best checkpoint and early stopping (higher is better)
+    name: str = "ner"  # ner | classify | mlm | clm
+    metric: str = "f1"  # dev metric for the best checkpoint and early stopping (perplexity/loss: lower is better)
+    mask_probability: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
 
 
 @dataclass
@@ -119,6 +134,7 @@ class TrainLoopConfig:
     stop_at_step: int | None = None  # end this run after step N with a checkpoint; rerun to resume
     log_every: int = 10
     eval_every: int = 0  # steps between dev evaluations; 0 = at the end of every epoch
+    eval_at_start: bool = False  # also evaluate before the first step (a baseline for fine-tuning)
     eval_batch_size: int | None = None  # default 2 x micro_batch_size
     save_every: int = 0  # steps between checkpoints; 0 = only on a new best and at the end
     keep_last: int = 2  # newest checkpoints kept, besides the best
@@ -154,8 +170,18 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="distrain_schema", node=DistrainConfig)
 
 
-SUPPORTED_TASKS = ("ner",)
-NER_METRICS = ("f1", "precision", "recall", "accuracy")
+TASK_METRICS = {
+    "ner": ("f1", "precision", "recall", "accuracy"),
+    "classify": ("accuracy", "macro_f1"),
+    "mlm": ("perplexity", "loss"),
+    "clm": ("perplexity", "loss"),
+}
+TASK_FORMATS = {
+    "ner": ("conll", "jsonl"),
+    "classify": ("jsonl", "csv", "folders"),
+    "mlm": ("text", "jsonl", "csv"),
+    "clm": ("text", "jsonl", "csv"),
+}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -167,8 +193,25 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"{key}: expected {expected}, got {OmegaConf.select(cfg, key)!r}")
 
     t, o, launcher, data = cfg.train, cfg.optim, cfg.launcher, cfg.data
-    need(cfg.task.name in SUPPORTED_TASKS, "task.name", f"one of {list(SUPPORTED_TASKS)}")
-    need(cfg.task.metric in NER_METRICS, "task.metric", f"one of {list(NER_METRICS)}")
+    task = cfg.task.name
+    need(task in TASK_METRICS, "task.name", f"one of {list(TASK_METRICS)}")
+    if task in TASK_METRICS:
+        need(cfg.task.metric in TASK_METRICS[task], "task.metric", f"one of {list(TASK_METRICS[task])} for {task}")
+        if data.dir is not None:
+            formats = TASK_FORMATS[task]
+            need(data.format in formats, "data.format", f"one of {list(formats)} for task {task}")
+        lm = task in ("mlm", "clm")
+        if data.packing and not lm:
+            problems.append(f"data.packing: packing is for language modelling (mlm, clm), not {task}")
+        if data.labels is not None and lm:
+            problems.append(f"data.labels: {task} has no labels; expected null")
+        if task == "mlm" and data.packing and data.document_boundaries:
+            problems.append(
+                "data.document_boundaries: packed mlm blocks attend across documents (BERT-style models take no "
+                "block mask); expected false with data.packing=true, or data.packing=false"
+            )
+    need(0 < cfg.task.mask_probability < 1, "task.mask_probability", "a number in (0, 1)")
+    need(data.text_unit in ("file", "paragraph", "line"), "data.text_unit", "one of ['file', 'paragraph', 'line']")
     for key in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
         need(t[key] >= 1, f"train.{key}", "an integer >= 1")
     for key in ("eval_every", "save_every", "keep_last", "early_stopping_patience"):
@@ -209,17 +252,23 @@ def validate(cfg: DictConfig) -> None:
         )
     need(cfg.parallel.backend in (None, "gloo", "nccl"), "parallel.backend", "null, 'gloo' or 'nccl'")
 
-    need(
-        cfg.model.name_or_path is not None or cfg.model.architecture is not None,
-        "model.name_or_path",
-        "a model path or Hub id, or model.architecture for a random-init model",
-    )
-    if cfg.model.name_or_path is None:
-        need(cfg.model.tokenizer is not None, "model.tokenizer", "a tokenizer path or Hub id for a random-init model")
+    model = cfg.model
+    need(model.name_or_path is not None or model.architecture is not None,
+         "model.name_or_path", "a model path or Hub id, or model.architecture for a random-init model")  # fmt: skip
+    if model.name_or_path is None:
+        need(model.tokenizer is not None or model.train_tokenizer_vocab is not None, "model.tokenizer",
+             "a tokenizer path or Hub id (or model.train_tokenizer_vocab) for a random-init model")  # fmt: skip
+    elif model.train_tokenizer_vocab is not None:
+        problems.append("model.train_tokenizer_vocab: only for random-init models (model.name_or_path=null)")
+    need(model.train_tokenizer_vocab is None or model.train_tokenizer_vocab >= 300, "model.train_tokenizer_vocab",
+         "null or an integer >= 300 (256 bytes plus merges)")  # fmt: skip
     for key in ("name_or_path", "tokenizer"):
-        value = cfg.model[key]
+        value = model[key]
         if value is not None and is_local(value):
             need(resolve_path(value).is_dir(), f"model.{key}", "an existing folder")
+    if model.gguf_file is not None and model.name_or_path is not None and is_local(model.name_or_path):
+        gguf = resolve_path(model.name_or_path) / model.gguf_file
+        need(gguf.is_file(), "model.gguf_file", f"a file inside model.name_or_path ({gguf} does not exist)")
 
     need(data.max_length >= 8, "data.max_length", "an integer >= 8")
     for key in ("max_train_samples", "max_eval_samples"):
@@ -245,6 +294,8 @@ def _data_problems(data: DictConfig) -> list[str]:
     if not folder.is_dir():
         return [f"data.dir: expected an existing folder, got {data.dir!r}"]
     problems = []
+    if data.format not in FORMATS:
+        return [f"data.format: expected one of {list(FORMATS)}, got {data.format!r}"]
     splits = set(data.files)
     if data.split is not None:
         if splits != {"all"}:
@@ -258,8 +309,10 @@ def _data_problems(data: DictConfig) -> list[str]:
     elif not {"train", "dev"} <= splits or not splits <= {"train", "dev", "test"}:
         problems.append(f"data.files: expected files for train and dev (and optionally test), got {sorted(splits)}")
     for split, name in data.files.items():
-        if not (folder / name).is_file():
-            problems.append(f"data.files.{split}: expected a file, '{folder / name}' does not exist")
+        matches = [folder / name] if data.format == "folders" else [Path(p) for p in glob.glob(str(folder / name))]
+        if not any(m.is_dir() if data.format == "folders" else m.is_file() for m in matches):
+            kind = "a folder of class folders" if data.format == "folders" else "a file"
+            problems.append(f"data.files.{split}: expected {kind}, '{folder / name}' does not exist")
     return problems
 
 

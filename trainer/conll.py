@@ -10,6 +10,7 @@ silently.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,15 +64,7 @@ def read_conll(path: str | Path) -> list[Sentence]:
     return sentences
 
 
-def label_list(sentences: list[Sentence]) -> list[str]:
+def label_list(tag_sequences: Iterable[list[str]]) -> list[str]:
     """All tags, `O` first, then by entity type with B before I, so ids are stable across runs."""
-    tags = {tag for sentence in sentences for tag in sentence.tags}
+    tags = {tag for sequence in tag_sequences for tag in sequence}
     return sorted(tags, key=lambda tag: ("" if tag == "O" else tag[2:], tag[:1]))
-
-
-def check_labels(sentences: list[Sentence], labels: list[str], path: str | Path) -> None:
-    known = set(labels)
-    for sentence in sentences:
-        for tag, line in zip(sentence.tags, sentence.lines, strict=True):
-            if tag not in known:
-                raise DataError(f"{path}:{line}: tag {tag!r} does not occur in the training data (known: {labels})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from distrain.trainer.paths import resolve_path
 from distrain.trainer.sampler import GlobalBatchSampler, eval_batches
 
 CACHE_FORMAT_VERSION = 1  # bump when the cached columns change
+log = logging.getLogger(__name__)
 
 
 def file_digest(path: str | Path) -> str:
@@ -41,28 +43,37 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def build_once(folder: Path, build: Callable[[Path], None], env: DistEnv, what: str) -> Path:
+    """Make `folder` with `build(partial_folder)` on local rank 0 of each node unless it exists; every rank
+    waits for it. The folder only takes its final name once complete, so an interrupted build is never used."""
+    builder = env.local_rank == 0 and not folder.is_dir()
+    log.info("%s %s: %s", "building" if builder else "reading", what, folder)
+    if builder:
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        build(partial)
+        try:
+            partial.rename(folder)
+        except OSError:  # another node or job finished the same folder first: theirs is identical
+            shutil.rmtree(partial, ignore_errors=True)
+    env.barrier()
+    return folder
+
+
 def cached_splits(
     cache_dir: str, namespace: str, key: dict[str, Any], build: Callable[[Path], None], env: DistEnv
 ) -> dict[str, Dataset]:
     """Load the splits cached under `key`, calling `build(folder)` on local rank 0 first if they are missing.
-
-    `build` writes `<split>.arrow` files into the folder it is given; the folder only takes its final name once
-    complete, so an interrupted build is never read.
-    """
+    `build` writes `<split>.arrow` files (Dataset.map with cache_file_name) into the folder it is given."""
     key = {"version": CACHE_FORMAT_VERSION, **key}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    folder = resolve_path(cache_dir) / namespace / digest
-    if env.local_rank == 0 and not folder.is_dir():
-        partial = folder.with_name(f"{digest}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+
+    def build_and_describe(partial: Path) -> None:
         build(partial)
         (partial / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
-        try:
-            partial.rename(folder)
-        except OSError:  # another node or job finished the same cache first: theirs is identical
-            shutil.rmtree(partial, ignore_errors=True)
-    env.barrier()
+
+    folder = build_once(resolve_path(cache_dir) / namespace / digest, build_and_describe, env, "the tokenized cache")
     return {path.stem: Dataset.from_file(str(path)) for path in sorted(folder.glob("*.arrow"))}
 
 

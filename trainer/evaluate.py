@@ -17,7 +17,7 @@ from distrain.trainer.config import Precision, load_run_config
 from distrain.trainer.data import eval_loader
 from distrain.trainer.distributed import DistEnv, pick_device
 from distrain.trainer.errors import DataError, UserError
-from distrain.trainer.model import build_model, load_tokenizer
+from distrain.trainer.model import build_model, load_tokenizer, model_source
 from distrain.trainer.precision import autocast
 from distrain.trainer.tasks import Task, build_task
 
@@ -33,15 +33,14 @@ def gather_predictions(
     Each rank predicts its own shard; `model` must be the bare module (no DDP hooks), since shards may differ by
     one batch between ranks.
     """
-    columns = [*task.model_inputs, "labels"]
-    loader, batches = eval_loader(dataset, task.collator(), columns, batch_size, env)
+    loader, batches = eval_loader(dataset, task.collator(train=False), list(task.loader_columns), batch_size, env)
     was_training = model.training
     model.eval()
     mine: dict[int, Any] = {}
     for indices, cpu_batch in zip(batches, loader, strict=True):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
         with autocast(precision, env.device):
-            logits = model(**{k: batch[k] for k in task.model_inputs}).logits
+            logits = model(**task.model_batch(batch)).logits
         mine.update(zip(indices, task.predict(logits, batch), strict=True))
     model.train(was_training)
     gathered = env.gather_objects(mine)
@@ -82,33 +81,44 @@ def locate(ckpt: Path) -> Weights:
     raise EvalError(f"ckpt: expected a checkpoint folder (step_<N>), an export folder or a run dir, got {ckpt}")
 
 
+HEAD_FILE = "head.json"  # in the run dir: the task head's config (labels), so weights load without the data
+
+
+def load_for_inference(weights: Weights, env: DistEnv) -> tuple[DictConfig, Any, Task, torch.nn.Module]:
+    """The run's config, tokenizer, task and model with the given weights, on env.device, in eval mode."""
+    cfg: DictConfig = load_run_config(weights.config)
+    run_dir = weights.config.parent
+    if weights.kind == "export":
+        cfg.model.name_or_path = cfg.model.tokenizer = str(weights.path)
+        cfg.model.gguf_file = cfg.model.train_tokenizer_vocab = None
+    tokenizer = load_tokenizer(cfg.model, env, run_dir)
+    task = build_task(cfg, tokenizer)
+    head = {} if weights.kind == "export" else json.loads((run_dir / HEAD_FILE).read_text())
+    if "id2label" in head:
+        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}  # JSON keys are strings
+    model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env), tokenizer,
+                        pretrained=weights.kind == "export", **head)  # fmt: skip
+    if weights.kind == "checkpoint":
+        load_model_weights(weights.path, model)
+    return cfg, tokenizer, task, model.to(env.device).eval()
+
+
 def evaluate_weights(
     weights: Weights, split: str, batch_size: int | None, data_dir: str | None, output: Path | None
 ) -> dict[str, Any]:
-    """Evaluate on one split in this process; write eval_<split>.json and predictions_<split>.txt."""
-    cfg: DictConfig = load_run_config(weights.config)
+    """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file."""
+    env = DistEnv(device=pick_device(load_run_config(weights.config).train.device, 0))
+    cfg, tokenizer, task, model = load_for_inference(weights, env)
     if data_dir is not None:
         cfg.data.dir = data_dir
-    env = DistEnv(device=pick_device(cfg.train.device, 0))
-    if weights.kind == "export":
-        cfg.model.name_or_path = str(weights.path)
-        cfg.model.tokenizer = str(weights.path)
-    tokenizer = load_tokenizer(cfg.model)
-    task = build_task(cfg, tokenizer)
     data = task.prepare(env)
     if split not in data.splits:
         raise EvalError(f"split: expected one of {sorted(data.splits)}, got {split!r}")
-    model = build_model(
-        cfg.model, task.auto_model_class(), cfg.train.seed, pretrained=weights.kind == "export", **task.head(data)
-    )
-    if weights.kind == "checkpoint":
-        load_model_weights(weights.path, model)
-    if list(model.config.id2label.values()) != list(data.labels):
+    names = list(model.config.id2label.values()) if data.labels else []
+    if names != list(data.labels):
         raise DataError(
-            f"the model's labels {list(model.config.id2label.values())} differ from the data's {data.labels}: "
-            "evaluate on the data the model was trained on"
+            f"the model's labels {names} differ from the data's {data.labels}: evaluate on the data it was trained on"
         )
-    model.to(env.device)
     dataset = data.splits[split]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     predictions = gather_predictions(model, task, dataset, size, env, cfg.precision.name)
@@ -117,6 +127,6 @@ def evaluate_weights(
     out_dir = output or weights.path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=1))
-    task.write_predictions(predictions, dataset, str(out_dir / f"predictions_{split}.txt"))
-    report["output_dir"] = str(out_dir)
+    written = task.write_predictions(predictions, dataset, out_dir / f"predictions_{split}.txt")
+    report["files"] = [str(out_dir / f"eval_{split}.json"), *([str(written)] if written else [])]
     return report

@@ -29,7 +29,7 @@ from distrain.trainer.optim import build_scheduler
 from distrain.trainer.parallel import no_sync, unwrap
 from distrain.trainer.precision import autocast, grad_scaler
 from distrain.trainer.sampler import GlobalBatchSampler
-from distrain.trainer.tasks import Task, TaskData
+from distrain.trainer.tasks import LOWER_IS_BETTER, Task, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ class Trainer:
             seed=t.seed,
             group_by_length=cfg.data.group_by_length,
         )
-        self.collate = task.collator()
+        self.collate = task.collator(train=True)
         self.loader = train_loader(
-            data.splits["train"], self.collate, self._columns, self.sampler, cfg.data.num_workers
+            data.splits["train"], self.collate, list(task.loader_columns), self.sampler, cfg.data.num_workers
         )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
@@ -71,18 +71,16 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.evals_without_improvement = 0
+        self.real_tokens = 0.0  # all ranks, this invocation (for the summary's throughput)
+        self.step_seconds = 0.0
         self._reset_window()
-
-    @property
-    def _columns(self) -> list[str]:
-        return [*self.task.model_inputs, "labels"]
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast(self.cfg.precision.name, self.env.device):
-            return model(**{k: batch[k] for k in self.task.model_inputs}).logits
+            return model(**self.task.model_batch(batch)).logits
 
     # --- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
@@ -116,6 +114,7 @@ class Trainer:
         w["loss_sum"] += step_loss
         w["targets"] += global_targets
         w["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        w["slots"] += sum(mb["attention_mask"].numel() for mb in micro_batches)
         w["samples"] += sum(len(mb["attention_mask"]) for mb in micro_batches)
         w["grad_norm"], w["lr"] = grad_norm, lr
 
@@ -124,6 +123,7 @@ class Trainer:
             "loss_sum": torch.zeros((), device=self.env.device),
             "targets": torch.zeros((), device=self.env.device),
             "tokens": 0,
+            "slots": 0,  # token positions processed, padding included
             "samples": 0,
             "seconds": 0.0,
             "grad_norm": None,
@@ -132,12 +132,15 @@ class Trainer:
 
     def _log_train(self) -> dict[str, Any]:
         w = self.window
-        totals = torch.stack([w["loss_sum"], torch.tensor(float(w["tokens"])), torch.tensor(float(w["samples"]))])
+        counts = [w["tokens"], w["samples"], w["slots"]]
+        totals = torch.stack([w["loss_sum"], *(torch.tensor(float(c)) for c in counts)])
         totals = self.env.all_reduce_sum(totals.to(self.env.device).double()).tolist()
         grad_norm = w["grad_norm"]
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharded strategies
             grad_norm = grad_norm.full_tensor()
         seconds = max(w["seconds"], 1e-9)
+        self.real_tokens += totals[1]
+        self.step_seconds += w["seconds"]
         record = {
             "kind": "train",
             "step": self.step,
@@ -147,6 +150,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens_per_s": totals[1] / seconds,
             "samples_per_s": totals[2] / seconds,
+            "padding": 1.0 - totals[1] / max(totals[3], 1.0),  # fraction of processed positions that are padding
         }
         self._report(record)
         self._reset_window()
@@ -212,6 +216,8 @@ class Trainer:
         while True:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, start)
+            if hasattr(self.collate, "set_epoch"):  # e.g. MLM masking draws per epoch
+                self.collate.set_epoch(epoch)
             batches = iter(self.loader)
             for _ in range(start, self.steps_per_epoch):
                 yield [next(batches) for _ in range(self.cfg.train.grad_accum_steps)]
@@ -228,6 +234,8 @@ class Trainer:
         started = time.perf_counter()
         stopped_early = False
         steps = self._step_batches()
+        if t.eval_at_start and self.step == 0:
+            self.evaluate("dev")  # the baseline, recorded at step 0; not a candidate for the best checkpoint
         try:
             while self.step < stop_at:
                 tick = time.perf_counter()
@@ -261,17 +269,27 @@ class Trainer:
             f"best dev {self.cfg.task.metric}": self.best_metric,
             "best step": self.best_step,
             "train time (s)": round(time.perf_counter() - started, 1),
+            "real tokens/s": round(self.real_tokens / max(self.step_seconds, 1e-9), 1),
             "checkpoint": str(self.checkpointer.latest()),
             "export": str(export) if export else "-",
         }
         if self.env.is_main:
             self.progress.console.print(summary_table(summary))
-        return {"status": status, "step": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
+        return {
+            "status": status,
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "train_seconds": time.perf_counter() - started,  # steps, evaluations and checkpoints of this invocation
+            "step_seconds": self.step_seconds,  # optimizer steps only
+            "real_tokens": self.real_tokens,
+        }
 
     def _after_eval(self, metrics: dict[str, float]) -> tuple[bool, bool]:
         """(new best?, stop now?) — the same on every rank, since the metrics were broadcast."""
         value = metrics[self.cfg.task.metric]
-        improved = self.best_metric is None or value > self.best_metric
+        sign = -1 if self.cfg.task.metric in LOWER_IS_BETTER else 1
+        improved = self.best_metric is None or sign * value > sign * self.best_metric
         if improved:
             self.best_metric, self.best_step = value, self.step
             self.evals_without_improvement = 0

@@ -3,7 +3,6 @@ Python packages (the bundled MiniLM and WNUT-16), which keeps config.yaml valid 
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 from pathlib import Path
 
@@ -13,10 +12,11 @@ PKG_PREFIX = "pkg://"
 def resolve_path(value: str) -> Path:
     if value.startswith(PKG_PREFIX):
         package, _, sub = value[len(PKG_PREFIX) :].partition("/")
-        if importlib.util.find_spec(package) is None:
+        spec = importlib.util.find_spec(package)  # locates the package without running its __init__
+        if spec is None or not spec.submodule_search_locations:
             # A path that does not exist; validation reports it with its key.
             return Path(f"<package {package!r} is not installed>") / sub
-        return Path(str(importlib.resources.files(package))) / sub
+        return Path(next(iter(spec.submodule_search_locations))) / sub
     return Path(value).expanduser()
 
 

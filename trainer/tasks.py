@@ -1,25 +1,35 @@
-"""What a task supplies to the one shared loop: its data, model head, collation, loss and metrics.
+"""What a task supplies to the one shared loop: its data, model head, collation, loss, metrics and inference.
 
 The loop (trainer/loop.py) never branches on the task; a new task is a new `Task` subclass registered in
-`TASKS`, not a copy of the loop.
+`TASKS`, not a copy of the loop. The base class runs the common data path: raw records (trainer/sources.py) ->
+the task's typed `Dataset`s -> the task's tokenization, cached once per node (trainer/data.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from omegaconf import DictConfig
 
+from distrain.trainer.data import cached_splits, file_digest, tokenizer_fingerprint
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.model import label_head
+from distrain.trainer.paths import resolve_path
+from distrain.trainer.sources import Record, read_splits, source_files
+
+IGNORE = -100  # label of positions that carry no target (special tokens, padding, non-first sub-words)
+LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
 @dataclass
 class TaskData:
-    """Tokenized splits (each with a `length` column) and the label names of the model head."""
+    """Tokenized splits (each with a `length` column) and the label names of the model head (if any)."""
 
     splits: dict[str, Dataset]
     labels: list[str]
@@ -29,30 +39,82 @@ class Task:
     name: str = ""
     pipeline_task: str = ""  # the transformers.pipeline task that loads this task's export
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    loader_columns: tuple[str, ...] = ("input_ids", "attention_mask", "labels")  # what the collator receives
+    forward_kwargs: dict[str, Any] = {}  # fixed keyword arguments of every forward pass
 
     def __init__(self, cfg: DictConfig, tokenizer: Any):
         self.cfg = cfg
         self.tokenizer = tokenizer
 
+    # --- data ----------------------------------------------------------------------------------------------
     def prepare(self, env: DistEnv) -> TaskData:
+        data = self.cfg.data
+        key = {
+            "task": self.name,
+            "source": source_key(data),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "settings": self.cache_settings(),
+        }
+        splits = cached_splits(data.cache_dir, self.name, key, self._build, env)
+        labels = self.labels_of(splits)
+        for split, dataset in splits.items():
+            limit = data.max_train_samples if split == "train" else data.max_eval_samples
+            if limit is not None and limit < len(dataset):
+                splits[split] = dataset.select(range(limit))
+        return TaskData(splits=splits, labels=labels)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Every setting besides the source and tokenizer that changes the tokenized data."""
+        return {"max_length": self.cfg.data.max_length}
+
+    def _build(self, folder: Path) -> None:
+        datasets = self.to_datasets(read_splits(self.cfg.data))
+        for split, raw in datasets.items():
+            raw.map(
+                self.tokenize,
+                batched=True,
+                remove_columns=self.drop_columns(raw),
+                cache_file_name=str(folder / f"{split}.arrow"),
+                desc=f"Tokenizing {split}",
+            )
+
+    def to_datasets(self, records: dict[str, list[Record]]) -> dict[str, Dataset]:
+        """Typed datasets from raw records, with every record checked (labels known, columns present)."""
         raise NotImplementedError
 
+    def tokenize(self, batch: dict[str, list]) -> dict[str, list]:
+        raise NotImplementedError
+
+    def drop_columns(self, raw: Dataset) -> list[str]:
+        return []
+
+    def labels_of(self, splits: dict[str, Dataset]) -> list[str]:
+        return []
+
+    # --- model ---------------------------------------------------------------------------------------------
     def auto_model_class(self) -> type:
         raise NotImplementedError
+
+    def model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The keyword arguments of the model's forward pass for a collated batch."""
+        return {**{k: batch[k] for k in self.model_inputs}, **self.forward_kwargs}
 
     def head(self, data: TaskData) -> dict[str, Any]:
         """Config fields of the model's task head; by default a classifier over the data's labels."""
         return label_head(data.labels)
 
-    def collator(self) -> Any:
+    def collator(self, train: bool) -> Any:
         raise NotImplementedError
 
+    # --- loss and metrics ----------------------------------------------------------------------------------
     def loss_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum (not mean) of the per-target losses: the loop divides by the global number of targets."""
-        raise NotImplementedError
+        return F.cross_entropy(
+            logits.flatten(0, -2).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
-        raise NotImplementedError
+        return int((batch["labels"] != IGNORE).sum())
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[Any]:
         """One picklable prediction per example of the batch (gathered across ranks by example index)."""
@@ -62,15 +124,52 @@ class Task:
         raise NotImplementedError
 
     def report(self, predictions: dict[int, Any], dataset: Dataset) -> dict[str, Any]:
-        """Detailed report for `distrain eval`: metrics plus per-class rows."""
+        """Detailed report for `distrain eval`: the metrics, plus per-class rows under "classes" if any."""
+        return self.metrics(predictions, dataset)
+
+    def write_predictions(self, predictions: dict[int, Any], dataset: Dataset, path: Path) -> Path | None:
+        """Write the predictions next to the report; return the file, or None when the task has none."""
+        return None
+
+    # --- inference (distrain predict) ----------------------------------------------------------------------
+    def pipeline_kwargs(self, options: DictConfig) -> dict[str, Any]:
+        """Arguments of transformers.pipeline(...) for `distrain predict`."""
+        return {}
+
+    def generation_kwargs(self, options: DictConfig) -> dict[str, Any]:
+        """Arguments of each pipeline call (generation settings for causal LMs)."""
+        return {}
+
+    def format_prediction(self, text: str, output: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def write_predictions(self, predictions: dict[int, Any], dataset: Dataset, path: str) -> None:
-        raise NotImplementedError
+
+def source_key(data: DictConfig) -> dict[str, Any]:
+    """What identifies the raw data: the contents of its files, or the Hub dataset and revision."""
+    if data.dir is None:
+        return {"hub": data.hub_name, "config": data.hub_config, "revision": data.hub_revision,
+                "splits": dict(data.hub_splits)}  # fmt: skip
+    digests = {}
+    for split, paths in source_files(data).items():
+        files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
+        root = resolve_path(data.dir)
+        listing = [(str(f.relative_to(root)), file_digest(f)) for f in files]
+        digests[split] = hashlib.sha256(repr(listing).encode()).hexdigest()
+    return {
+        "format": data.format,
+        "files": digests,
+        "split": dict(data.split) if data.split is not None else None,
+        "split_seed": data.split_seed,
+        "text_unit": data.text_unit,
+        "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
+        "labels": list(data.labels) if data.labels is not None else None,
+    }
 
 
 def build_task(cfg: DictConfig, tokenizer: Any) -> Task:
+    from distrain.trainer.classify import ClassifyTask
+    from distrain.trainer.lm import CausalLMTask, MaskedLMTask
     from distrain.trainer.ner import NerTask
 
-    tasks = {"ner": NerTask}
+    tasks = {"ner": NerTask, "classify": ClassifyTask, "mlm": MaskedLMTask, "clm": CausalLMTask}
     return tasks[cfg.task.name](cfg, tokenizer)

@@ -20,8 +20,9 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 from distrain.trainer.config import load_run_config
 from distrain.trainer.distributed import DistEnv, process_group
 from distrain.trainer.errors import UserError
+from distrain.trainer.evaluate import HEAD_FILE
 from distrain.trainer.loop import Trainer
-from distrain.trainer.model import build_model, load_tokenizer
+from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
 from distrain.trainer.optim import build_optimizer
 from distrain.trainer.parallel import parallelize
 from distrain.trainer.tasks import build_task
@@ -65,10 +66,16 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
-    tokenizer = load_tokenizer(cfg.model)
+    ensure_run_tokenizer(cfg, run_dir, env)
+    tokenizer = load_tokenizer(cfg.model, env, run_dir)
     task = build_task(cfg, tokenizer)
     data = task.prepare(env)
-    model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, **task.head(data)).to(env.device)
+    head = task.head(data)
+    if env.is_main:
+        (run_dir / HEAD_FILE).write_text(json.dumps(head, indent=1))  # weights load later without the data
+    source = model_source(cfg.model, env)
+    model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer, **head)
+    model.to(env.device)
     # Same initial weights on every rank (seeded above); from here on each rank has its own random stream.
     torch.manual_seed(cfg.train.seed + env.rank)
     optimizer = build_optimizer(model, cfg.optim)

@@ -1,0 +1,82 @@
+"""`distrain predict ckpt=... input=FILE|-`: batch inference, one JSON line out per input line.
+
+The weights (a checkpoint, an export or a run dir's) are wrapped in the transformers pipeline of the run's task:
+entities for NER, label + score for classification, the continuation for causal LMs, the fills of the mask token
+for masked LMs. Empty input lines give `{"input": "", "skipped": "empty line"}`, so output line N is input line N.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from rich.progress import Progress
+from transformers import pipeline
+
+from distrain.cli.console import error_console, print_error
+from distrain.trainer.config import load_run_config
+from distrain.trainer.distributed import DistEnv, pick_device
+from distrain.trainer.errors import UserError
+from distrain.trainer.evaluate import load_for_inference, locate
+
+
+def read_lines(source: str) -> list[str]:
+    if source == "-":
+        return sys.stdin.read().splitlines()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"input: {path} is not a file")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+@hydra.main(config_path="pkg://distrain.configs", config_name="predict", version_base=None)
+def predict_job(cfg: DictConfig) -> None:
+    try:
+        weights = locate(Path(cfg.ckpt).expanduser().resolve())
+        lines = read_lines(cfg.input)
+        env = DistEnv(device=pick_device(load_run_config(weights.config).train.device, 0))
+        run_cfg, tokenizer, task, model = load_for_inference(weights, env)
+        if task.name == "mlm":
+            for number, line in enumerate(lines, start=1):
+                if line.strip() and line.count(tokenizer.mask_token) != 1:
+                    raise UserError(f"{cfg.input}:{number}: a fill-mask input needs one {tokenizer.mask_token}")
+    except UserError as error:
+        print_error("cannot predict", str(error))
+        raise SystemExit(2) from None
+    torch.manual_seed(cfg.seed)
+    runner = pipeline(
+        task.pipeline_task, model=model, tokenizer=tokenizer, device=env.device, **task.pipeline_kwargs(cfg)
+    )
+    generation = task.generation_kwargs(cfg)
+    texts = [line for line in lines if line.strip()]
+    outputs = []
+    with Progress(console=error_console, transient=True, disable=not error_console.is_terminal) as progress:
+        job = progress.add_task("predicting", total=len(texts))
+        for start in range(0, len(texts), cfg.batch_size):
+            chunk = texts[start : start + cfg.batch_size]
+            outputs += runner(chunk, batch_size=cfg.batch_size, **generation)
+            progress.advance(job, len(chunk))
+    results = iter(outputs)
+    out = sys.stdout if cfg.output == "-" else open(Path(cfg.output).expanduser(), "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for line in lines:
+            if line.strip():
+                record = {"input": line, **task.format_prediction(line, next(results))}
+            else:
+                record = {"input": line, "skipped": "empty line"}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def main() -> None:
+    predict_job()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Every task end to end through the CLI on tiny models: train -> eval -> export -> pipeline -> predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_distrain, train_losses
+
+STEPS = 4
+TASKS = {
+    # task: (overrides, pipeline task, a predict input, the keys of a predict output)
+    "ner": (["model=bert_tiny", "data.max_train_samples=128", "data.max_eval_samples=32"],
+            "token-classification", "Barack Obama visited Paris", {"entities"}),
+    "classify": (["+experiment=bbc_classify", "model=bert_tiny", "parallel=single", "launcher.nproc_per_node=1",
+                  "data.max_train_samples=128", "data.max_eval_samples=32"],
+                 "text-classification", "Shares in the bank rose after profits beat forecasts", {"label", "score"}),
+    "mlm": (["+experiment=minilm_mlm", "model=bert_tiny", "parallel=single", "launcher.nproc_per_node=1",
+             "data.max_train_samples=128", "data.max_eval_samples=32"],
+            "fill-mask", "to be or not to [MASK]", {"fills"}),
+    "clm": (["+experiment=shakespeare_clm", "model=llama_tiny", "data.max_length=64", "data.max_train_samples=256",
+             "data.max_eval_samples=32"],
+            "text-generation", "To be, or not", {"continuation"}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tasks")
+    runs = {}
+    for task, (overrides, *_) in TASKS.items():
+        runs[task] = root / task
+        # clm runs 2 processes with a cache of its own, to show that one rank per node builds it.
+        cache = root / "clm-cache" if task == "clm" else cache_dir
+        run_distrain("train", *overrides, f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=0",
+                     "optim.lr=1e-3", f"data.cache_dir={cache}", f"run.dir={runs[task]}")  # fmt: skip
+    return runs
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_training_records_losses_and_the_task_metric(task_runs, task):
+    run = task_runs[task]
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [r for r in records if r["kind"] == "eval"]
+    metric = {"ner": "f1", "classify": "macro_f1", "mlm": "perplexity", "clm": "perplexity"}[task]
+    assert metric in evaluation
+    if metric == "perplexity":
+        assert 1 < evaluation["perplexity"] < 1e6
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_eval_reports_the_task_metrics(task_runs, task):
+    run = task_runs[task]
+    result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev")
+    report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    if task in ("mlm", "clm"):
+        assert "perplexity" in result.stdout and report["perplexity"] > 1
+        dev = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
+        assert report["perplexity"] == pytest.approx(dev["perplexity"], rel=1e-5)  # same weights, same masks
+    else:
+        assert "macro avg" in result.stdout and report["classes"]
+    if task == "classify":
+        assert {"accuracy", "macro_f1"} <= set(report)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_the_export_loads_into_its_pipeline(task_runs, task):
+    from transformers import pipeline
+
+    _, pipeline_task, text, _ = TASKS[task]
+    runner = pipeline(pipeline_task, model=str(task_runs[task] / "export"))
+    kwargs = {"max_new_tokens": 5} if task == "clm" else {}
+    assert runner(text, **kwargs)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_predict_writes_one_json_line_per_input_line(task_runs, task, tmp_path):
+    _, _, text, keys = TASKS[task]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text(f"{text}\n\n{text}\n")
+    out = tmp_path / "out.jsonl"
+    run_distrain("predict", f"ckpt={task_runs[task]}", f"input={inputs}", f"output={out}", "max_new_tokens=8")
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and lines[1] == {"input": "", "skipped": "empty line"}
+    assert keys <= set(lines[0]) and lines[0]["input"] == text
+    assert lines[0] == lines[2]  # deterministic (greedy decoding for clm)
+
+
+def test_predict_reads_standard_input_and_uses_checkpoints_too(task_runs):
+    import subprocess
+
+    from conftest import DISTRAIN
+
+    result = subprocess.run(
+        [DISTRAIN, "predict", f"ckpt={task_runs['ner'] / 'checkpoints' / f'step_{STEPS}'}"],
+        input="Obama met Merkel in Berlin\n", capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line)["input"] == "Obama met Merkel in Berlin"
+
+
+def test_preprocessing_runs_once_per_node(task_runs):
+    """In the 2-process clm run, rank 0 built the tokenized cache; rank 1 waited and read it."""
+    logs = task_runs["clm"] / "logs"
+    rank0, rank1 = (logs / "rank_0.log").read_text(), (logs / "rank_1.log").read_text()
+    assert "building the tokenized cache" in rank0 and "building the tokenized cache" not in rank1
+    assert "reading the tokenized cache" in rank1
+    caches = [p for p in (task_runs["clm"].parent / "clm-cache" / "clm").iterdir()]
+    assert len(caches) == 1 and sorted(p.name for p in caches[0].glob("*.arrow")) == [
+        "dev.arrow",
+        "test.arrow",
+        "train.arrow",
+    ]
+
+
+def test_a_run_trains_its_own_tokenizer_and_exports_it(task_runs):
+    run = task_runs["clm"]
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    vocab = json.loads((run / "export" / "config.json").read_text())["vocab_size"]
+    assert vocab == 512

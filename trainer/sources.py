@@ -1,0 +1,196 @@
+"""Raw records from where the data lives: local files (conll, jsonl, csv, text, folders of classes) or the Hub.
+
+Every reader is strict and says where a problem is: the file and line (or the data.* key) and what was expected.
+Records are plain dicts; the task picks its fields (e.g. `tokens`/`tags`, `text`/`label`) by the data.* columns.
+Either each split has its own files (`data.files.train`, `.dev`, `.test`), or one set of files (`data.files.all`)
+is cut into train/dev/test by `data.split` fractions with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from distrain.trainer.conll import read_conll
+from distrain.trainer.errors import DataError
+from distrain.trainer.paths import resolve_path
+
+log = logging.getLogger(__name__)
+FORMATS = ("conll", "jsonl", "csv", "text", "folders")
+
+
+@dataclass
+class Record:
+    fields: dict[str, Any]
+    where: str  # "file:line" (or "file", or "hub[split] row N") for error messages
+
+
+def source_files(data: DictConfig) -> dict[str, list[Path]]:
+    """The files of each split key in data.files (globs allowed), relative to data.dir."""
+    folder = resolve_path(data.dir)
+    out = {}
+    for split, pattern in data.files.items():
+        if data.format == "folders":
+            matches = [folder / pattern]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(folder / pattern)))
+        if not matches or not all(m.exists() for m in matches):
+            raise DataError(f"data.files.{split}: nothing matches {folder / pattern}")
+        out[split] = matches
+    return out
+
+
+def read_text_file(path: Path) -> str:
+    """UTF-8, or Windows-1252 for files that are not (old corpora mix them); never silently mangled."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        log.warning("%s is not UTF-8; read as Windows-1252", path)
+        return raw.decode("cp1252", errors="replace")
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        records.append(Record(row, f"{path}:{number}"))
+    return records
+
+
+def _read_csv(path: Path) -> list[Record]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        records = []
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataError(
+                    f"{path}:{reader.line_num}: more values than the {len(reader.fieldnames)} header columns"
+                )
+            records.append(Record(dict(row), f"{path}:{reader.line_num}"))
+    return records
+
+
+def _read_text(path: Path, unit: str) -> list[Record]:
+    text = read_text_file(path)
+    if unit == "file":
+        return [Record({"text": text}, str(path))] if text.strip() else []
+    if unit == "line":
+        return [Record({"text": line}, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records, lines, start = [], [], 1
+    for number, line in enumerate([*text.splitlines(), ""], start=1):
+        if line.strip():
+            if not lines:
+                start = number
+            lines.append(line)
+        elif lines:
+            records.append(Record({"text": "\n".join(lines)}, f"{path}:{start}"))
+            lines = []
+    return records
+
+
+def _read_folders(folder: Path) -> list[Record]:
+    """`<folder>/<class>/*.txt`: one record per file, the class from its folder's name."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    if not classes:
+        raise DataError(f"{folder}: expected one sub-folder per class, found none")
+    records = []
+    for class_dir in classes:
+        for path in sorted(class_dir.glob("*.txt")):
+            records.append(Record({"text": read_text_file(path), "label": class_dir.name}, str(path)))
+    return records
+
+
+def read_file(path: Path, data: DictConfig) -> list[Record]:
+    if data.format == "conll":
+        return [Record({"tokens": s.tokens, "tags": s.tags, "lines": s.lines}, f"{path}:{s.lines[0]}")
+                for s in read_conll(path)]  # fmt: skip
+    if data.format == "jsonl":
+        records = _read_jsonl(path)
+    elif data.format == "csv":
+        records = _read_csv(path)
+    elif data.format == "text":
+        records = _read_text(path, data.text_unit)
+    else:
+        records = _read_folders(path)
+    if not records:
+        raise DataError(f"{path}: no records (empty file?)")
+    return records
+
+
+def _split(records: list[Record], fractions: DictConfig, seed: int) -> dict[str, list[Record]]:
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_train = round(fractions["train"] * len(order))
+    n_dev = round(fractions["dev"] * len(order))
+    cuts = {"train": order[:n_train], "dev": order[n_train : n_train + n_dev], "test": order[n_train + n_dev :]}
+    return {split: [records[i] for i in idx] for split, idx in cuts.items()}
+
+
+def read_splits(data: DictConfig) -> dict[str, list[Record]]:
+    """Records of every split, from local files or (with data.dir null) the Hub."""
+    if data.dir is None:
+        return _read_hub(data)
+    files = source_files(data)
+    splits = {split: [r for path in paths for r in read_file(path, data)] for split, paths in files.items()}
+    if data.split is not None:
+        splits = _split(splits["all"], data.split, data.split_seed)
+    for split, records in splits.items():
+        if not records:
+            raise DataError(f"data.split: the {split} split is empty ({len(records)} records); adjust the fractions")
+    return splits
+
+
+def _read_hub(data: DictConfig) -> dict[str, list[Record]]:
+    from datasets import ClassLabel, List, load_dataset
+
+    try:
+        hub = load_dataset(data.hub_name, data.hub_config, revision=data.hub_revision)
+    except Exception as error:
+        raise DataError(
+            f"data.dir is not set and the Hub dataset data.hub_name={data.hub_name!r} could not be loaded "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:300]}). Set data.dir=<folder with the files>"
+            + (", or train on the bundled data with +experiment=wnut_ner" if data.format == "conll" else "")
+        ) from None
+    out = {}
+    for split, hub_split in data.hub_splits.items():
+        if hub_split not in hub:
+            raise DataError(f"data.hub_splits.{split}: {data.hub_name} has no split {hub_split!r} ({list(hub)})")
+        rows = hub[hub_split]
+        # Class ids become their names, as in local files.
+        names = {}
+        for column, feature in rows.features.items():
+            if isinstance(feature, ClassLabel):
+                names[column] = feature.names
+            elif isinstance(feature, List) and isinstance(feature.feature, ClassLabel):
+                names[column] = feature.feature.names
+        records = []
+        for number, row in enumerate(rows):
+            for column, labels in names.items():
+                value = row[column]
+                row[column] = [labels[v] for v in value] if isinstance(value, list) else labels[value]
+            records.append(Record(row, f"{data.hub_name}[{hub_split}] row {number}"))
+        out[split] = records
+    return out
+
+
+def column(record: Record, key: str, name: str) -> Any:
+    """The value of column `name` (set by data.<key>), or an error naming the record and the key."""
+    if name not in record.fields:
+        raise DataError(f"{record.where}: no column {name!r} (data.{key}); the record has {sorted(record.fields)}")
+    return record.fields[name]
