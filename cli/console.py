@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-console = Console()
+# In logs and pipes (no terminal to measure), tables get room instead of rich's default 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 error_console = Console(stderr=True)
 
 

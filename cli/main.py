@@ -9,6 +9,8 @@ COMMANDS = {
     "train": ("distrain.cli.train", "compose + validate a config, write a run dir, train with torchrun workers"),
     "eval": ("distrain.cli.evaluate", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
     "predict": ("distrain.cli.predict", "batch inference, one JSON line per input line (ckpt=... input=FILE|-)"),
+    "parity": ("distrain.cli.parity", "train N steps under each strategy; compare losses (strategies=[...] steps=N)"),
+    "plan": ("distrain.cli.plan", "per-rank memory and FLOPs of a layout and its alternatives, without training"),
 }
 
 USAGE = """usage: distrain <command> [key=value ...] [hydra flags]
@@ -22,6 +24,8 @@ examples:
   distrain train -m +experiment=wnut_ner optim.lr=5e-5,1e-4
   distrain eval ckpt=runs/wnut_ner/<run>/export split=test
   echo "Obama visited Paris" | distrain predict ckpt=runs/wnut_ner/<run>
+  distrain parity model=bert_tiny strategies=[single,ddp,fsdp,tp,fsdp_tp:1x2] steps=5
+  distrain plan +experiment=conll_ner parallel=fsdp launcher.nproc_per_node=2
 
 `distrain <command> --help` lists the config groups and keys; `--cfg job` prints the composed config."""
 

@@ -8,6 +8,7 @@ returns its best dev metric to the sweeper.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,13 +24,8 @@ from distrain.trainer.errors import ConfigError
 register_configs()
 
 
-@hydra.main(config_path="pkg://distrain.configs", config_name="train", version_base=None)
-def train_job(cfg: DictConfig) -> float | None:
-    hydra_cfg = HydraConfig.get()
-    overrides = list(hydra_cfg.overrides.task)
-    if hydra_cfg.mode == RunMode.MULTIRUN and not any(o.startswith("run.dir=") for o in overrides):
-        # One run dir per job: <hydra.sweep.dir>/<job number>, made by Hydra.
-        cfg.run.dir = hydra_cfg.runtime.output_dir
+def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
+    """Validate, write the run dir, train with torchrun workers; exit 2 (bad config) or 1 (failed workers)."""
     try:
         validate(cfg)
     except ConfigError as error:
@@ -43,6 +39,17 @@ def train_job(cfg: DictConfig) -> float | None:
     except TrainingFailed as error:
         print_error(f"training failed ({run_dir})", str(error))
         raise SystemExit(1) from None
+    return run_dir
+
+
+@hydra.main(config_path="pkg://distrain.configs", config_name="train", version_base=None)
+def train_job(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not any(o.startswith("run.dir=") for o in overrides):
+        # One run dir per job: <hydra.sweep.dir>/<job number>, made by Hydra.
+        cfg.run.dir = hydra_cfg.runtime.output_dir
+    run_dir = start_run(cfg, overrides)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return summary.get("best_metric")

@@ -24,6 +24,9 @@ from distrain.trainer.sources import FORMATS
 class Strategy(str, enum.Enum):
     single = "single"
     ddp = "ddp"
+    fsdp = "fsdp"
+    tp = "tp"
+    fsdp_tp = "fsdp_tp"
 
 
 class Precision(str, enum.Enum):
@@ -93,7 +96,11 @@ class TaskConfig:
 
 @dataclass
 class ParallelConfig:
-    name: Strategy = Strategy.single
+    name: Strategy = Strategy.single  # single | ddp | fsdp | tp | fsdp_tp (see trainer/parallel_dims.py)
+    dp: int | None = None  # data-parallel degree; null = derived from the world size and tp
+    tp: int | None = None  # tensor-parallel degree; null = derived (tp: the world size; others: 1)
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, more comm)
+    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
     backend: str | None = None  # null: nccl on CUDA, gloo on CPU
 
 
@@ -142,6 +149,8 @@ class TrainLoopConfig:
     export_weights: ExportWeights = ExportWeights.best  # weights put in export/: best dev metric or last step
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    compile: bool = False  # torch.compile each block (off by default: no gain on CPU, a long first step)
 
 
 @dataclass
@@ -244,13 +253,8 @@ def validate(cfg: DictConfig) -> None:
             "launcher.rdzv_endpoint",
             "host:port of the rendezvous (the same on every node) when launcher.nnodes > 1",
         )
-    world = launcher.nproc_per_node * launcher.nnodes
-    if cfg.parallel.name == Strategy.single and world != 1:
-        problems.append(
-            f"parallel.name: 'single' runs one process but launcher.nproc_per_node x launcher.nnodes = {world};"
-            " use parallel=ddp, or launcher.nproc_per_node=1"
-        )
     need(cfg.parallel.backend in (None, "gloo", "nccl"), "parallel.backend", "null, 'gloo' or 'nccl'")
+    problems += _parallel_problems(cfg)
 
     model = cfg.model
     need(model.name_or_path is not None or model.architecture is not None,
@@ -276,6 +280,32 @@ def validate(cfg: DictConfig) -> None:
     problems += _data_problems(data)
     if problems:
         raise ConfigError(problems)
+
+
+def _parallel_problems(cfg: DictConfig) -> list[str]:
+    from distrain.trainer.parallel_dims import ParallelDims
+
+    if cfg.launcher.nproc_per_node < 1 or cfg.launcher.nnodes < 1:
+        return []  # reported with their keys already
+    dims, problems = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
+    if dims is not None:
+        problems += dims.model_problems(model_config_if_local(cfg.model))
+    return problems
+
+
+def model_config_if_local(model: DictConfig) -> Any:
+    """The model's architecture when it can be read without a network or a conversion, else None."""
+    from types import SimpleNamespace
+
+    if model.name_or_path is None and model.architecture is not None:
+        return SimpleNamespace(**OmegaConf.to_container(model.architecture))
+    if model.name_or_path is not None and model.gguf_file is None and is_local(model.name_or_path):
+        folder = resolve_path(model.name_or_path)
+        if (folder / "config.json").is_file():
+            import json
+
+            return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+    return None
 
 
 def _data_problems(data: DictConfig) -> list[str]:

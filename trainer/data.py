@@ -89,10 +89,11 @@ def train_loader(
 
 
 def eval_loader(
-    dataset: Dataset, collate: Any, columns: list[str], batch_size: int, env: DistEnv
+    dataset: Dataset, collate: Any, columns: list[str], batch_size: int, env: DistEnv, sharded: bool = False
 ) -> tuple[torch.utils.data.DataLoader, list[list[int]]]:
-    """This rank's evaluation loader and the dataset indices of each of its batches."""
-    batches = eval_batches(dataset["length"], batch_size, env.rank, env.world_size)
+    """This rank's evaluation loader and the dataset indices of each of its batches (shards by data-parallel
+    rank: the ranks of a tensor-parallel group evaluate the same examples together)."""
+    batches = eval_batches(dataset["length"], batch_size, env.dp_rank, env.dp_size, equal_counts=sharded)
     loader = torch.utils.data.DataLoader(
         dataset.with_format(columns=columns), batch_sampler=batches, collate_fn=collate
     )

@@ -24,6 +24,10 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # Data parallelism (set from the device mesh): ranks of one tensor-parallel group see the same data.
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -37,11 +41,25 @@ class DistEnv:
         if self.active:
             dist.barrier()
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place; returns the tensor for chaining."""
+    def use_mesh(self, mesh: Any) -> None:
+        """Take the data-parallel rank, size and group from the ("dp", "tp") device mesh."""
+        self.dp_rank, self.dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+        self.dp_group = mesh["dp"].get_group()
+
+    def all_reduce_sum(self, tensor: torch.Tensor, data_parallel: bool = False) -> torch.Tensor:
+        """Sum over ranks (or, with data_parallel, over one rank per data shard), in place; returns it."""
         if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group if data_parallel else None)
         return tensor
+
+    def all_gather_ints(self, value: int) -> list[int]:
+        """Every rank's value, on every rank, in rank order."""
+        if not self.active:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        return [int(x.item()) for x in out]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True: stop decisions must be the same everywhere."""

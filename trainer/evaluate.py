@@ -26,20 +26,28 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def gather_predictions(
-    model: torch.nn.Module, task: Task, dataset: Dataset, batch_size: int, env: DistEnv, precision: Precision
+    model: torch.nn.Module,
+    task: Task,
+    dataset: Dataset,
+    batch_size: int,
+    env: DistEnv,
+    use_autocast: bool,
+    precision: Precision,
+    sharded: bool = False,
 ) -> dict[int, Any] | None:
     """Every example's prediction, by dataset index, on rank 0 (None on the other ranks).
 
-    Each rank predicts its own shard; `model` must be the bare module (no DDP hooks), since shards may differ by
-    one batch between ranks.
+    Each data-parallel rank predicts its own shard. A DDP model must come unwrapped (shards may differ by a
+    batch); a sharded model (FSDP, TP) needs `sharded=True`, which gives every rank the same number of batches.
     """
-    loader, batches = eval_loader(dataset, task.collator(train=False), list(task.loader_columns), batch_size, env)
+    columns = list(task.loader_columns)
+    loader, batches = eval_loader(dataset, task.collator(train=False), columns, batch_size, env, sharded)
     was_training = model.training
     model.eval()
     mine: dict[int, Any] = {}
     for indices, cpu_batch in zip(batches, loader, strict=True):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
-        with autocast(precision, env.device):
+        with autocast(precision if use_autocast else Precision.fp32, env.device):
             logits = model(**task.model_batch(batch)).logits
         mine.update(zip(indices, task.predict(logits, batch), strict=True))
     model.train(was_training)
@@ -121,7 +129,8 @@ def evaluate_weights(
         )
     dataset = data.splits[split]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
-    predictions = gather_predictions(model, task, dataset, size, env, cfg.precision.name)
+    precision = cfg.precision.name
+    predictions = gather_predictions(model, task, dataset, size, env, precision != Precision.fp32, precision)
     report = task.report(predictions, dataset)
     report.update({"split": split, "examples": len(dataset), "weights": str(weights.path)})
     out_dir = output or weights.path

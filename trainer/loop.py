@@ -10,7 +10,6 @@ host only when logging.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -18,15 +17,18 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
+from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_bytes
 from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights
-from distrain.trainer.config import ExportWeights
+from distrain.trainer.config import ExportWeights, Precision
 from distrain.trainer.data import train_loader
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.evaluate import gather_predictions
 from distrain.trainer.metrics import MetricsWriter, RunProgress, console, format_record, summary_table
 from distrain.trainer.optim import build_scheduler
-from distrain.trainer.parallel import no_sync, unwrap
+from distrain.trainer.parallel import clip_grad_norm, no_sync, unwrap, uses_autocast
+from distrain.trainer.parallel_dims import ParallelDims
 from distrain.trainer.precision import autocast, grad_scaler
 from distrain.trainer.sampler import GlobalBatchSampler
 from distrain.trainer.tasks import LOWER_IS_BETTER, Task, TaskData
@@ -44,16 +46,21 @@ class Trainer:
         data: TaskData,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        dims: ParallelDims,
+        peak_flops: float,
     ):
         self.cfg, self.run_dir, self.env, self.task, self.data = cfg, run_dir, env, task, data
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.dims = model, optimizer, dims
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.use_autocast = uses_autocast(dims, cfg.precision.name)
+        self.peak_flops = peak_flops  # per process
         t = cfg.train
         self.sampler = GlobalBatchSampler(
             data.splits["train"]["length"],
             micro_batch_size=t.micro_batch_size,
             grad_accum_steps=t.grad_accum_steps,
-            dp_rank=env.rank,
-            dp_size=env.world_size,
+            dp_rank=env.dp_rank,
+            dp_size=env.dp_size,
             seed=t.seed,
             group_by_length=cfg.data.group_by_length,
         )
@@ -71,6 +78,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.evals_without_improvement = 0
+        self.held = None  # bytes of parameters, gradients and optimizer state on this rank
         self.real_tokens = 0.0  # all ranks, this invocation (for the summary's throughput)
         self.step_seconds = 0.0
         self._reset_window()
@@ -79,16 +87,18 @@ class Trainer:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast(self.cfg.precision.name, self.env.device):
-            return model(**self.task.model_batch(batch)).logits
+        with autocast(self.cfg.precision.name if self.use_autocast else Precision.fp32, self.env.device):
+            logits = model(**self.task.model_batch(batch)).logits
+        return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
     # --- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
         local_targets = sum(self.task.num_targets(mb) for mb in micro_batches)
-        global_targets = self.env.all_reduce_sum(torch.tensor(float(local_targets), device=self.env.device))
-        # DDP averages gradients over ranks; multiplying by the world size turns that into a sum, so the
-        # gradient is that of (sum of losses over the global batch) / (global targets).
-        scale = self.env.world_size / global_targets.clamp(min=1)
+        targets = torch.tensor(float(local_targets), device=self.env.device)
+        global_targets = self.env.all_reduce_sum(targets, data_parallel=True)
+        # DDP and FSDP average gradients over the data-parallel ranks; multiplying by their number turns that
+        # into a sum, so the gradient is that of (sum of losses over the global batch) / (global targets).
+        scale = self.env.dp_size / global_targets.clamp(min=1)
         step_loss = torch.zeros((), device=self.env.device)
         for i, cpu_batch in enumerate(micro_batches):
             batch = self._to_device(cpu_batch)
@@ -97,8 +107,10 @@ class Trainer:
                 self.scaler.scale(loss_sum * scale).backward()
             step_loss += loss_sum.detach()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        grad_norm = clip_grad_norm(self.parameters, self.cfg.optim.max_grad_norm)
+        first = self.held is None
+        if first:
+            grad_bytes = held_bytes(self.model, self.optimizer).grads  # gradients exist between backward and zero_grad
         lr = self.optimizer.param_groups[0]["lr"]
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -108,6 +120,10 @@ class Trainer:
             log.info("step %d skipped by the fp16 loss scaler (overflow); scale now %g", self.step + 1, scale / 2)
         else:
             self.scheduler.step()
+        if first:  # the optimizer state exists from the first step on
+            self.held = held_bytes(self.model, self.optimizer)
+            self.held.grads = grad_bytes
+            self._report_memory()
         self.optimizer.zero_grad(set_to_none=True)
 
         w = self.window
@@ -134,11 +150,12 @@ class Trainer:
         w = self.window
         counts = [w["tokens"], w["samples"], w["slots"]]
         totals = torch.stack([w["loss_sum"], *(torch.tensor(float(c)) for c in counts)])
-        totals = self.env.all_reduce_sum(totals.to(self.env.device).double()).tolist()
+        totals = self.env.all_reduce_sum(totals.to(self.env.device).double(), data_parallel=True).tolist()
         grad_norm = w["grad_norm"]
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under sharded strategies
-            grad_norm = grad_norm.full_tensor()
         seconds = max(w["seconds"], 1e-9)
+        memory = self.env.all_gather_ints(max_memory_bytes(self.env.device))
+        seq_len = totals[1] / max(totals[2], 1.0)
+        model_flops = flops_per_token(unwrap(self.model), seq_len) * totals[1] / seconds
         self.real_tokens += totals[1]
         self.step_seconds += w["seconds"]
         record = {
@@ -151,10 +168,17 @@ class Trainer:
             "tokens_per_s": totals[1] / seconds,
             "samples_per_s": totals[2] / seconds,
             "padding": 1.0 - totals[1] / max(totals[3], 1.0),  # fraction of processed positions that are padding
+            "mfu": model_flops / (self.peak_flops * self.env.world_size),
+            "max_memory_bytes": memory,  # per rank: peak RSS on CPU, peak allocated memory on CUDA
         }
         self._report(record)
         self._reset_window()
         return record
+
+    def _report_memory(self) -> None:
+        """Once, after the first optimizer step: what each rank holds (compare with `distrain plan`)."""
+        held = {key: self.env.all_gather_ints(getattr(self.held, key)) for key in ("params", "grads", "optimizer")}
+        self._report({"kind": "memory", "step": self.step + 1, **{f"{k}_bytes": v for k, v in held.items()}})
 
     def _report(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -166,10 +190,12 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         dataset = self.data.splits[split]
         batch_size = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
-        # The bare model: ranks' shards may differ by a batch, and DDP's forward could wait on a collective.
+        # DDP: the bare module (shards may differ by a batch; DDP's forward could wait on a collective).
+        # FSDP/TP: the sharded model itself, with the same number of batches on every rank.
         merged = gather_predictions(
-            unwrap(self.model), self.task, dataset, batch_size, self.env, self.cfg.precision.name
-        )
+            unwrap(self.model), self.task, dataset, batch_size, self.env, self.use_autocast,
+            self.cfg.precision.name, sharded=self.dims.sharded,
+        )  # fmt: skip
         metrics = self.task.metrics(merged, dataset) if merged is not None else None
         metrics = self.env.broadcast_object(metrics)
         self._report({"kind": "eval", "split": split, "step": self.step, **metrics})
@@ -189,6 +215,8 @@ class Trainer:
             "grad_scaler": self.scaler.state_dict(),
             "world_size": self.env.world_size,
             "strategy": self.cfg.parallel.name.value,
+            "dp": self.dims.dp,
+            "tp": self.dims.tp,
         }
 
     def save(self) -> Path:

@@ -43,7 +43,15 @@ def model_source(model: DictConfig, env: DistEnv) -> str | None:
 
         log.info("converting %s to %s (once)", gguf, folder)
         source = str(gguf.parent)
-        AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name).save_pretrained(partial)
+        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name)  # dequantized to fp32
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are plain
+        # fp32 tensors by now, so a model built from the same config (minus the GGUF marker) takes them as is.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(partial)
         AutoTokenizer.from_pretrained(source, gguf_file=gguf.name).save_pretrained(partial)
 
     return str(build_once(folder, convert, env, "the converted GGUF model"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 from transformers import get_scheduler
 
 
@@ -17,7 +18,11 @@ def build_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.Ad
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # Tensor parallelism leaves some parameters plain tensors beside DTensors; the multi-tensor (foreach) kernels
+    # cannot mix the two, so such a model takes the per-parameter implementation.
+    kinds = {isinstance(p, DTensor) for p in decay + no_decay}
+    foreach = False if len(kinds) > 1 else None
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=foreach)
 
 
 def build_scheduler(

@@ -1,35 +1,218 @@
-"""How the model is spread over processes: one function per strategy, picked by `parallel.name`."""
+"""How the model is spread over processes: one `apply_<strategy>` each, composed in one order (`parallelize`):
+
+    tensor parallel -> activation checkpointing -> compile -> FSDP or DDP
+
+Tensor parallelism first, because it rewrites the Linear weights into DTensors that FSDP then shards over the
+other mesh dimension; activation checkpointing and compile next, so that they wrap the TP'd blocks; data
+parallelism (FSDP or DDP) last, outermost, so that its gradient reduction sees the final parameters.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+from typing import Any
 
 import torch
+from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.trainer.config import Strategy
-from distrain.trainer.distributed import DistEnv
+from distrain.trainer.config import Precision, Strategy
+from distrain.trainer.errors import ConfigError
+from distrain.trainer.parallel_dims import ParallelDims
+
+log = logging.getLogger(__name__)
 
 
-def apply_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
-    # The encoders' buffers (position ids) never change: syncing them before every forward is waste.
-    device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+# --- tensor parallel ---------------------------------------------------------------------------------------------
+def _bert_layer_plan() -> dict[str, str]:
+    # Q, K, V split by heads (columns); the attention output and the MLP's second matrix by rows, so each block
+    # needs one all-reduce after attention and one after the MLP. The per-rank head count follows from the
+    # split: the attention reshapes its projections to (..., -1, head_dim).
+    return {
+        "attention.self.query": "colwise",
+        "attention.self.key": "colwise",
+        "attention.self.value": "colwise",
+        "attention.output.dense": "rowwise",
+        "intermediate.dense": "colwise",
+        "output.dense": "rowwise",
+    }
 
 
-def parallelize(model: torch.nn.Module, strategy: Strategy, env: DistEnv) -> torch.nn.Module:
-    if strategy == Strategy.ddp:
-        return apply_ddp(model, env)
+def _llama_layer_plan() -> dict[str, str]:
+    return {
+        "self_attn.q_proj": "colwise",
+        "self_attn.k_proj": "colwise",
+        "self_attn.v_proj": "colwise",
+        "self_attn.o_proj": "rowwise",
+        "mlp.gate_proj": "colwise",
+        "mlp.up_proj": "colwise",
+        "mlp.down_proj": "rowwise",
+    }
+
+
+LAYER_PLANS = {"bert": _bert_layer_plan, "llama": _llama_layer_plan}
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The repeated blocks (BertLayer, LlamaDecoderLayer, ...): the modules of a ModuleList whose class
+    transformers lists in _no_split_modules (which also names non-repeated ones, like BertEmbeddings)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [
+        (f"{parent}.{child}", module)
+        for parent, container in model.named_modules()
+        if isinstance(container, torch.nn.ModuleList)
+        for child, module in container.named_children()
+        if type(module).__name__ in names
+    ]
+    if not blocks:
+        raise ConfigError([f"parallel.name: cannot find the transformer blocks of {type(model).__name__}"])
+    return blocks
+
+
+def tp_plan(model: torch.nn.Module) -> dict[str, str]:
+    """Module name -> "colwise" | "rowwise" for the whole model."""
+    model_type = model.config.model_type
+    plan = {}
+    if model_type in LAYER_PLANS:
+        layer_plan = LAYER_PLANS[model_type]()
+        for block_name, _ in transformer_blocks(model):
+            plan.update({f"{block_name}.{sub}": style for sub, style in layer_plan.items()})
+    else:
+        # The model's own plan (transformers ships base_model_tp_plan for many decoders): "layers.*.x" patterns.
+        base = getattr(model.config, "base_model_tp_plan", None) or {}
+        prefix = model.base_model_prefix
+        names = {n for n, _ in model.named_modules()}
+        import fnmatch
+
+        for pattern, style in base.items():
+            if style not in ("colwise", "rowwise"):
+                continue
+            for name in names:
+                if fnmatch.fnmatch(name, f"{prefix}.{pattern}") or fnmatch.fnmatch(name, pattern):
+                    plan[name] = style
+        if not plan:
+            raise ConfigError([f"parallel.name: no tensor-parallel plan for model type {model_type!r}"])
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if model_type == "llama" and hasattr(model, "lm_head") and not tied:
+        plan["lm_head"] = "colwise_replicated"  # vocab split over ranks, logits gathered for the loss
+    return plan
+
+
+def apply_tp(model: torch.nn.Module, tp_mesh: Any) -> torch.nn.Module:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {
+        "colwise": lambda: ColwiseParallel(),
+        "rowwise": lambda: RowwiseParallel(),
+        "colwise_replicated": lambda: ColwiseParallel(output_layouts=Replicate()),
+    }
+    plan = {name: styles[style]() for name, style in tp_plan(model).items()}
+    return parallelize_module(model, tp_mesh, plan)
+
+
+# --- activation checkpointing, compile ------------------------------------------------------------------------
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    # transformers' own switch: blocks recompute their forward in backward. Unlike wrapping blocks, it keeps
+    # parameter names unchanged, so checkpoints load with it on or off.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def apply_compile(model: torch.nn.Module) -> None:
+    for _, block in transformer_blocks(model):
+        block.compile()  # in place: parameter names unchanged
+
+
+# --- data parallel ---------------------------------------------------------------------------------------------
+def apply_fsdp(model: torch.nn.Module, dp_mesh: Any, parallel: DictConfig, precision: Precision) -> torch.nn.Module:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options: dict[str, Any] = {"mesh": dp_mesh, "reshard_after_forward": parallel.reshard_after_forward}
+    if precision == Precision.bf16:
+        # bf16 compute and communication of parameters, fp32 gradient reduction and master weights.
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if parallel.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for _, block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 
+def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    # The encoders' buffers (position ids) never change: syncing them before every forward is waste.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def parallelize(
+    model: torch.nn.Module, dims: ParallelDims, mesh: Any, cfg: DictConfig, device: torch.device
+) -> torch.nn.Module:
+    """Apply the run's strategy in the documented order; return the model the loop trains."""
+    if dims.tp > 1:
+        model = apply_tp(model, mesh["tp"])
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
+    if dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp):
+        return apply_fsdp(model, mesh["dp"], cfg.parallel, cfg.precision.name)
+    if dims.strategy == Strategy.ddp:
+        return apply_ddp(model, device)
+    return model
+
+
+def uses_autocast(dims: ParallelDims, precision: Precision) -> bool:
+    """FSDP casts bf16 itself (MixedPrecisionPolicy); everything else uses autocast for bf16/fp16."""
+    fsdp = dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp)
+    return precision != Precision.fp32 and not (fsdp and precision == Precision.bf16)
+
+
+# --- gradient accumulation, clipping, evaluation ----------------------------------------------------------------
 def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on all but the last micro-batch of a step (gradient accumulation)."""
-    if not sync and isinstance(model, DistributedDataParallel):
-        return model.no_sync()
+    """Skip the gradient reduction on all but the last micro-batch of a step (gradient accumulation)."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm (as if the model were whole), clipping to max_norm when given.
+
+    Under FSDP/TP gradients are DTensors, some sharded, some replicated, next to plain tensors (parameters
+    TP leaves alone); torch's clip_grad_norm_ cannot mix those, so shards' squared sums are all-reduced over the
+    mesh dimensions they are split on.
+    """
+    total = None
+    for param in parameters:
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            square = grad.to_local().float().pow(2).sum()
+            for dim, placement in enumerate(grad.placements):
+                if placement.is_shard():
+                    torch.distributed.all_reduce(square, group=grad.device_mesh.get_group(dim))
+        else:
+            square = grad.float().pow(2).sum()
+        total = square if total is None else total + square
+    norm = torch.zeros(()) if total is None else total.sqrt()
+    if max_norm is not None and math.isfinite(max_norm):
+        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for param in parameters:
+            if param.grad is not None:
+                param.grad.mul_(coefficient.to(param.grad.device))
+    return norm
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model, for forward passes that must not trigger collectives (evaluation on uneven shards)."""
+    """The model without DDP's wrapper (FSDP and TP modify the model in place and need every rank to join)."""
     return model.module if isinstance(model, DistributedDataParallel) else model

@@ -83,8 +83,19 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         return (self.steps_per_epoch - self.start_step) * self.accum
 
 
-def eval_batches(lengths: Sequence[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's evaluation batches: a strided shard (no sample twice, none padded in), sorted by length so
-    batches pad little. Predictions are gathered by index, so order does not matter."""
+def eval_batches(
+    lengths: Sequence[int], batch_size: int, rank: int, world_size: int, equal_counts: bool = False
+) -> list[list[int]]:
+    """This rank's evaluation batches: a strided shard, sorted by length so batches pad little. Predictions are
+    gathered by index, so order does not matter.
+
+    With `equal_counts` (sharded models: every rank must join every forward pass), shards with fewer batches
+    repeat their last one; a repeated example predicts the same again and is counted once.
+    """
     mine = sorted(range(rank, len(lengths), world_size), key=lambda i: -lengths[i])
-    return [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+    batches = [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+    if equal_counts:
+        most = -(-((len(lengths) + world_size - 1) // world_size) // batch_size)
+        batches = batches or [[0]]
+        batches += [batches[-1]] * (most - len(batches))
+    return batches

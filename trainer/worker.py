@@ -11,20 +11,23 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
+from distrain.trainer.accounting import measure_peak_flops
 from distrain.trainer.config import load_run_config
 from distrain.trainer.distributed import DistEnv, process_group
-from distrain.trainer.errors import UserError
+from distrain.trainer.errors import ConfigError, UserError
 from distrain.trainer.evaluate import HEAD_FILE
 from distrain.trainer.loop import Trainer
 from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
 from distrain.trainer.optim import build_optimizer
 from distrain.trainer.parallel import parallelize
+from distrain.trainer.parallel_dims import ParallelDims
 from distrain.trainer.tasks import build_task
 
 
@@ -76,11 +79,35 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     source = model_source(cfg.model, env)
     model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer, **head)
     model.to(env.device)
-    # Same initial weights on every rank (seeded above); from here on each rank has its own random stream.
-    torch.manual_seed(cfg.train.seed + env.rank)
+    dims, problems = ParallelDims.resolve(cfg.parallel, env.world_size)
+    problems += dims.model_problems(model.config) if dims else []
+    if problems:
+        raise ConfigError(problems)
+    mesh = dims.build_mesh(env.device.type)
+    env.use_mesh(mesh)
+    model = parallelize(model, dims, mesh, cfg, env.device)
+    # Same initial weights on every rank (seeded above); from here on each data shard has its own random
+    # stream (tensor-parallel peers share theirs: they must drop the same activations).
+    torch.manual_seed(cfg.train.seed + env.dp_rank)
     optimizer = build_optimizer(model, cfg.optim)
-    trainer = Trainer(cfg, run_dir, env, task, data, parallelize(model, cfg.parallel.name, env), optimizer)
-    return trainer.fit()
+    peak = record_peak_flops(run_dir, env)
+    return Trainer(cfg, run_dir, env, task, data, model, optimizer, dims, peak).fit()
+
+
+def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
+    """Measure a GEMM's FLOP/s with this process's threads (the CPU's stand-in for a device's peak, for MFU);
+    rank 0 adds it to env.json."""
+    peak = measure_peak_flops(env.device)
+    if env.is_main:
+        path = run_dir / "env.json"
+        info = json.loads(path.read_text()) if path.exists() else {}
+        info["peak_flops_per_process"] = peak
+        path.write_text(json.dumps(info, indent=1))
+    return peak
+
+
+# FSDP2 warns that HF models return views of their outputs; the loop does no in-place op on them.
+warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 
 
 @record

@@ -1,0 +1,45 @@
+"""Commands that take their own keys besides the train config's (`distrain parity`, `distrain plan`): split
+those off, parse their values with Hydra's override grammar, and compose the train config from the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from distrain.cli.console import print_error
+from distrain.trainer.config import register_configs
+
+
+def split_args(args: list[str], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(this command's keys with their values, defaults filled in; the train config overrides)."""
+    values, rest = dict(own), []
+    parser = OverridesParser.create()
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if key in own:
+            try:
+                values[key] = parser.parse_override(arg).value()
+            except HydraException as error:
+                print_error("invalid argument", f"{arg}: {error}")
+                raise SystemExit(2) from None
+        else:
+            rest.append(arg)
+    return values, rest
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """The train config as `distrain train` composes it (exit 1 with Hydra's message on a bad override)."""
+    register_configs()
+    try:
+        with initialize_config_module(config_module="distrain.configs", version_base=None):
+            cfg = compose(config_name="train", overrides=overrides)
+    except HydraException as error:
+        print_error("invalid override", f"{error}\n{error.__cause__ or ''}".strip())
+        raise SystemExit(1) from None
+    # compose() leaves ${now:...} unresolved; a run started from here resolves it like `distrain train`.
+    OmegaConf.resolve(cfg)
+    return cfg

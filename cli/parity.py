@@ -1,0 +1,115 @@
+"""`distrain parity +experiment=... strategies=[single,ddp,fsdp,tp,fsdp_tp] steps=N`: does every strategy train
+the same model the same way here?
+
+Each strategy runs N steps with its own torchrun, from the same seed (same initial weights) and the same global
+batches (each process's micro-batch is the reference micro-batch divided by the number of data shards), and logs
+every step's loss. The table shows each strategy's largest per-step loss difference from `single` (the first
+strategy listed is the reference); the command exits 1 when one exceeds the tolerance (fp32: 1e-5).
+
+Own keys: strategies (name, or name:DPxTP such as fsdp_tp:1x2), steps (5), tolerance (1e-5), nproc (processes for
+the multi-process strategies, 2), out (the folder of the runs; default runs/parity/<run.name>/<time>).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from distrain.cli.compose import compose_train, split_args
+from distrain.cli.console import console, print_error
+from distrain.cli.train import start_run
+from distrain.trainer.parallel_dims import ParallelDims
+
+OWN = {"strategies": ["single", "ddp", "fsdp", "tp", "fsdp_tp"], "steps": 5, "tolerance": 1e-5, "nproc": 2, "out": None}
+
+
+def parse_strategy(spec: str, nproc: int) -> tuple[str, int, int | None, int | None]:
+    """(strategy, processes, dp, tp) from "fsdp" or "fsdp_tp:1x2"."""
+    name, _, degrees = spec.partition(":")
+    if name == "single":
+        return name, 1, None, None
+    if degrees:
+        dp, _, tp = degrees.partition("x")
+        if not (dp.isdigit() and tp.isdigit()):
+            raise ValueError(f"strategies: expected name or name:DPxTP (e.g. fsdp_tp:1x2), got {spec!r}")
+        return name, int(dp) * int(tp), int(dp), int(tp)
+    return name, nproc, None, None
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
+    own, overrides = split_args(sys.argv[1:], OWN)
+    base = compose_train(overrides)
+    out = Path(own["out"] or f"runs/parity/{base.run.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+    micro, accum = base.train.micro_batch_size, base.train.grad_accum_steps
+    runs: dict[str, tuple[Path, str]] = {}
+    for spec in own["strategies"]:
+        try:
+            name, processes, dp, tp = parse_strategy(str(spec), own["nproc"])
+        except ValueError as error:
+            print_error("invalid argument", str(error))
+            raise SystemExit(2) from None
+        run_dir = out / str(spec).replace(":", "_")
+        strategy_overrides = [
+            *overrides,
+            f"parallel={name}",
+            f"launcher.nproc_per_node={processes}",
+            f"train.max_steps={own['steps']}",
+            "train.log_every=1",
+            "train.save_every=0",
+            "data.max_eval_samples=16",  # training is what is compared; keep the final evaluation short
+            f"run.dir={run_dir}",
+        ]
+        if dp is not None:
+            strategy_overrides += [f"parallel.dp={dp}", f"parallel.tp={tp}"]
+        cfg = compose_train(strategy_overrides)
+        dims, problems = ParallelDims.resolve(cfg.parallel, processes)
+        if dims is not None and micro % dims.dp:
+            problems = [f"train.micro_batch_size={micro} does not split over {dims.dp} data shards"]
+        if problems:
+            print_error(f"invalid strategy {spec}", "\n".join(problems))
+            raise SystemExit(2)
+        # The same global batch everywhere: the reference micro-batch, split over the data shards.
+        strategy_overrides.append(f"train.micro_batch_size={micro // dims.dp}")
+        cfg.train.micro_batch_size = micro // dims.dp
+        start_run(cfg, strategy_overrides)
+        runs[str(spec)] = (run_dir, f"{dims.dp}x{dims.tp}")
+
+    reference_name = next(iter(runs))
+    reference = losses(runs[reference_name][0])
+    table = Table(
+        title=f"loss parity over {own['steps']} steps, against {reference_name} (global batch {micro * accum})"
+    )
+    for column in ("strategy", "dp x tp", "max |loss - reference|", "per step", "within " + f"{own['tolerance']:g}"):
+        table.add_column(column, justify="right")
+    worst = 0.0
+    report = {}
+    for spec, (run_dir, layout) in runs.items():
+        mine = losses(run_dir)
+        diffs = [abs(mine.get(step, float("inf")) - loss) for step, loss in sorted(reference.items())]
+        worst = max(worst, max(diffs))
+        ok = max(diffs) <= own["tolerance"]
+        report[spec] = {"max_abs_diff": max(diffs), "per_step": diffs, "run_dir": str(run_dir)}
+        table.add_row(spec, layout, f"{max(diffs):.2e}", " ".join(f"{d:.0e}" for d in diffs),
+                      "[green]yes" if ok else "[red]NO")  # fmt: skip
+    console.print(table)
+    (out / "parity.json").write_text(json.dumps({"reference": reference_name, "tolerance": own["tolerance"],
+                                                  "strategies": report}, indent=1))  # fmt: skip
+    console.print(f"runs and parity.json in {out}")
+    if worst > own["tolerance"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""`distrain plan +experiment=... parallel=... launcher.nproc_per_node=N`: what each rank would hold, and the
+model's FLOPs per token, for the chosen layout and its alternatives, without starting workers.
+
+The model is built on the meta device (no memory, no weights read); parameters are split as the strategies split
+them (tensor-parallel plan, FSDP's row chunks), so parameter, gradient and optimizer figures are exact for rank 0
+(fp32 weights and gradients, AdamW's two moments plus a step counter per tensor). Activations are an estimate
+for one micro-batch of data.max_length tokens (Korthikanti et al. 2022, scaled to 4-byte floats): they depend
+on the data. Layouts that cannot work are flagged with the reason. `output=FILE` also writes the table as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.table import Table
+
+from distrain.cli.compose import compose_train, split_args
+from distrain.cli.console import console, print_error
+from distrain.trainer.accounting import ADAM_STATES, flops_per_token
+from distrain.trainer.config import Strategy, validate
+from distrain.trainer.distributed import DistEnv
+from distrain.trainer.errors import ConfigError
+from distrain.trainer.model import build_model, load_tokenizer, model_source
+from distrain.trainer.parallel import tp_plan
+from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.tasks import build_task
+
+OWN = {"output": None}
+FP32 = 4
+
+
+class _SizedVocab:
+    """Stands in for a tokenizer the run would train (model.train_tokenizer_vocab): only its size matters."""
+
+    pad_token_id = bos_token_id = eos_token_id = 0  # the trained tokenizer's one special token
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def meta_model(cfg: DictConfig) -> torch.nn.Module:
+    """The run's model (with its task head) on the meta device: structure and shapes, no storage."""
+    env = DistEnv()
+    if cfg.model.train_tokenizer_vocab is not None:
+        tokenizer: Any = _SizedVocab(cfg.model.train_tokenizer_vocab)
+        task = build_task(cfg, tokenizer)
+        head: dict[str, Any] = {}
+    else:
+        tokenizer = load_tokenizer(cfg.model, env)
+        task = build_task(cfg, tokenizer)
+        head = task.head(task.prepare(env))  # the label set sizes the classifier
+    with torch.device("meta"):
+        return build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env),
+                           tokenizer, pretrained=False, **head)  # fmt: skip
+
+
+def chunk(size: int, parts: int) -> int:
+    """Rank 0's share of a dimension split with torch.chunk (as DTensor and FSDP2 split)."""
+    return math.ceil(size / parts)
+
+
+def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
+    """Each parameter tensor's element count on rank 0 under this layout."""
+    plan = tp_plan(model) if dims.tp > 1 else {}
+    numels = []
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        module, _, kind = name.rpartition(".")
+        style = plan.get(module)
+        if style in ("colwise", "colwise_replicated"):
+            shape[0] = chunk(shape[0], dims.tp)
+        elif style == "rowwise" and kind == "weight":
+            shape[1] = chunk(shape[1], dims.tp)
+        if dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp):
+            shape[0] = chunk(shape[0], dims.dp)
+        numels.append(math.prod(shape))
+    return numels
+
+
+def activation_bytes(cfg: DictConfig, model: torch.nn.Module, tp: int) -> int:
+    c = model.config
+    s, b = cfg.data.max_length, cfg.train.micro_batch_size
+    h, a, layers = c.hidden_size, c.num_attention_heads, c.num_hidden_layers
+    if cfg.train.activation_checkpointing:
+        per_layer = 2 * s * b * h  # only each block's input is kept (16-bit count)
+    else:
+        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    logits = b * s * getattr(c, "vocab_size", 0) * FP32 if cfg.task.name in ("mlm", "clm") else 0
+    return int(per_layer * layers * FP32 / 2 + logits)
+
+
+def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
+    """The chosen layout first, then the alternatives for the same number of processes."""
+    chosen = cfg.parallel
+    out = [(f"{chosen.name.value} (chosen)", chosen)]
+    candidates = ["single"] if world == 1 else ["ddp", "fsdp", "tp", "fsdp_tp"]
+    for name in candidates:
+        if name != chosen.name.value:
+            out.append((name, DictConfig({"name": name, "dp": None, "tp": 2 if name == "fsdp_tp" else None})))
+    return out
+
+
+def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
+    own, overrides = split_args(sys.argv[1:], OWN)
+    cfg = compose_train(overrides)
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        console.print(f"[yellow]note: the chosen config would not start: {'; '.join(error.problems)}")
+    world = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
+    try:
+        model = meta_model(cfg)
+    except Exception as error:  # the model or its tokenizer cannot be read here (e.g. a Hub id offline)
+        print_error("cannot plan", f"{type(error).__name__}: {error}")
+        raise SystemExit(2) from None
+    available = _memory_per_process(cfg)
+    flops = flops_per_token(model, cfg.data.max_length)
+    rows = []
+    for label, parallel in layouts(cfg, world):
+        dims, problems = ParallelDims.resolve(parallel, world)
+        row: dict[str, Any] = {"layout": label, "processes": world, "flops_per_token": flops}
+        if dims is not None:
+            problems += dims.model_problems(model.config)
+        if dims is None or problems:
+            rows.append({**row, "problems": problems})
+            continue
+        numels = rank0_param_numels(model, dims)
+        params = sum(numels) * FP32
+        held = {"params_bytes": params, "grads_bytes": params,
+                "optimizer_bytes": ADAM_STATES * params + FP32 * len(numels)}  # fmt: skip
+        activations = activation_bytes(cfg, model, dims.tp)
+        total = sum(held.values()) + activations
+        tied_output = model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False)
+        if dims.tp > 1 and tied_output:
+            problems.append("tied input/output embeddings stay whole on every rank")
+        if available and total > available:
+            problems.append(f"needs {total / 2**30:.1f} GiB per rank, {available / 2**30:.1f} GiB available")
+        rows.append({**row, "dp": dims.dp, "tp": dims.tp, **held, "activation_bytes": activations,
+                     "total_bytes": total, "problems": problems})  # fmt: skip
+    console.print(plan_table(cfg, rows, flops))
+    if own["output"]:
+        Path(own["output"]).write_text(json.dumps(rows, indent=1))
+
+
+def _memory_per_process(cfg: DictConfig) -> int | None:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // cfg.launcher.nproc_per_node
+    except (ValueError, OSError):
+        return None
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:,.1f}"
+
+
+def plan_table(cfg: DictConfig, rows: list[dict[str, Any]], flops: float) -> Table:
+    title = (
+        f"{cfg.model.name} / {cfg.task.name}: per-rank memory (MiB, rank 0) for micro-batch "
+        f"{cfg.train.micro_batch_size} x {cfg.data.max_length} tokens; {flops / 1e6:,.1f} MFLOP per token"
+    )
+    table = Table(title=title)
+    for column in ("layout", "dp x tp", "params", "grads", "optimizer", "activations (est.)", "total", "notes"):
+        table.add_column(column, justify="right" if column not in ("layout", "notes") else "left")
+    for row in rows:
+        if "params_bytes" not in row:
+            table.add_row(
+                row["layout"], "-", "-", "-", "-", "-", "-", "[red]cannot work: " + "; ".join(row["problems"])
+            )
+            continue
+        table.add_row(
+            row["layout"], f"{row['dp']} x {row['tp']}", _mib(row["params_bytes"]), _mib(row["grads_bytes"]),
+            _mib(row["optimizer_bytes"]), _mib(row["activation_bytes"]), _mib(row["total_bytes"]),
+            "; ".join(row["problems"]),
+        )  # fmt: skip
+    return table
+
+
+if __name__ == "__main__":
+    main()

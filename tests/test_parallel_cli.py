@@ -1,0 +1,179 @@
+"""Parallel strategies proven by comparison: `distrain parity` over single, ddp, fsdp, tp and 2-D meshes on a tiny
+BERT token classifier and a tiny Llama causal LM; checkpoints that reshard across strategies and world sizes;
+`distrain plan` against what the workers hold. Each run is a real torchrun job on gloo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_train, run_distrain, train_losses
+from safetensors.torch import load_file
+
+from distrain.trainer.config import validate
+from distrain.trainer.errors import ConfigError
+
+STEPS = 5
+STRATEGIES = "[single,ddp,fsdp,tp,fsdp_tp:2x1,fsdp_tp:1x2]"
+MODELS = {
+    "bert": [*TINY, "train.micro_batch_size=8"],
+    "llama": ["+experiment=shakespeare_clm", "model=llama_tiny", "data.max_length=64", "data.max_train_samples=256",
+              "data.max_eval_samples=16", "train.micro_batch_size=8", "train.log_every=1", "optim.lr=1e-3",
+              "optim.warmup_ratio=0"],
+}  # fmt: skip
+
+
+def parity(out: Path, model: str, cache_dir: str, *extra: str, strategies: str = STRATEGIES, check: bool = True):
+    return run_distrain("parity", *MODELS[model], f"data.cache_dir={cache_dir}", f"strategies={strategies}",
+                        f"steps={STEPS}", f"out={out}", *extra, check=check)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity")
+    for model in MODELS:
+        parity(root / model, model, cache_dir)
+    return {model: root / model for model in MODELS}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_every_strategy_matches_single_process_losses(parity_runs, model):
+    report = json.loads((parity_runs[model] / "parity.json").read_text())
+    assert report["reference"] == "single"
+    assert set(report["strategies"]) == {"single", "ddp", "fsdp", "tp", "fsdp_tp:2x1", "fsdp_tp:1x2"}
+    for name, result in report["strategies"].items():
+        assert len(result["per_step"]) == STEPS
+        assert result["max_abs_diff"] <= 1e-5, (name, result)
+    losses = train_losses(parity_runs[model] / "single")
+    assert losses[STEPS] < losses[1]
+
+
+def test_the_runs_shard_as_their_strategy_says(parity_runs):
+    def held(strategy: str) -> list[int]:
+        lines = (parity_runs["llama"] / strategy / "metrics.jsonl").read_text().splitlines()
+        (memory,) = [json.loads(x) for x in lines if '"memory"' in x]
+        parts = zip(memory["params_bytes"], memory["grads_bytes"], memory["optimizer_bytes"], strict=True)
+        return [sum(rank) for rank in parts]
+
+    single, ddp, fsdp = held("single")[0], held("ddp"), held("fsdp")
+    assert ddp == [single, single]  # a full copy per rank
+    assert all(0.45 < rank / single < 0.55 for rank in fsdp)  # half each
+    assert all(rank < single for rank in held("tp"))
+
+
+def test_train_records_carry_mfu_and_per_rank_peak_memory(parity_runs):
+    run = parity_runs["bert"] / "fsdp"
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert all(0 < r["mfu"] < 1 for r in train)
+    assert all(len(r["max_memory_bytes"]) == 2 and min(r["max_memory_bytes"]) > 10**7 for r in train)
+    assert json.loads((run / "env.json").read_text())["peak_flops_per_process"] > 1e8
+
+
+def test_gradient_accumulation_matches_under_fsdp_and_tp(tmp_path, cache_dir):
+    # 2 micro-batches per step: FSDP skips the reduce-scatter on the first (set_requires_gradient_sync).
+    parity(tmp_path, "llama", cache_dir, "train.grad_accum_steps=2", strategies="[single,fsdp,fsdp_tp:1x2]")
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert all(r["max_abs_diff"] <= 1e-5 for r in report["strategies"].values()), report
+
+
+def test_a_checkpoint_reshards_fsdp2_to_single_to_tp2(parity_runs, tmp_path, cache_dir):
+    """Interrupted twice and resumed under another strategy and world size: the uninterrupted curve."""
+    run = tmp_path / "chain"
+    common = [*MODELS["bert"], f"data.cache_dir={cache_dir}", f"train.max_steps={STEPS}", "train.log_every=1",
+              "data.max_eval_samples=16", "train.save_every=0", "train.keep_last=5", f"run.dir={run}"]  # fmt: skip
+    run_distrain("train", *common, "parallel=fsdp", "launcher.nproc_per_node=2", "train.micro_batch_size=4",
+                 "train.stop_at_step=2")  # fmt: skip
+    second = run_distrain("train", *common, "parallel=single", "train.stop_at_step=4")
+    assert "resumed from" in second.stdout and "at step 2" in second.stdout
+    third = run_distrain("train", *common, "parallel=tp", "launcher.nproc_per_node=2")
+    assert "at step 4" in third.stdout
+    uninterrupted = parity_runs["bert"] / "single"
+    resumed, reference = train_losses(run), train_losses(uninterrupted)
+    assert sorted(resumed) == sorted(reference)
+    assert all(abs(resumed[s] - reference[s]) <= 1e-5 for s in reference)
+    a, b = load_file(run / "export" / "model.safetensors"), load_file(uninterrupted / "export" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # ... and the checkpoint FSDP wrote evaluates in one process like any other
+    run_distrain("eval", f"ckpt={run / 'checkpoints' / 'step_2'}", "split=dev")
+    assert json.loads((run / "checkpoints" / "step_2" / "eval_dev.json").read_text())["examples"] == 16
+
+
+def test_activation_checkpointing_changes_memory_not_losses(parity_runs, tmp_path, cache_dir):
+    parity(tmp_path, "llama", cache_dir, "train.activation_checkpointing=true", strategies="[fsdp,tp]")
+    with_ac = json.loads((tmp_path / "parity.json").read_text())
+    assert with_ac["strategies"]["tp"]["max_abs_diff"] <= 1e-5  # tp with AC against fsdp with AC
+    for strategy in ("fsdp", "tp"):
+        a, b = train_losses(tmp_path / strategy), train_losses(parity_runs["llama"] / strategy)
+        assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), strategy
+
+
+def test_bf16_under_fsdp_stays_close_to_fp32(parity_runs, tmp_path, cache_dir):
+    result = parity(tmp_path, "llama", cache_dir, "precision=bf16", "tolerance=0.05", strategies="[fsdp]")
+    bf16, fp32 = train_losses(tmp_path / "fsdp"), train_losses(parity_runs["llama"] / "fsdp")
+    assert all(0 < abs(bf16[s] - fp32[s]) < 0.05 for s in fp32)  # rounded, not broken
+    assert "fsdp" in result.stdout
+
+
+def test_parity_fails_loudly_beyond_the_tolerance(tmp_path, cache_dir):
+    # 1 process and 2 differ by float rounding (~1e-7): beyond a 1e-9 tolerance the command must fail.
+    result = parity(tmp_path, "bert", cache_dir, "tolerance=1e-9", strategies="[single,ddp]", check=False)
+    assert result.returncode == 1, result.stdout
+    assert "NO" in result.stdout
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "fsdp_tp"])
+def test_plan_matches_what_the_workers_hold(parity_runs, tmp_path, strategy, cache_dir):
+    out = tmp_path / "plan.json"
+    run_distrain("plan", *MODELS["bert"], f"data.cache_dir={cache_dir}", "data.max_eval_samples=16",
+                 f"parallel={strategy}", "launcher.nproc_per_node=2", f"output={out}")  # fmt: skip
+    chosen = json.loads(out.read_text())[0]
+    assert chosen["layout"] == f"{strategy} (chosen)" and not chosen["problems"]
+    run = parity_runs["bert"] / ("fsdp_tp_1x2" if strategy == "fsdp_tp" else strategy)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (memory,) = [json.loads(x) for x in lines if '"memory"' in x]
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+        assert chosen[key] == memory[key][0], key
+
+
+def test_plan_flags_layouts_that_cannot_work(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run_distrain("plan", "model=bert_tiny", "parallel=fsdp", "launcher.nproc_per_node=4", f"output={out}")
+    rows = {row["layout"]: row for row in json.loads(out.read_text())}
+    assert not rows["fsdp (chosen)"]["problems"]
+    assert any("num_attention_heads=2" in p and "tp=4" in p for p in rows["tp"]["problems"])
+    assert "cannot work" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["parallel=tp", "launcher.nproc_per_node=4"],
+         "parallel.tp: num_attention_heads=2 of the model is not divisible by tp=4"),
+        (["parallel=fsdp_tp", "parallel.tp=3", "launcher.nproc_per_node=4"], "parallel.dp: expected an integer >= 1"),
+        (["parallel=tp", "parallel.dp=2", "launcher.nproc_per_node=4"], "parallel.dp: tp alone does not replicate"),
+        (["parallel=fsdp_tp", "parallel.dp=2", "parallel.tp=2", "launcher.nproc_per_node=2"],
+         "parallel.dp x parallel.tp: expected 2"),
+        (["parallel=ddp", "parallel.tp=2", "launcher.nproc_per_node=2"], "parallel.tp: ddp has no tensor parallelism"),
+    ],
+)  # fmt: skip
+def test_bad_layouts_are_rejected_before_workers_start(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(["model=bert_tiny", *overrides]))
+    assert any(expected in problem for problem in error.value.problems), error.value.problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(MODELS))
+def test_every_strategy_matches_with_gradient_accumulation(tmp_path, cache_dir, model):
+    parity(tmp_path, model, cache_dir, "train.grad_accum_steps=2")
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert all(r["max_abs_diff"] <= 1e-5 for r in report["strategies"].values()), report
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(parity_runs, tmp_path, cache_dir):
+    parity(tmp_path, "llama", cache_dir, "train.compile=true", strategies="[single]")
+    a, b = train_losses(tmp_path / "single"), train_losses(parity_runs["llama"] / "single")
+    assert all(abs(a[s] - b[s]) <= 1e-4 for s in b)
