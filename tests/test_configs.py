@@ -35,6 +35,7 @@ PARTNERS = {
     "task=classify": ["data=bbc_news"],
     "task=clm": ["data=shakespeare"],
     "task=mlm": ["data=shakespeare", "data.document_boundaries=false"],
+    "parallel=fsdp_tp": ["launcher.nproc_per_node=2"],  # tp=2 inside: at least two processes
 }
 
 
