@@ -1,6 +1,6 @@
 # distrain: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
 # Every target is idempotent: the virtualenv is built once (again only when pyproject.toml changes).
-.PHONY: install demo lint test test-slow clean
+.PHONY: install demo lint test test-slow test-cluster clean
 
 PYTHON ?= python3
 VENV := .venv
@@ -34,6 +34,10 @@ test: install
 # Second CI stage: long runs and real data (CoNLL-2003 from DISTRAIN_CONLL2003_DIR).
 test-slow: install
 	$(BIN)/pytest -m "slow or realdata"
+
+# Cluster stage: a real one-node SLURM cluster (root; Debian's slurm-wlm and munge, installed on first use).
+test-cluster: install
+	$(BIN)/pytest -m cluster
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from distrain.cli.console import console
+from distrain.trainer.preemption import STOP_FILE, signal_number
 
 
 class TrainingFailed(RuntimeError):
@@ -41,6 +47,9 @@ def _message(failure: ProcessFailure) -> str:
 
 
 def launch(launcher: DictConfig, run_dir: Path) -> None:
+    """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
+    torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
     # Its one-line "failed (exitcode ...)" duplicates the report below.
@@ -49,8 +58,16 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     threads = launcher.threads_per_process or max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # workers inherit it; restored for the next multirun job
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
+    preempt = signal_number(launcher.preempt_signal)
+    previous = signal.signal(preempt, lambda *_: stop_file.touch())  # the workers see the file after their step
     try:
         run(parse_args(torchrun_args(launcher, run_dir)))
+    except SignalException as error:
+        # SIGTERM/SIGINT to this process: torchrun has passed it on and waited for the workers.
+        if not _preempted(run_dir):
+            raise TrainingFailed(f"stopped by {error.sigval.name} before a checkpoint was written") from None
     except ChildFailedError as error:
         # The first rank to fail holds the cause; the others usually died of losing their peer.
         first_rank, first = error.get_first_failure()
@@ -61,7 +78,28 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
         lines.append(f"logs: {run_dir / 'logs'}")
         raise TrainingFailed("\n".join(lines)) from None
     finally:
+        signal.signal(preempt, previous)
+        stop_file.unlink(missing_ok=True)
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = saved
+    if _preempted(run_dir):
+        _after_preemption(launcher, run_dir)
+
+
+def _preempted(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text())["status"].startswith("preempted")
+
+
+def _after_preemption(launcher: DictConfig, run_dir: Path) -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and launcher.requeue:
+        # The requeued job gets the same SLURM_JOB_ID, hence the same run dir, and resumes from the checkpoint.
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise TrainingFailed(f"stopped with a checkpoint, but `scontrol requeue {job}` failed: {result.stderr}")
+        console.print(f"checkpoint written; SLURM job {job} requeued: it resumes in {run_dir}")
+    else:
+        console.print(f"checkpoint written; run the same command (run.dir={run_dir}) to resume")

@@ -11,6 +11,7 @@ COMMANDS = {
     "predict": ("distrain.cli.predict", "batch inference, one JSON line per input line (ckpt=... input=FILE|-)"),
     "parity": ("distrain.cli.parity", "train N steps under each strategy; compare losses (strategies=[...] steps=N)"),
     "plan": ("distrain.cli.plan", "per-rank memory and FLOPs of a layout and its alternatives, without training"),
+    "report": ("distrain.cli.report", "rank the runs of a sweep (or a run) by dev metric; write report.csv (DIR)"),
 }
 
 USAGE = """usage: distrain <command> [key=value ...] [hydra flags]
@@ -26,6 +27,7 @@ examples:
   echo "Obama visited Paris" | distrain predict ckpt=runs/wnut_ner/<run>
   distrain parity model=bert_tiny strategies=[single,ddp,fsdp,tp,fsdp_tp:1x2] steps=5
   distrain plan +experiment=conll_ner parallel=fsdp launcher.nproc_per_node=2
+  distrain train +experiment=wnut_ner hparams_search=ner_optuna && distrain report runs/wnut_ner/<sweep>
 
 `distrain <command> --help` lists the config groups and keys; `--cfg job` prints the composed config."""
 

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
-from distrain.cli.train import start_run
+from distrain.cli.train import run_or_exit
 from distrain.trainer.parallel_dims import ParallelDims
 
 OWN = {"strategies": ["single", "ddp", "fsdp", "tp", "fsdp_tp"], "steps": 5, "tolerance": 1e-5, "nproc": 2, "out": None}
@@ -83,7 +83,7 @@ def main() -> None:
         # The same global batch everywhere: the reference micro-batch, split over the data shards.
         strategy_overrides.append(f"train.micro_batch_size={micro // dims.dp}")
         cfg.train.micro_batch_size = micro // dims.dp
-        start_run(cfg, strategy_overrides)
+        run_or_exit(cfg, strategy_overrides)
         runs[str(spec)] = (run_dir, f"{dims.dp}x{dims.tp}")
 
     reference_name = next(iter(runs))
@@ -101,8 +101,9 @@ def main() -> None:
         worst = max(worst, max(diffs))
         ok = max(diffs) <= own["tolerance"]
         report[spec] = {"max_abs_diff": max(diffs), "per_step": diffs, "run_dir": str(run_dir)}
-        table.add_row(spec, layout, f"{max(diffs):.2e}", " ".join(f"{d:.0e}" for d in diffs),
-                      "[green]yes" if ok else "[red]NO")  # fmt: skip
+        worst_step = diffs.index(max(diffs)) + 1
+        steps = " ".join(f"{d:.0e}" for d in diffs) if len(diffs) <= 10 else f"largest at step {worst_step}"
+        table.add_row(spec, layout, f"{max(diffs):.2e}", steps, "[green]yes" if ok else "[red]NO")
     console.print(table)
     (out / "parity.json").write_text(json.dumps({"reference": reference_name, "tolerance": own["tolerance"],
                                                   "strategies": report}, indent=1))  # fmt: skip

@@ -56,10 +56,17 @@ def write_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         console.print(f"[yellow]{run_dir} had another config; changed keys: {', '.join(changed)}")
         config_path.replace(run_dir / "config.previous.yaml")
-    config_path.write_text(resolved)
-    (run_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides, default_flow_style=False))
-    (run_dir / "env.json").write_text(json.dumps(environment(), indent=1))
+    write_atomically(config_path, resolved)
+    write_atomically(run_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
+    write_atomically(run_dir / "env.json", json.dumps(environment(), indent=1))
     return run_dir
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers never see half a file: the launchers of a multi-node run write the same run dir at once."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{socket.gethostname()}")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _git_sha() -> str | None:

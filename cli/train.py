@@ -25,21 +25,31 @@ register_configs()
 
 
 def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
-    """Validate, write the run dir, train with torchrun workers; exit 2 (bad config) or 1 (failed workers)."""
-    try:
-        validate(cfg)
-    except ConfigError as error:
-        print_error("invalid configuration", "\n".join(error.problems))
-        raise SystemExit(2) from None
+    """Validate, write the run dir, train with torchrun workers. Raises ConfigError or TrainingFailed."""
+    validate(cfg)
     absolutize(cfg)
     run_dir = write_run_dir(cfg, overrides)
     console.print(f"[bold]distrain train[/] run dir: {run_dir}")
-    try:
-        launch(cfg.launcher, run_dir)
-    except TrainingFailed as error:
-        print_error(f"training failed ({run_dir})", str(error))
-        raise SystemExit(1) from None
+    launch(cfg.launcher, run_dir)
     return run_dir
+
+
+def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path:
+    """start_run for a command line: a clear message, then exit 2 (bad config) or 1 (failed workers). In a
+    multirun the error is re-raised instead, so that Hydra records the job as failed and the sweep goes on
+    (the Optuna sweeper marks the trial failed)."""
+    try:
+        return start_run(cfg, overrides)
+    except ConfigError as error:
+        print_error("invalid configuration", "\n".join(error.problems))
+        if multirun:
+            raise
+        raise SystemExit(2) from None
+    except TrainingFailed as error:
+        print_error(f"training failed ({cfg.run.dir})", str(error))
+        if multirun:
+            raise
+        raise SystemExit(1) from None
 
 
 @hydra.main(config_path="pkg://distrain.configs", config_name="train", version_base=None)
@@ -49,7 +59,7 @@ def train_job(cfg: DictConfig) -> float | None:
     if hydra_cfg.mode == RunMode.MULTIRUN and not any(o.startswith("run.dir=") for o in overrides):
         # One run dir per job: <hydra.sweep.dir>/<job number>, made by Hydra.
         cfg.run.dir = hydra_cfg.runtime.output_dir
-    run_dir = start_run(cfg, overrides)
+    run_dir = run_or_exit(cfg, overrides, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return summary.get("best_metric")

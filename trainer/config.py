@@ -130,6 +130,8 @@ class LauncherConfig:
     max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
     monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
     threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node
+    preempt_signal: str = "USR1"  # asks for a checkpoint and a stop (e.g. #SBATCH --signal=USR1@120); so does TERM
+    requeue: bool = True  # under SLURM, requeue the job after such a stop (scontrol requeue)
 
 
 @dataclass
@@ -247,6 +249,14 @@ def validate(cfg: DictConfig) -> None:
         "launcher.threads_per_process",
         "null or an integer >= 1",
     )
+    try:
+        from distrain.trainer.preemption import signal_number
+
+        signal_number(launcher.preempt_signal)
+    except (KeyError, ValueError):
+        problems.append(
+            f"launcher.preempt_signal: expected a signal name such as USR1, got {launcher.preempt_signal!r}"
+        )
     if launcher.nnodes > 1:
         need(
             launcher.rdzv_endpoint is not None,

@@ -30,6 +30,7 @@ from distrain.trainer.optim import build_scheduler
 from distrain.trainer.parallel import clip_grad_norm, no_sync, unwrap, uses_autocast
 from distrain.trainer.parallel_dims import ParallelDims
 from distrain.trainer.precision import autocast, grad_scaler
+from distrain.trainer.preemption import StopRequest
 from distrain.trainer.sampler import GlobalBatchSampler
 from distrain.trainer.tasks import LOWER_IS_BETTER, Task, TaskData
 
@@ -48,12 +49,14 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         dims: ParallelDims,
         peak_flops: float,
+        stop_request: StopRequest,
     ):
         self.cfg, self.run_dir, self.env, self.task, self.data = cfg, run_dir, env, task, data
         self.model, self.optimizer, self.dims = model, optimizer, dims
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.use_autocast = uses_autocast(dims, cfg.precision.name)
         self.peak_flops = peak_flops  # per process
+        self.stop_request = stop_request
         t = cfg.train
         self.sampler = GlobalBatchSampler(
             data.splits["train"]["length"],
@@ -236,7 +239,7 @@ class Trainer:
         if self.env.is_main:
             message = f"resumed from {latest} at step {self.step}"
             log.info(message)
-            console.print(message, markup=False, highlight=False)
+            console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     # --- the schedule --------------------------------------------------------------------------------------
     def _step_batches(self):
@@ -260,7 +263,7 @@ class Trainer:
         stop_at = min(t.stop_at_step or self.total_steps, self.total_steps)
         self.progress = RunProgress(self.env.is_main, total=self.total_steps, completed=self.step)
         started = time.perf_counter()
-        stopped_early = False
+        stopped_early = preempted = False
         steps = self._step_batches()
         if t.eval_at_start and self.step == 0:
             self.evaluate("dev")  # the baseline, recorded at step 0; not a candidate for the best checkpoint
@@ -272,21 +275,29 @@ class Trainer:
                 self.window["seconds"] += time.perf_counter() - tick
                 self.progress.step(self.step)
                 last = self.step == self.total_steps
-                if self._due(t.log_every) or last or self.step == stop_at:
+                # A stop request on any rank (signal or STOP file) stops every rank after this same step.
+                preempted = not last and self.env.any(self.stop_request.requested())
+                if self._due(t.log_every) or last or self.step == stop_at or preempted:
                     self._log_train()
                 epoch_end = self.step % self.steps_per_epoch == 0
                 improved = False
-                if self._due(t.eval_every) or (t.eval_every == 0 and epoch_end) or last:
+                due_eval = self._due(t.eval_every) or (t.eval_every == 0 and epoch_end) or last
+                if due_eval and not preempted:  # when preempted, time is short: checkpoint first
                     improved, stopped_early = self._after_eval(self.evaluate("dev"))
-                if self._due(t.save_every) or improved or last or stopped_early or self.step == stop_at:
+                ends = last or stopped_early or preempted or self.step == stop_at
+                if self._due(t.save_every) or improved or ends:
                     self.save()
-                if stopped_early:
+                if stopped_early or preempted:
+                    if preempted:
+                        self.progress.print(f"stop requested: checkpoint written at step {self.step}")
                     break
         finally:
             self.progress.close()
             self.metrics.close()
         finished = self.step >= self.total_steps or stopped_early
         status = "early stopped" if stopped_early else "finished" if finished else f"stopped at step {self.step}"
+        if preempted:
+            status = f"preempted at step {self.step}"
         export = (
             self.export() if finished and (self.step > first_step or not (self.run_dir / "export").is_dir()) else None
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console()  # rank 0's console (other ranks write to their log files)
+# Rank 0's console (other ranks write to their log files). In logs and pipes, lines get room to stay whole.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 class MetricsWriter:

@@ -28,6 +28,7 @@ from distrain.trainer.model import build_model, ensure_run_tokenizer, load_token
 from distrain.trainer.optim import build_optimizer
 from distrain.trainer.parallel import parallelize
 from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.preemption import StopRequest
 from distrain.trainer.tasks import build_task
 
 
@@ -37,10 +38,12 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     log_file = logs / f"rank_{rank}.log"
     handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
     if rank == 0:
+        # The console shows progress and records itself; logging adds only warnings and errors there.
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        # The console shows progress and records itself; logging adds only warnings and errors there.
-        console_handler = RichHandler(show_path=False, show_time=False, level=logging.WARNING)
+        wide = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+        console_handler = RichHandler(console=wide, show_path=False, show_time=False, level=logging.WARNING)
         console_handler.setFormatter(logging.Formatter("%(message)s"))
         # Library chatter (e.g. transformers' load report: "classifier.weight newly initialized") is kept in
         # the log file; the console gets it only when it is an error.
@@ -56,6 +59,10 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         os.dup2(fd, 2)
     handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    logging.getLogger("distrain").info(
+        "rank %d: pid %d on %s, attempt %s", rank, os.getpid(), os.uname().nodename, attempt
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import datasets
@@ -91,7 +98,8 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     torch.manual_seed(cfg.train.seed + env.dp_rank)
     optimizer = build_optimizer(model, cfg.optim)
     peak = record_peak_flops(run_dir, env)
-    return Trainer(cfg, run_dir, env, task, data, model, optimizer, dims, peak).fit()
+    stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
+    return Trainer(cfg, run_dir, env, task, data, model, optimizer, dims, peak, stop).fit()
 
 
 def record_peak_flops(run_dir: Path, env: DistEnv) -> float:

@@ -1,0 +1,127 @@
+"""Surviving what clusters do to jobs, without SLURM: a killed worker (torchrun restarts the group), a stop request
+(STOP file, the preemption signal, SIGTERM), and two launchers joining one job through c10d rendezvous.
+Each ends with the losses and weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DISTRAIN, TINY, run_distrain, train_losses
+from safetensors.torch import load_file
+
+STEPS = 80
+RUN = [*TINY, "parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=4", f"train.max_steps={STEPS}",
+       "train.save_every=10", "train.keep_last=3", "train.export_weights=last",
+       "data.max_train_samples=1024"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
+    return run
+
+
+def start(run: Path, cache_dir: str, *extra: str) -> subprocess.Popen:
+    args = [DISTRAIN, "train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}:\n{process.stdout.read()}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def steps_logged(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x)["step"] for x in path.read_text().splitlines() if '"train"' in x]
+
+
+def same_weights(a: Path, b: Path) -> float:
+    x, y = load_file(a / "export" / "model.safetensors"), load_file(b / "export" / "model.safetensors")
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def assert_matches(run: Path, reference: Path) -> None:
+    mine, theirs = train_losses(run), train_losses(reference)  # the last record of each step wins
+    assert sorted(mine) == sorted(theirs) == list(range(1, STEPS + 1))
+    assert max(abs(mine[s] - theirs[s]) for s in theirs) <= 1e-6
+    assert same_weights(run, reference) <= 1e-6
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(uninterrupted, tmp_path, cache_dir):
+    run = tmp_path / "killed"
+    process = start(run, cache_dir, "launcher.max_restarts=1")
+    wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25 (after the step 20 checkpoint)", process)
+    log = (run / "logs" / "rank_1.log").read_text()
+    pid = int(re.search(r"rank 1: pid (\d+)", log).group(1))
+    os.kill(pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    resumed = int(re.search(r"resumed from .*step_(\d+) at step", output).group(1))
+    logged = steps_logged(run)
+    restart = next(i for i in range(1, len(logged)) if logged[i] <= logged[i - 1])  # where the steps go back
+    lost = logged[restart - 1] - resumed
+    print(f"worker killed after step {logged[restart - 1]}, resumed from step {resumed}: {lost} steps lost")
+    assert resumed >= 20 and 0 < lost <= 10
+    assert "attempt 1" in (run / "logs" / "rank_1.log").read_text()
+    assert_matches(run, uninterrupted)
+
+
+@pytest.mark.parametrize("how", ["stop file", "preempt signal", "SIGTERM"])
+def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp_path, cache_dir, how):
+    run = tmp_path / "stopped"
+    process = start(run, cache_dir)
+    wait_for(lambda: len(steps_logged(run)) >= 15, "step 15", process)
+    if how == "stop file":
+        (run / "STOP").touch()
+    else:
+        process.send_signal(signal.SIGUSR1 if how == "preempt signal" else signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    summary = json.loads((run / "summary.json").read_text())
+    stopped = int(summary["status"].removeprefix("preempted at step "))
+    assert 15 <= stopped < STEPS and summary["step"] == stopped
+    assert (run / "checkpoints" / f"step_{stopped}" / "COMPLETE").exists()
+    assert "to resume" in output
+    assert not (run / "STOP").exists()  # the request does not outlive the run
+    rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
+    assert f"at step {stopped}" in rerun.stdout
+    assert_matches(run, uninterrupted)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_launchers_form_one_job_through_c10d_rendezvous(uninterrupted, tmp_path, cache_dir):
+    """Two `distrain train` on one host as two 'nodes' of one process each, like two machines would."""
+    run = tmp_path / "two-nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    # One thread each, as in the reference's 2-process launcher (and as two processes on two cores should be).
+    multi = ["launcher.nnodes=2", "launcher.nproc_per_node=1", f"launcher.rdzv_endpoint={endpoint}",
+             "launcher.threads_per_process=1"]  # fmt: skip
+    launchers = [start(run, cache_dir, *multi) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    assert all(p.returncode == 0 for p in launchers), outputs
+    assert sum("distrain run summary" in out for out in outputs) == 1  # global rank 0 lives in one of them
+    assert (run / "logs" / "rank_0.log").exists() and (run / "logs" / "rank_1.log").exists()
+    assert_matches(run, uninterrupted)
