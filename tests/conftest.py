@@ -57,6 +57,21 @@ def conll_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# The tiny BERT under every strategy, 5 steps of global batches of 8 (`distrain parity`, once per session): the
+# reference runs of the CLI, parallelism and checkpoint tests.
+BERT_PARITY = [*TINY, "train.micro_batch_size=8"]
+BERT_STRATEGIES = "[single,ddp,fsdp,tp,fsdp_tp:1x2]"
+PARITY_STEPS = 5
+
+
+@pytest.fixture(scope="session")
+def bert_parity(tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("bert-parity")
+    run_distrain("parity", *BERT_PARITY, f"data.cache_dir={cache_dir}", f"strategies={BERT_STRATEGIES}",
+                 f"steps={PARITY_STEPS}", f"out={out}")  # fmt: skip
+    return out
+
+
 def compose_train(overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_module(config_module="distrain.configs", version_base=None):

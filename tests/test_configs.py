@@ -24,7 +24,17 @@ GROUP_OPTIONS = [
 
 def test_the_tree_has_every_group():
     groups = {group for group, _ in GROUP_OPTIONS}
-    assert groups == {"model", "data", "task", "parallel", "precision", "optim", "launcher", "experiment"}
+    assert groups == {
+        "model",
+        "data",
+        "task",
+        "parallel",
+        "precision",
+        "optim",
+        "launcher",
+        "experiment",
+        "hparams_search",
+    }
 
 
 # Options that need a partner from another group to make a valid run (a task needs data it can read).
@@ -36,6 +46,7 @@ PARTNERS = {
     "task=clm": ["data=shakespeare"],
     "task=mlm": ["data=shakespeare", "data.document_boundaries=false"],
     "parallel=fsdp_tp": ["launcher.nproc_per_node=2"],  # tp=2 inside: at least two processes
+    "hparams_search=clm_optuna": ["task=clm", "data=shakespeare"],
 }
 
 
@@ -55,6 +66,19 @@ def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path)
         assert cfg.run.name == option
     elif group in ("model", "data", "parallel", "precision"):
         assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("search", ["ner_optuna", "clm_optuna"])
+def test_searches_and_the_slurm_sweep_launcher_compose_with_hydra(search):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="distrain.configs", version_base=None):
+        cfg = compose(config_name="train", overrides=[f"hparams_search={search}", "hydra/launcher=distrain_slurm"],
+                      return_hydra_config=True)  # fmt: skip
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.n_trials == 10
+    assert cfg.hydra.sweeper.direction == ("maximize" if search == "ner_optuna" else "minimize")
+    assert "optim.lr" in cfg.hydra.sweeper.params
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.tasks_per_node == 1
 
 
 def test_default_config_is_the_bundled_demo_setup():

@@ -17,7 +17,7 @@ import pytest
 from conftest import DISTRAIN, TINY, run_distrain, train_losses
 from safetensors.torch import load_file
 
-STEPS = 80
+STEPS = 60
 RUN = [*TINY, "parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=4", f"train.max_steps={STEPS}",
        "train.save_every=10", "train.keep_last=3", "train.export_weights=last",
        "data.max_train_samples=1024"]  # fmt: skip
@@ -84,7 +84,10 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(un
     assert_matches(run, uninterrupted)
 
 
-@pytest.mark.parametrize("how", ["stop file", "preempt signal", "SIGTERM"])
+@pytest.mark.parametrize(
+    "how", [pytest.param("stop file", marks=pytest.mark.slow), pytest.param("preempt signal", marks=pytest.mark.slow),
+            "SIGTERM"],
+)  # fmt: skip
 def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp_path, cache_dir, how):
     run = tmp_path / "stopped"
     process = start(run, cache_dir)

@@ -13,36 +13,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_distrain, train_losses
+from conftest import BERT_PARITY, PARITY_STEPS, TINY, run_distrain, train_losses
 from safetensors.torch import load_file
 from seqeval.metrics import f1_score
 
 from distrain.trainer.checkpoint import SafeFileSystemReader, complete_checkpoints
 
-STEPS = 6
-PARITY = {
-    # name: overrides; every one trains on global batches of 8 samples
-    "single_8": ["parallel=single", "train.micro_batch_size=8"],
-    "ddp2_4": ["parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=4"],
+STEPS = PARITY_STEPS
+# Every run trains on global batches of 8 samples, with the settings `distrain parity` uses.
+SAME_AS_PARITY = [*BERT_PARITY, f"train.max_steps={STEPS}", "train.save_every=0", "data.max_eval_samples=16"]
+ACCUMULATING = {
     "ddp2_2x2": ["parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
     "single_2x4": ["parallel=single", "train.micro_batch_size=2", "train.grad_accum_steps=4"],
 }
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
+def runs(tmp_path_factory, cache_dir, bert_parity) -> dict[str, Path]:
+    """1 process and 2 processes (DDP) from the session's parity runs, plus both with gradient accumulation."""
     root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for name, overrides in PARITY.items():
+    out = {"single_8": bert_parity / "single", "ddp2_4": bert_parity / "ddp"}
+    for name, overrides in ACCUMULATING.items():
         out[name] = root / name
-        run_distrain(
-            "train",
-            *TINY,
-            f"data.cache_dir={cache_dir}",
-            f"train.max_steps={STEPS}",
-            *overrides,
-            f"run.dir={out[name]}",
-        )
+        run_distrain("train", *SAME_AS_PARITY, f"data.cache_dir={cache_dir}", *overrides, f"run.dir={out[name]}")
     return out
 
 
@@ -76,7 +69,19 @@ def test_run_dir_layout_and_metrics_records(runs):
     assert env["versions"]["torch"] == torch.__version__
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    keys = {"kind", "step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "padding"}
+    keys = {
+        "kind",
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "samples_per_s",
+        "padding",
+        "mfu",
+        "max_memory_bytes",
+    }
     assert set(train[0]) == keys
     assert all(0 <= r["padding"] < 1 for r in train)
     assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
@@ -113,7 +118,7 @@ def test_eval_on_the_test_split_agrees_with_seqeval_on_its_predictions(runs):
             gold.append(g)
             pred.append(p)
             g, p = [], []
-    assert len(gold) == report["examples"] == 64
+    assert len(gold) == report["examples"] == 16
     assert report["f1"] == pytest.approx(f1_score(gold, pred))
     assert {"micro avg", "macro avg"} <= set(report["classes"])
 
@@ -131,17 +136,9 @@ def test_the_export_loads_into_a_transformers_pipeline(runs):
 
 def test_stop_and_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(runs, tmp_path, cache_dir):
     run = tmp_path / "resumed"
-    args = [
-        *TINY,
-        f"data.cache_dir={cache_dir}",
-        f"train.max_steps={STEPS}",
-        *PARITY["ddp2_4"],
-        f"run.dir={run}",
-        "train.save_every=1",
-        "train.keep_last=2",
-        "train.eval_every=2",
-        "train.export_weights=last",
-    ]
+    args = [*SAME_AS_PARITY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
+            "train.micro_batch_size=4", f"run.dir={run}", "train.save_every=1", "train.keep_last=2",
+            "train.eval_every=2", "train.export_weights=last"]  # fmt: skip
     first = run_distrain("train", *args, "train.stop_at_step=3")
     assert "stopped at step 3" in first.stdout
     assert not (run / "export").exists()
@@ -153,7 +150,7 @@ def test_stop_and_resume_gives_the_losses_and_weights_of_an_uninterrupted_run(ru
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     # keep_last=2 plus the best (by dev F1, evaluated every 2 steps)
     best = json.loads((run / "summary.json").read_text())["best_step"]
-    assert {step for step, _ in complete_checkpoints(run / "checkpoints")} == {5, 6, best}
+    assert {step for step, _ in complete_checkpoints(run / "checkpoints")} == {STEPS - 1, STEPS, best}
 
 
 def test_incomplete_checkpoints_are_never_loaded(runs, tmp_path):
@@ -187,13 +184,7 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(runs, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_close_to_fp32(runs, tmp_path, cache_dir, precision):
     run_distrain(
-        "train",
-        *TINY,
-        f"data.cache_dir={cache_dir}",
-        f"train.max_steps={STEPS}",
-        *PARITY["single_8"],
-        f"precision={precision}",
-        f"run.dir={tmp_path}",
+        "train", *SAME_AS_PARITY, f"data.cache_dir={cache_dir}", f"precision={precision}", f"run.dir={tmp_path}"
     )
     losses, reference = train_losses(tmp_path), train_losses(runs["single_8"])
     # The first forward pass sees the same weights: only rounding differs.
@@ -221,7 +212,8 @@ def test_a_two_job_multirun_makes_two_run_dirs(tmp_path, cache_dir):
         run = tmp_path / job
         assert f"optim.lr={lr}" in (run / "overrides.yaml").read_text()
         assert (run / "export" / "model.safetensors").is_file()
-        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        first = next(r for r in records if r["kind"] == "train")
         assert first["lr"] == pytest.approx(float(lr))
 
 
