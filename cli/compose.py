@@ -14,8 +14,12 @@ from distrain.cli.console import print_error
 from distrain.trainer.config import register_configs
 
 
-def split_args(args: list[str], own: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """(this command's keys with their values, defaults filled in; the train config overrides)."""
+def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str, Any], list[str]]:
+    """(this command's keys with their values, defaults filled in; the train config overrides). With -h or
+    --help, print the command's `doc` and exit."""
+    if {"-h", "--help"} & set(args):
+        print(doc)
+        raise SystemExit(0)
     values, rest = dict(own), []
     parser = OverridesParser.create()
     for arg in args:

@@ -22,6 +22,7 @@ from rich.table import Table
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.train import run_or_exit
+from distrain.trainer.metrics import read_metrics
 from distrain.trainer.parallel_dims import ParallelDims
 
 OWN = {"strategies": ["single", "ddp", "fsdp", "tp", "fsdp_tp"], "steps": 5, "tolerance": 1e-5, "nproc": 2, "out": None}
@@ -41,15 +42,11 @@ def parse_strategy(spec: str, nproc: int) -> tuple[str, int, int | None, int | N
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
 
 
 def main() -> None:
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        return
-    own, overrides = split_args(sys.argv[1:], OWN)
+    own, overrides = split_args(sys.argv[1:], OWN, __doc__)
     base = compose_train(overrides)
     out = Path(own["out"] or f"runs/parity/{base.run.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     micro, accum = base.train.micro_batch_size, base.train.grad_accum_steps

@@ -111,10 +111,7 @@ def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
 
 
 def main() -> None:
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(__doc__)
-        return
-    own, overrides = split_args(sys.argv[1:], OWN)
+    own, overrides = split_args(sys.argv[1:], OWN, __doc__)
     cfg = compose_train(overrides)
     try:
         validate(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import glob
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,8 +313,6 @@ def model_config_if_local(model: DictConfig) -> Any:
     if model.name_or_path is not None and model.gguf_file is None and is_local(model.name_or_path):
         folder = resolve_path(model.name_or_path)
         if (folder / "config.json").is_file():
-            import json
-
             return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
     return None
 

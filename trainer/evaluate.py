@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 
-from distrain.trainer.checkpoint import is_checkpoint, load_model_weights
+from distrain.trainer.checkpoint import complete_checkpoints, is_checkpoint, load_model_weights
 from distrain.trainer.config import Precision, load_run_config
 from distrain.trainer.data import eval_loader
 from distrain.trainer.distributed import DistEnv, pick_device
@@ -80,8 +80,6 @@ def locate(ckpt: Path) -> Weights:
     if (ckpt / "config.yaml").is_file():
         if (ckpt / "export" / "distrain_config.yaml").is_file():
             return locate(ckpt / "export")
-        from distrain.trainer.checkpoint import complete_checkpoints
-
         found = complete_checkpoints(ckpt / "checkpoints")
         if found:
             return locate(found[-1][1])

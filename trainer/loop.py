@@ -82,7 +82,7 @@ class Trainer:
         self.best_step: int | None = None
         self.evals_without_improvement = 0
         self.held = None  # bytes of parameters, gradients and optimizer state on this rank
-        self.real_tokens = 0.0  # all ranks, this invocation (for the summary's throughput)
+        self.real_tokens = 0.0  # all data shards, this invocation (for the summary's throughput)
         self.step_seconds = 0.0
         self._reset_window()
 
@@ -115,12 +115,12 @@ class Trainer:
         if first:
             grad_bytes = held_bytes(self.model, self.optimizer).grads  # gradients exist between backward and zero_grad
         lr = self.optimizer.param_groups[0]["lr"]
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if scale is not None and self.scaler.get_scale() < scale:
+        if loss_scale is not None and self.scaler.get_scale() < loss_scale:
             # fp16 overflow: the scaler skipped the optimizer step, so the schedule waits too.
-            log.info("step %d skipped by the fp16 loss scaler (overflow); scale now %g", self.step + 1, scale / 2)
+            log.info("step %d skipped by the fp16 loss scaler (overflow); scale now %g", self.step + 1, loss_scale / 2)
         else:
             self.scheduler.step()
         if first:  # the optimizer state exists from the first step on
