@@ -18,8 +18,6 @@ from rich.progress import Progress
 from transformers import pipeline
 
 from distrain.cli.console import error_console, print_error
-from distrain.trainer.config import load_run_config
-from distrain.trainer.distributed import DistEnv, pick_device
 from distrain.trainer.errors import UserError
 from distrain.trainer.evaluate import load_for_inference, locate
 
@@ -38,8 +36,7 @@ def predict_job(cfg: DictConfig) -> None:
     try:
         weights = locate(Path(cfg.ckpt).expanduser().resolve())
         lines = read_lines(cfg.input)
-        env = DistEnv(device=pick_device(load_run_config(weights.config).train.device, 0))
-        run_cfg, tokenizer, task, model = load_for_inference(weights, env)
+        _, env, tokenizer, task, model = load_for_inference(weights)
         if task.name == "mlm":
             for number, line in enumerate(lines, start=1):
                 if line.strip() and line.count(tokenizer.mask_token) != 1:

@@ -31,11 +31,11 @@ def gather_predictions(
     dataset: Dataset,
     batch_size: int,
     env: DistEnv,
-    use_autocast: bool,
     precision: Precision,
     sharded: bool = False,
 ) -> dict[int, Any] | None:
-    """Every example's prediction, by dataset index, on rank 0 (None on the other ranks).
+    """Every example's prediction, by dataset index, on rank 0 (None on the other ranks), with autocast at
+    `precision` (fp32: none).
 
     Each data-parallel rank predicts its own shard. A DDP model must come unwrapped (shards may differ by a
     batch); a sharded model (FSDP, TP) needs `sharded=True`, which gives every rank the same number of batches.
@@ -47,7 +47,7 @@ def gather_predictions(
     mine: dict[int, Any] = {}
     for indices, cpu_batch in zip(batches, loader, strict=True):
         batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
-        with autocast(precision if use_autocast else Precision.fp32, env.device):
+        with autocast(precision, env.device):
             logits = model(**task.model_batch(batch)).logits
         mine.update(zip(indices, task.predict(logits, batch), strict=True))
     model.train(was_training)
@@ -90,9 +90,11 @@ def locate(ckpt: Path) -> Weights:
 HEAD_FILE = "head.json"  # in the run dir: the task head's config (labels), so weights load without the data
 
 
-def load_for_inference(weights: Weights, env: DistEnv) -> tuple[DictConfig, Any, Task, torch.nn.Module]:
-    """The run's config, tokenizer, task and model with the given weights, on env.device, in eval mode."""
+def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task, torch.nn.Module]:
+    """The run's config, a one-process environment on the run's device kind, and the tokenizer, task and model
+    with the given weights (on that device, in eval mode)."""
     cfg: DictConfig = load_run_config(weights.config)
+    env = DistEnv(device=pick_device(cfg.train.device, 0))
     run_dir = weights.config.parent
     if weights.kind == "export":
         cfg.model.name_or_path = cfg.model.tokenizer = str(weights.path)
@@ -106,15 +108,14 @@ def load_for_inference(weights: Weights, env: DistEnv) -> tuple[DictConfig, Any,
                         pretrained=weights.kind == "export", **head)  # fmt: skip
     if weights.kind == "checkpoint":
         load_model_weights(weights.path, model)
-    return cfg, tokenizer, task, model.to(env.device).eval()
+    return cfg, env, tokenizer, task, model.to(env.device).eval()
 
 
 def evaluate_weights(
     weights: Weights, split: str, batch_size: int | None, data_dir: str | None, output: Path | None
 ) -> dict[str, Any]:
     """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file."""
-    env = DistEnv(device=pick_device(load_run_config(weights.config).train.device, 0))
-    cfg, tokenizer, task, model = load_for_inference(weights, env)
+    cfg, env, tokenizer, task, model = load_for_inference(weights)
     if data_dir is not None:
         cfg.data.dir = data_dir
     data = task.prepare(env)
@@ -127,8 +128,7 @@ def evaluate_weights(
         )
     dataset = data.splits[split]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
-    precision = cfg.precision.name
-    predictions = gather_predictions(model, task, dataset, size, env, precision != Precision.fp32, precision)
+    predictions = gather_predictions(model, task, dataset, size, env, cfg.precision.name)
     report = task.report(predictions, dataset)
     report.update({"split": split, "examples": len(dataset), "weights": str(weights.path)})
     out_dir = output or weights.path

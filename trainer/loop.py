@@ -21,13 +21,13 @@ from torch.distributed.tensor import DTensor
 
 from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_bytes
 from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights
-from distrain.trainer.config import ExportWeights, Precision
+from distrain.trainer.config import ExportWeights
 from distrain.trainer.data import train_loader
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.evaluate import gather_predictions
 from distrain.trainer.metrics import MetricsWriter, RunProgress, console, format_record, summary_table
 from distrain.trainer.optim import build_scheduler
-from distrain.trainer.parallel import clip_grad_norm, no_sync, unwrap, uses_autocast
+from distrain.trainer.parallel import autocast_precision, clip_grad_norm, no_sync, unwrap
 from distrain.trainer.parallel_dims import ParallelDims
 from distrain.trainer.precision import autocast, grad_scaler
 from distrain.trainer.preemption import StopRequest
@@ -54,7 +54,7 @@ class Trainer:
         self.cfg, self.run_dir, self.env, self.task, self.data = cfg, run_dir, env, task, data
         self.model, self.optimizer, self.dims = model, optimizer, dims
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.use_autocast = uses_autocast(dims, cfg.precision.name)
+        self.autocast = autocast_precision(dims, cfg.precision.name)
         self.peak_flops = peak_flops  # per process
         self.stop_request = stop_request
         t = cfg.train
@@ -90,7 +90,7 @@ class Trainer:
         return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast(self.cfg.precision.name if self.use_autocast else Precision.fp32, self.env.device):
+        with autocast(self.autocast, self.env.device):
             logits = model(**self.task.model_batch(batch)).logits
         return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
@@ -196,8 +196,7 @@ class Trainer:
         # DDP: the bare module (shards may differ by a batch; DDP's forward could wait on a collective).
         # FSDP/TP: the sharded model itself, with the same number of batches on every rank.
         merged = gather_predictions(
-            unwrap(self.model), self.task, dataset, batch_size, self.env, self.use_autocast,
-            self.cfg.precision.name, sharded=self.dims.sharded,
+            unwrap(self.model), self.task, dataset, batch_size, self.env, self.autocast, sharded=self.dims.sharded,
         )  # fmt: skip
         metrics = self.task.metrics(merged, dataset) if merged is not None else None
         metrics = self.env.broadcast_object(metrics)

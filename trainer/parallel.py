@@ -168,10 +168,10 @@ def parallelize(
     return model
 
 
-def uses_autocast(dims: ParallelDims, precision: Precision) -> bool:
-    """FSDP casts bf16 itself (MixedPrecisionPolicy); everything else uses autocast for bf16/fp16."""
+def autocast_precision(dims: ParallelDims, precision: Precision) -> Precision:
+    """The precision autocast should use (fp32: none): FSDP casts bf16 itself (MixedPrecisionPolicy)."""
     fsdp = dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp)
-    return precision != Precision.fp32 and not (fsdp and precision == Precision.bf16)
+    return Precision.fp32 if fsdp and precision == Precision.bf16 else precision
 
 
 # --- gradient accumulation, clipping, evaluation ----------------------------------------------------------------
