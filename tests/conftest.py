@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -89,5 +88,7 @@ def run_distrain(*args: str, cwd: Path | None = None, timeout: int = 600, check:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    """Each step's loss, as `distrain parity` reads it (the last record of a step wins, e.g. after a restart)."""
+    from distrain.cli.parity import losses
+
+    return losses(run_dir)

@@ -9,7 +9,6 @@ collects every problem, each naming its key, before any worker starts.
 from __future__ import annotations
 
 import enum
-import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.paths import is_local, resolve_path
-from distrain.trainer.sources import FORMATS
+from distrain.trainer.sources import FORMATS, matching_paths
 
 
 class Strategy(str, enum.Enum):
@@ -348,8 +347,7 @@ def _data_problems(data: DictConfig) -> list[str]:
     elif not {"train", "dev"} <= splits or not splits <= {"train", "dev", "test"}:
         problems.append(f"data.files: expected files for train and dev (and optionally test), got {sorted(splits)}")
     for split, name in data.files.items():
-        matches = [folder / name] if data.format == "folders" else [Path(p) for p in glob.glob(str(folder / name))]
-        if not any(m.is_dir() if data.format == "folders" else m.is_file() for m in matches):
+        if not matching_paths(data, name):
             kind = "a folder of class folders" if data.format == "folders" else "a file"
             problems.append(f"data.files.{split}: expected {kind}, '{folder / name}' does not exist")
     return problems

@@ -33,18 +33,22 @@ class Record:
     where: str  # "file:line" (or "file", or "hub[split] row N") for error messages
 
 
+def matching_paths(data: DictConfig, pattern: str) -> list[Path]:
+    """What one data.files entry names inside data.dir: the files its glob matches, or (format folders) the
+    folder of class folders; empty when nothing of that kind exists."""
+    target = resolve_path(data.dir) / pattern
+    if data.format == "folders":
+        return [target] if target.is_dir() else []
+    return sorted(p for p in map(Path, glob.glob(str(target))) if p.is_file())
+
+
 def source_files(data: DictConfig) -> dict[str, list[Path]]:
     """The files of each split key in data.files (globs allowed), relative to data.dir."""
-    folder = resolve_path(data.dir)
     out = {}
     for split, pattern in data.files.items():
-        if data.format == "folders":
-            matches = [folder / pattern]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(str(folder / pattern)))
-        if not matches or not all(m.exists() for m in matches):
-            raise DataError(f"data.files.{split}: nothing matches {folder / pattern}")
-        out[split] = matches
+        out[split] = matching_paths(data, pattern)
+        if not out[split]:
+            raise DataError(f"data.files.{split}: nothing matches {resolve_path(data.dir) / pattern}")
     return out
 
 
