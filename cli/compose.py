@@ -1,5 +1,6 @@
-"""Commands that take their own keys besides the train config's (`distrain parity`, `distrain plan`): split
-those off, parse their values with Hydra's override grammar, and compose the train config from the rest."""
+"""Composing the train config outside `distrain train`'s own Hydra app: the one helper for `distrain parity` and
+`plan`, the tests and the scripts. Commands with keys of their own split those off first (`split_args`) and parse
+their values with Hydra's override grammar."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import print_error
-from distrain.trainer.config import register_configs
+from distrain.trainer.schema import register_configs
 
 
 def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str, Any], list[str]]:
@@ -35,12 +36,18 @@ def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str
     return values, rest
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
-    """The train config as `distrain train` composes it (exit 1 with Hydra's message on a bad override)."""
+def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """The train config as `distrain train` composes it from these overrides (Hydra's errors propagate). With
+    `return_hydra_config`, the `hydra` node too (sweeper, launcher)."""
     register_configs()
+    with initialize_config_module(config_module="distrain.configs", version_base=None):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """compose_config for a command line: exit 1 with Hydra's message on a bad override; `${now:}` resolved."""
     try:
-        with initialize_config_module(config_module="distrain.configs", version_base=None):
-            cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose_config(overrides)
     except HydraException as error:
         print_error("invalid override", f"{error}\n{error.__cause__ or ''}".strip())
         raise SystemExit(1) from None

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-# In logs and pipes (no terminal to measure), tables get room instead of rich's default 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-error_console = Console(stderr=True)
+from distrain.trainer.reporting import make_console
+
+console = make_console()
+error_console = make_console(stderr=True)
 
 
 def print_error(title: str, message: str) -> None:

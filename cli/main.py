@@ -7,7 +7,7 @@ import sys
 
 COMMANDS = {
     "train": ("distrain.cli.train", "compose + validate a config, write a run dir, train with torchrun workers"),
-    "eval": ("distrain.cli.evaluate", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
+    "eval": ("distrain.cli.eval", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
     "predict": ("distrain.cli.predict", "batch inference, one JSON line per input line (ckpt=... input=FILE|-)"),
     "parity": ("distrain.cli.parity", "train N steps under each strategy; compare losses (strategies=[...] steps=N)"),
     "plan": ("distrain.cli.plan", "per-rank memory and FLOPs of a layout and its alternatives, without training"),

@@ -22,8 +22,8 @@ from rich.table import Table
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.train import run_or_exit
-from distrain.trainer.metrics import read_metrics
 from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.reporting import read_metrics
 
 OWN = {"strategies": ["single", "ddp", "fsdp", "tp", "fsdp_tp"], "steps": 5, "tolerance": 1e-5, "nproc": 2, "out": None}
 

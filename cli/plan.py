@@ -11,7 +11,6 @@ on the data. Layouts that cannot work are flagged with the reason. `output=FILE`
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -23,17 +22,15 @@ from rich.table import Table
 
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
-from distrain.trainer.accounting import ADAM_STATES, flops_per_token
-from distrain.trainer.config import Strategy, validate
+from distrain.cli.validate import validate
+from distrain.trainer.accounting import activation_bytes, flops_per_token, planned_bytes
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import build_model, load_tokenizer, model_source
-from distrain.trainer.parallel import tp_plan
 from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.tasks import build_task
+from distrain.trainer.tasks import build_task, task_class
 
 OWN = {"output": None}
-FP32 = 4
 
 
 class _SizedVocab:
@@ -62,41 +59,6 @@ def meta_model(cfg: DictConfig) -> torch.nn.Module:
     with torch.device("meta"):
         return build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env),
                            tokenizer, pretrained=False, **head)  # fmt: skip
-
-
-def chunk(size: int, parts: int) -> int:
-    """Rank 0's share of a dimension split with torch.chunk (as DTensor and FSDP2 split)."""
-    return math.ceil(size / parts)
-
-
-def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
-    """Each parameter tensor's element count on rank 0 under this layout."""
-    plan = tp_plan(model) if dims.tp > 1 else {}
-    numels = []
-    for name, param in model.named_parameters():
-        shape = list(param.shape)
-        module, _, kind = name.rpartition(".")
-        style = plan.get(module)
-        if style in ("colwise", "colwise_replicated"):
-            shape[0] = chunk(shape[0], dims.tp)
-        elif style == "rowwise" and kind == "weight":
-            shape[1] = chunk(shape[1], dims.tp)
-        if dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp):
-            shape[0] = chunk(shape[0], dims.dp)
-        numels.append(math.prod(shape))
-    return numels
-
-
-def activation_bytes(cfg: DictConfig, model: torch.nn.Module, tp: int) -> int:
-    c = model.config
-    s, b = cfg.data.max_length, cfg.train.micro_batch_size
-    h, a, layers = c.hidden_size, c.num_attention_heads, c.num_hidden_layers
-    if cfg.train.activation_checkpointing:
-        per_layer = 2 * s * b * h  # only each block's input is kept (16-bit count)
-    else:
-        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
-    logits = b * s * getattr(c, "vocab_size", 0) * FP32 if cfg.task.name in ("mlm", "clm") else 0
-    return int(per_layer * layers * FP32 / 2 + logits)
 
 
 def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
@@ -134,11 +96,12 @@ def main() -> None:
         if dims is None or problems:
             rows.append({**row, "problems": problems})
             continue
-        numels = rank0_param_numels(model, dims)
-        params = sum(numels) * FP32
-        held = {"params_bytes": params, "grads_bytes": params,
-                "optimizer_bytes": ADAM_STATES * params + FP32 * len(numels)}  # fmt: skip
-        activations = activation_bytes(cfg, model, dims.tp)
+        planned = planned_bytes(model, dims)
+        held = {"params_bytes": planned.params, "grads_bytes": planned.grads, "optimizer_bytes": planned.optimizer}
+        activations = activation_bytes(
+            model.config, cfg.train.micro_batch_size, cfg.data.max_length, dims.tp,
+            cfg.train.activation_checkpointing, vocab_logits=task_class(cfg.task.name).language_model,
+        )  # fmt: skip
         total = sum(held.values()) + activations
         tied_output = model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False)
         if dims.tp > 1 and tied_output:

@@ -19,7 +19,7 @@ from transformers import pipeline
 
 from distrain.cli.console import error_console, print_error
 from distrain.trainer.errors import UserError
-from distrain.trainer.evaluate import load_for_inference, locate
+from distrain.trainer.inference import load_for_inference, locate
 
 
 def read_lines(source: str) -> list[str]:
@@ -37,10 +37,10 @@ def predict_job(cfg: DictConfig) -> None:
         weights = locate(Path(cfg.ckpt).expanduser().resolve())
         lines = read_lines(cfg.input)
         _, env, tokenizer, task, model = load_for_inference(weights)
-        if task.name == "mlm":
-            for number, line in enumerate(lines, start=1):
-                if line.strip() and line.count(tokenizer.mask_token) != 1:
-                    raise UserError(f"{cfg.input}:{number}: a fill-mask input needs one {tokenizer.mask_token}")
+        for number, line in enumerate(lines, start=1):
+            problem = task.check_input(line) if line.strip() else None
+            if problem:
+                raise UserError(f"{cfg.input}:{number}: {problem}")
     except UserError as error:
         print_error("cannot predict", str(error))
         raise SystemExit(2) from None

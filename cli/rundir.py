@@ -25,16 +25,27 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import console
-from distrain.trainer.paths import PKG_PREFIX
+from distrain.trainer.paths import PKG_PREFIX, is_local
 
 PACKAGES = ("distrain", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "seqeval", "safetensors")
 
 
 def absolutize(cfg: DictConfig) -> None:
-    """Make local paths absolute, so config.yaml means the same thing from any working directory."""
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
-    if cfg.data.dir is not None and not cfg.data.dir.startswith(PKG_PREFIX):
-        cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
+    """Make local paths absolute, so config.yaml means the same thing from any working directory (workers, a
+    rerun, `distrain eval` elsewhere). Hub ids and pkg:// paths stay as they are."""
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or value.startswith(PKG_PREFIX):
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    cfg.run.dir = absolute(cfg.run.dir)
+    cfg.data.dir = absolute(cfg.data.dir)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir)
+    cfg.model.cache_dir = absolute(cfg.model.cache_dir)
+    for key in ("name_or_path", "tokenizer"):
+        if cfg.model[key] is not None and is_local(cfg.model[key]):  # a folder here, not a Hub id
+            cfg.model[key] = absolute(cfg.model[key])
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from distrain.cli.console import console, print_error
 from distrain.cli.launch import TrainingFailed, launch
 from distrain.cli.rundir import absolutize, write_run_dir
-from distrain.trainer.config import register_configs, validate
+from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
+from distrain.trainer.schema import register_configs
 
 register_configs()
 

@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
+
+from distrain.trainer.reporting import make_console
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -44,7 +45,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = str(Path(args.data_dir).resolve())
-    console = Console()
+    console = make_console()
 
     hf_dir = out / "hf"
     if not args.skip_hf:
@@ -88,7 +89,8 @@ def main() -> None:
         table.add_column(column, justify="right")
     rows = (("test_f1", ".4f"), ("test_accuracy", ".4f"), ("wall_seconds", ".0f"), ("real_tokens_per_s", ".0f"))
     for key, fmt in rows:
-        table.add_row(key, format(theirs[key], fmt), format(ours[key], fmt), f"{ours[key] / theirs[key]:.3f}")
+        ratio = f"{ours[key] / theirs[key]:.3f}" if theirs[key] else "-"  # tiny smoke runs can score 0
+        table.add_row(key, format(theirs[key], fmt), format(ours[key], fmt), ratio)
     table.add_row("steps", str(theirs["steps"]), str(ours["steps"]), "")
     console.print(table)
     console.print(f"test F1 difference (distrain - HF): {100 * (ours['test_f1'] - theirs['test_f1']):+.2f} points")

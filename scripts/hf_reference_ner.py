@@ -24,8 +24,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from distrain.trainer.conll import label_list, read_conll
+from distrain.trainer.data.conll import read_conll
 from distrain.trainer.paths import resolve_path
+from distrain.trainer.tasks.labels import label_list
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     splits = {s: read_conll(Path(args.data_dir) / f"{s}.txt") for s in ("train", "dev", "test")}
     if args.max_train_samples:
         splits["train"] = splits["train"][: args.max_train_samples]
-    labels = label_list(splits["train"])
+    labels = label_list(tag for sentence in splits["train"] for tag in sentence.tags)
     label_ids = {label: i for i, label in enumerate(labels)}
 
     def encode(sentences):

@@ -13,20 +13,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-from rich.console import Console
 from rich.table import Table
 
-from distrain.trainer.config import register_configs
+from distrain.cli.compose import compose_config
+from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.model import ensure_run_tokenizer, load_tokenizer
-from distrain.trainer.sampler import GlobalBatchSampler
+from distrain.trainer.reporting import make_console
 from distrain.trainer.tasks import build_task
 
 
 def padding_fraction(overrides: list[str], run_dir: Path) -> tuple[float, int]:
-    with initialize_config_module(config_module="distrain.configs", version_base=None):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config(overrides)
     env = DistEnv()
     ensure_run_tokenizer(cfg, run_dir, env)
     task = build_task(cfg, load_tokenizer(cfg.model, env, run_dir))
@@ -45,7 +43,6 @@ def padding_fraction(overrides: list[str], run_dir: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    register_configs()
     base = sys.argv[1:] or ["+experiment=shakespeare_clm"]
     table = Table(title=f"padding waste: {' '.join(base)}")
     for column in ("setting", "padding fraction", "token positions per epoch"):
@@ -59,7 +56,7 @@ def main() -> None:
         for name, extra in settings:
             fraction, slots = padding_fraction([*base, *extra], Path(tmp))
             table.add_row(name, f"{fraction:.4f}", f"{slots:,}")
-    Console().print(table)
+    make_console().print(table)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from conftest import compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from distrain.trainer.config import hub_dataset_unreachable, validate
+from distrain.cli.validate import hub_dataset_unreachable, validate
 from distrain.trainer.errors import ConfigError
 
 CONFIGS = importlib.resources.files("distrain.configs")
@@ -34,6 +34,7 @@ def test_the_tree_has_every_group():
         "launcher",
         "experiment",
         "hparams_search",
+        "debug",
     }
 
 
@@ -52,7 +53,8 @@ PARTNERS = {
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path):
-    override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
+    appended = group in ("experiment", "debug")  # overlays, not in the defaults list: added with +
+    override = f"+{group}={option}" if appended else f"{group}={option}"
     overrides = [override, *PARTNERS.get(override, [])]
     if "conll" in option:
         overrides.append(f"data.dir={conll_dir}")
@@ -70,11 +72,7 @@ def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path)
 
 @pytest.mark.parametrize("search", ["ner_optuna", "clm_optuna"])
 def test_searches_and_the_slurm_sweep_launcher_compose_with_hydra(search):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="distrain.configs", version_base=None):
-        cfg = compose(config_name="train", overrides=[f"hparams_search={search}", "hydra/launcher=distrain_slurm"],
-                      return_hydra_config=True)  # fmt: skip
+    cfg = compose_train([f"hparams_search={search}", "hydra/launcher=distrain_slurm"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.n_trials == 10
     assert cfg.hydra.sweeper.direction == ("maximize" if search == "ner_optuna" else "minimize")
     assert "optim.lr" in cfg.hydra.sweeper.params

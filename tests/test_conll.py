@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distrain.trainer.conll import label_list, read_conll
+from distrain.trainer.data.conll import read_conll
 from distrain.trainer.errors import DataError
+from distrain.trainer.tasks.labels import label_list
 
 
 def write(tmp_path, text, name="data.txt", encoding="utf-8"):
@@ -75,4 +76,4 @@ def test_non_utf8_bytes_are_an_error_with_their_line(tmp_path):
 
 def test_labels_are_ordered_o_first_then_by_type_b_before_i(tmp_path):
     path = write(tmp_path, "a I-PER\nb B-PER\nc O\nd B-LOC\ne I-LOC\n")
-    assert label_list(s.tags for s in read_conll(path)) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert label_list(t for s in read_conll(path) for t in s.tags) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]

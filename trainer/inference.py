@@ -1,4 +1,8 @@
-"""Predicting a split (during training, on every rank) and evaluating saved weights (`distrain eval`)."""
+"""Saved weights outside training: find them (`ckpt=`), load them in one process, and evaluate them on a split.
+
+Serves `distrain eval` and `distrain predict`. A checkpoint needs the task head's settings (the label names), which
+the worker writes once into the run dir (`save_head`), so weights load without reading the data again.
+"""
 
 from __future__ import annotations
 
@@ -9,50 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
 from omegaconf import DictConfig
 
 from distrain.trainer.checkpoint import complete_checkpoints, is_checkpoint, load_model_weights
-from distrain.trainer.config import Precision, load_run_config
-from distrain.trainer.data import eval_loader
 from distrain.trainer.distributed import DistEnv, pick_device
 from distrain.trainer.errors import DataError, UserError
+from distrain.trainer.forward import predict_split
 from distrain.trainer.model import build_model, load_tokenizer, model_source
-from distrain.trainer.precision import autocast
+from distrain.trainer.schema import load_run_config
 from distrain.trainer.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def gather_predictions(
-    model: torch.nn.Module,
-    task: Task,
-    dataset: Dataset,
-    batch_size: int,
-    env: DistEnv,
-    precision: Precision,
-    sharded: bool = False,
-) -> dict[int, Any] | None:
-    """Every example's prediction, by dataset index, on rank 0 (None on the other ranks), with autocast at
-    `precision` (fp32: none).
-
-    Each data-parallel rank predicts its own shard. A DDP model must come unwrapped (shards may differ by a
-    batch); a sharded model (FSDP, TP) needs `sharded=True`, which gives every rank the same number of batches.
-    """
-    columns = list(task.loader_columns)
-    loader, batches = eval_loader(dataset, task.collator(train=False), columns, batch_size, env, sharded)
-    was_training = model.training
-    model.eval()
-    mine: dict[int, Any] = {}
-    for indices, cpu_batch in zip(batches, loader, strict=True):
-        batch = {k: v.to(env.device, non_blocking=True) for k, v in cpu_batch.items()}
-        with autocast(precision, env.device):
-            logits = model(**task.model_batch(batch)).logits
-        mine.update(zip(indices, task.predict(logits, batch), strict=True))
-    model.train(was_training)
-    gathered = env.gather_objects(mine)
-    return None if gathered is None else {k: v for part in gathered for k, v in part.items()}
 
 
 class EvalError(UserError):
@@ -90,6 +61,17 @@ def locate(ckpt: Path) -> Weights:
 HEAD_FILE = "head.json"  # in the run dir: the task head's config (labels), so weights load without the data
 
 
+def save_head(run_dir: Path, head: dict[str, Any]) -> None:
+    (run_dir / HEAD_FILE).write_text(json.dumps(head, indent=1))
+
+
+def load_head(run_dir: Path) -> dict[str, Any]:
+    head = json.loads((run_dir / HEAD_FILE).read_text())
+    if "id2label" in head:
+        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}  # JSON keys are strings
+    return head
+
+
 def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task, torch.nn.Module]:
     """The run's config, a one-process environment on the run's device kind, and the tokenizer, task and model
     with the given weights (on that device, in eval mode)."""
@@ -101,9 +83,7 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
         cfg.model.gguf_file = cfg.model.train_tokenizer_vocab = None
     tokenizer = load_tokenizer(cfg.model, env, run_dir)
     task = build_task(cfg, tokenizer)
-    head = {} if weights.kind == "export" else json.loads((run_dir / HEAD_FILE).read_text())
-    if "id2label" in head:
-        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}  # JSON keys are strings
+    head = {} if weights.kind == "export" else load_head(run_dir)
     model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env), tokenizer,
                         pretrained=weights.kind == "export", **head)  # fmt: skip
     if weights.kind == "checkpoint":
@@ -111,7 +91,7 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
     return cfg, env, tokenizer, task, model.to(env.device).eval()
 
 
-def evaluate_weights(
+def eval_report(
     weights: Weights, split: str, batch_size: int | None, data_dir: str | None, output: Path | None
 ) -> dict[str, Any]:
     """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file."""
@@ -128,9 +108,9 @@ def evaluate_weights(
         )
     dataset = data.splits[split]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
-    predictions = gather_predictions(model, task, dataset, size, env, cfg.precision.name)
+    predictions = predict_split(model, task, dataset, size, env, cfg.precision.name)
     report = task.report(predictions, dataset)
-    report.update({"split": split, "examples": len(dataset), "weights": str(weights.path)})
+    report.update({"task": str(task.name), "split": split, "examples": len(dataset), "weights": str(weights.path)})
     out_dir = output or weights.path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=1))

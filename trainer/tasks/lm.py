@@ -13,25 +13,35 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, Features, Value
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+from omegaconf import DictConfig
 
-from distrain.trainer.sources import Record, column
-from distrain.trainer.tasks import IGNORE, Task
+from distrain.trainer.data.sources import Record, column
+from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.tasks.base import IGNORE, Task
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class LanguageModelTask(Task):
     """What MLM and CLM share: documents -> token blocks, and perplexity."""
+
+    metrics_reported = ("perplexity", "loss")
+    lower_is_better = frozenset({"perplexity", "loss"})
+    formats = (DataFormat.text, DataFormat.jsonl, DataFormat.csv)
+    language_model = True
 
     def cache_settings(self) -> dict[str, Any]:
         data = self.cfg.data
         return {"max_length": data.max_length, "packing": data.packing, "boundaries": data.document_boundaries}
 
     def to_datasets(self, records: dict[str, list[Record]]) -> dict[str, Dataset]:
+        from datasets import Dataset, Features, Value
+
         key = self.cfg.data.text_column
         features = Features({"text": Value("string")})
         return {
@@ -94,7 +104,7 @@ class LanguageModelTask(Task):
 
 
 class CausalLMTask(LanguageModelTask):
-    name = "clm"
+    name = TaskName.clm
     pipeline_task = "text-generation"
     # No KV cache in training: with one, transformers ignores the position ids when building the attention
     # mask, and packed documents would attend to each other.
@@ -115,6 +125,8 @@ class CausalLMTask(LanguageModelTask):
         return [doc + [eos] for doc in ids]  # the model learns where a document ends
 
     def auto_model_class(self) -> type:
+        from transformers import AutoModelForCausalLM
+
         return AutoModelForCausalLM
 
     def collator(self, train: bool) -> Any:
@@ -152,9 +164,19 @@ class CausalLMTask(LanguageModelTask):
 
 
 class MaskedLMTask(LanguageModelTask):
-    name = "mlm"
+    name = TaskName.mlm
     pipeline_task = "fill-mask"
     loader_columns = ("input_ids", "special_tokens_mask")
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> list[str]:
+        problems = super().check(cfg)
+        if cfg.data.packing and cfg.data.document_boundaries:
+            problems.append(
+                "data.document_boundaries: packed mlm blocks attend across documents (BERT-style models take no "
+                "block mask); expected false with data.packing=true, or data.packing=false"
+            )
+        return problems
 
     def document_ids(self, texts: list[str]) -> list[list[int]]:
         # [CLS] doc [SEP] per document, as BERT was pre-trained; packed blocks then hold several.
@@ -168,10 +190,16 @@ class MaskedLMTask(LanguageModelTask):
         return out
 
     def auto_model_class(self) -> type:
+        from transformers import AutoModelForMaskedLM
+
         return AutoModelForMaskedLM
 
     def collator(self, train: bool) -> Any:
         return MaskingCollator(self.tokenizer, self.cfg.task.mask_probability, self.cfg.train.seed, train)
+
+    def check_input(self, line: str) -> str | None:
+        mask = self.tokenizer.mask_token
+        return None if line.count(mask) == 1 else f"a fill-mask input needs one {mask}"
 
     def format_prediction(self, text: str, output: Any) -> dict[str, Any]:
         return {"fills": [{"token": o["token_str"], "score": round(float(o["score"]), 4)} for o in output]}

@@ -1,30 +1,39 @@
 """What a task supplies to the one shared loop: its data, model head, collation, loss, metrics and inference.
 
-The loop (trainer/loop.py) never branches on the task; a new task is a new `Task` subclass registered in
-`TASKS`, not a copy of the loop. The base class runs the common data path: raw records (trainer/sources.py) ->
-the task's typed `Dataset`s -> the task's tokenization, cached once per node (trainer/data.py).
+The loop (trainer/loop.py) never branches on the task; a new task is a `Task` subclass listed in `TASKS`
+(trainer/tasks/__init__.py), not a copy of the loop. The class attributes are everything the launcher, `distrain
+eval`, `predict`, `plan` and `report` need to know of a task (its metrics and their direction, the data formats it
+reads, its own config rules in `check`), so no other module matches task names. The base class runs the common data
+path: raw records (trainer/data/sources.py) -> the task's typed `Dataset`s -> the task's tokenization, cached once
+per node (trainer/data/cache.py).
+
+Task modules import transformers, datasets and the metric libraries inside their methods: the launcher imports the
+registry to validate a config, and must stay quick to start.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from omegaconf import DictConfig
 
-from distrain.trainer.data import cached_splits, file_digest, tokenizer_fingerprint
+from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
+from distrain.trainer.data.sources import Record, read_splits, source_files
 from distrain.trainer.distributed import DistEnv
-from distrain.trainer.model import label_head
 from distrain.trainer.paths import resolve_path
-from distrain.trainer.sources import Record, read_splits, source_files
+from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.tasks.labels import label_head
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 IGNORE = -100  # label of positions that carry no target (special tokens, padding, non-first sub-words)
-LOWER_IS_BETTER = {"perplexity", "loss"}
 
 
 @dataclass
@@ -36,8 +45,13 @@ class TaskData:
 
 
 class Task:
-    name: str = ""
-    pipeline_task: str = ""  # the transformers.pipeline task that loads this task's export
+    name: ClassVar[TaskName]
+    metrics_reported: ClassVar[tuple[str, ...]]  # what `metrics()` returns; any can be task.metric
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()  # the others: higher is better
+    metric_titles: ClassVar[dict[str, str]] = {}  # how reports name a metric (default: its key)
+    formats: ClassVar[tuple[DataFormat, ...]]  # the local data formats it reads
+    language_model: ClassVar[bool] = False  # documents -> token blocks: packing, no labels, logits over the vocab
+    pipeline_task: ClassVar[str] = ""  # the transformers.pipeline task that loads this task's export
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     loader_columns: tuple[str, ...] = ("input_ids", "attention_mask", "labels")  # what the collator receives
     forward_kwargs: dict[str, Any] = {}  # fixed keyword arguments of every forward pass
@@ -45,6 +59,40 @@ class Task:
     def __init__(self, cfg: DictConfig, tokenizer: Any):
         self.cfg = cfg
         self.tokenizer = tokenizer
+
+    # --- what the launcher and the reports know of the task ------------------------------------------------
+    @classmethod
+    def check(cls, cfg: DictConfig) -> list[str]:
+        """This task's rules for the config, each problem naming its key (the launcher adds them to its own)."""
+        problems = []
+        data, metric = cfg.data, cfg.task.metric
+        if metric not in cls.metrics_reported:
+            problems.append(f"task.metric: expected one of {list(cls.metrics_reported)} for {cls.name}, got {metric!r}")
+        if data.dir is not None and data.format not in cls.formats:
+            problems.append(
+                f"data.format: expected one of {[str(f) for f in cls.formats]} for task {cls.name}, got {data.format!r}"
+            )
+        if data.packing and not cls.language_model:
+            problems.append(f"data.packing: packing is for language modelling (mlm, clm), not {cls.name}")
+        if data.labels is not None and cls.language_model:
+            problems.append(f"data.labels: {cls.name} has no labels; expected null")
+        return problems
+
+    @classmethod
+    def is_better(cls, metric: str, value: float, than: float | None) -> bool:
+        """Is `value` a better dev `metric` than `than` (None: nothing yet, so yes)?"""
+        if than is None:
+            return True
+        return value < than if metric in cls.lower_is_better else value > than
+
+    @classmethod
+    def best_first(cls, metric: str) -> Callable[[float], float]:
+        """A sort key that puts the best value of `metric` first."""
+        return (lambda v: v) if metric in cls.lower_is_better else (lambda v: -v)
+
+    @classmethod
+    def direction(cls, metric: str) -> str:
+        return "lower is better" if metric in cls.lower_is_better else "higher is better"
 
     # --- data ----------------------------------------------------------------------------------------------
     def prepare(self, env: DistEnv) -> TaskData:
@@ -121,6 +169,7 @@ class Task:
         raise NotImplementedError
 
     def metrics(self, predictions: dict[int, Any], dataset: Dataset) -> dict[str, float]:
+        """The values of `metrics_reported`, from every example's prediction."""
         raise NotImplementedError
 
     def report(self, predictions: dict[int, Any], dataset: Dataset) -> dict[str, Any]:
@@ -132,6 +181,10 @@ class Task:
         return None
 
     # --- inference (distrain predict) ----------------------------------------------------------------------
+    def check_input(self, line: str) -> str | None:
+        """Why `distrain predict` cannot take this input line, or None."""
+        return None
+
     def pipeline_kwargs(self, options: DictConfig) -> dict[str, Any]:
         """Arguments of transformers.pipeline(...) for `distrain predict`."""
         return {}
@@ -164,12 +217,3 @@ def source_key(data: DictConfig) -> dict[str, Any]:
         "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
         "labels": list(data.labels) if data.labels is not None else None,
     }
-
-
-def build_task(cfg: DictConfig, tokenizer: Any) -> Task:
-    from distrain.trainer.classify import ClassifyTask
-    from distrain.trainer.lm import CausalLMTask, MaskedLMTask
-    from distrain.trainer.ner import NerTask
-
-    tasks = {"ner": NerTask, "classify": ClassifyTask, "mlm": MaskedLMTask, "clm": CausalLMTask}
-    return tasks[cfg.task.name](cfg, tokenizer)

@@ -12,8 +12,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-# Rank 0's console (other ranks write to their log files). In logs and pipes, lines get room to stay whole.
-console = Console(width=None if sys.stdout.isatty() else 160)
+
+def make_console(stderr: bool = False) -> Console:
+    """The one kind of rich Console distrain prints with: on a terminal, its width; in logs and pipes (nothing to
+    measure), 160 columns, so lines and tables stay whole instead of rich's default 80."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+console = make_console()  # rank 0's (other ranks write to their log files)
 
 
 class MetricsWriter:

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from distrain.trainer.conll import read_conll
+from distrain.trainer.data.conll import read_conll
 from distrain.trainer.errors import DataError
 from distrain.trainer.paths import resolve_path
 

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import ClassLabel, Dataset, Features, List, Value
-from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
-from distrain.trainer.conll import TAG_PATTERN, label_list
+from distrain.trainer.data.conll import TAG_PATTERN
+from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
-from distrain.trainer.sources import Record, column
-from distrain.trainer.tasks import IGNORE, Task
+from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.tasks.base import IGNORE, Task
+from distrain.trainer.tasks.labels import label_list, label_set
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
 
 class NerTask(Task):
-    name = "ner"
+    name = TaskName.ner
+    metrics_reported = ("f1", "precision", "recall", "accuracy")
+    metric_titles = {"f1": "entity F1", "accuracy": "token accuracy"}
+    formats = (DataFormat.conll, DataFormat.jsonl)
     pipeline_task = "token-classification"
 
     # --- data ----------------------------------------------------------------------------------------------
@@ -45,21 +50,14 @@ class NerTask(Task):
         return out
 
     def to_datasets(self, records: dict[str, list[Record]]) -> dict[str, Dataset]:
+        from datasets import ClassLabel, Dataset, Features, List, Value
+
         sentences = {split: self._sentences(recs) for split, recs in records.items()}
-        if self.cfg.data.labels is not None:
-            labels = list(self.cfg.data.labels)
-        else:
-            # One file cut into splits: every tag of the file; separate files: the training tags.
-            cut = self.cfg.data.split is not None
-            labels = label_list(
-                tags for split, rows in sentences.items() if cut or split == "train" for _, tags, _ in rows
-            )
-        known = set(labels)
-        for rows in sentences.values():
-            for _, tags, where in rows:
-                for tag, place in zip(tags, where, strict=True):
-                    if tag not in known:
-                        raise DataError(f"{place}: tag {tag!r} does not occur in the training data (known: {labels})")
+        tagged = {
+            split: [(tag, place) for _, tags, where in rows for tag, place in zip(tags, where, strict=True)]
+            for split, rows in sentences.items()
+        }
+        labels = label_set(self.cfg.data, tagged, label_list, kind="tag")
         label_ids = {label: i for i, label in enumerate(labels)}
         features = Features({"tokens": List(Value("string")), "tags": List(ClassLabel(names=labels))})
         out = {}
@@ -105,9 +103,13 @@ class NerTask(Task):
 
     # --- model ---------------------------------------------------------------------------------------------
     def auto_model_class(self) -> type:
+        from transformers import AutoModelForTokenClassification
+
         return AutoModelForTokenClassification
 
     def collator(self, train: bool) -> Any:
+        from transformers import DataCollatorForTokenClassification
+
         return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE)
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -132,6 +134,8 @@ class NerTask(Task):
         return gold, pred
 
     def metrics(self, predictions: dict[int, list[int]], dataset: Dataset) -> dict[str, float]:
+        from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
         gold, pred = self.tag_sequences(predictions, dataset)
         return {
             "f1": float(f1_score(gold, pred, zero_division=0)),
@@ -141,6 +145,8 @@ class NerTask(Task):
         }
 
     def report(self, predictions: dict[int, list[int]], dataset: Dataset) -> dict[str, Any]:
+        from seqeval.metrics import classification_report
+
         gold, pred = self.tag_sequences(predictions, dataset)
         rows = classification_report(gold, pred, output_dict=True, zero_division=0)
         return {

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from distrain.cli.console import console, print_error
 from distrain.trainer.errors import UserError
-from distrain.trainer.evaluate import evaluate_weights, locate
+from distrain.trainer.inference import eval_report, locate
+from distrain.trainer.tasks import task_class
 
 
 def report_table(report: dict[str, Any]) -> Table:
@@ -41,17 +42,17 @@ def eval_job(cfg: DictConfig) -> float:
         weights = locate(Path(cfg.ckpt).expanduser().resolve())
         console.print(f"[bold]distrain eval[/] {weights.kind} {weights.path} on {cfg.split}")
         output = Path(cfg.output).expanduser().resolve() if cfg.output else None
-        report = evaluate_weights(weights, cfg.split, cfg.batch_size, cfg.data_dir, output)
+        report = eval_report(weights, cfg.split, cfg.batch_size, cfg.data_dir, output)
     except UserError as error:
         print_error("cannot evaluate", str(error))
         raise SystemExit(2) from None
     if "classes" in report:
         console.print(report_table(report))
-    names = {"f1": "entity F1", "accuracy": "token accuracy" if "f1" in report else "accuracy"}
+    task = task_class(report["task"])
     metrics = [(k, v) for k, v in report.items() if isinstance(v, float)]
-    console.print("  ".join(f"{names.get(k, k.replace('_', ' '))} {v:.4f}" for k, v in metrics))
+    console.print("  ".join(f"{task.metric_titles.get(k, k.replace('_', ' '))} {v:.4f}" for k, v in metrics))
     console.print(f"wrote {', '.join(report['files'])}", highlight=False)
-    return metrics[0][1]
+    return report[task.metrics_reported[0]]
 
 
 def main() -> None:

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import ClassLabel, Dataset, Features, Value
-from sklearn.metrics import accuracy_score, classification_report, f1_score
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
-from distrain.trainer.sources import Record, column
-from distrain.trainer.tasks import Task
+from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.tasks.base import Task
+from distrain.trainer.tasks.labels import label_set
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 class ClassifyTask(Task):
-    name = "classify"
+    name = TaskName.classify
+    metrics_reported = ("accuracy", "macro_f1")
+    formats = (DataFormat.jsonl, DataFormat.csv, DataFormat.folders)
     pipeline_task = "text-classification"
 
     def to_datasets(self, records: dict[str, list[Record]]) -> dict[str, Dataset]:
+        from datasets import ClassLabel, Dataset, Features, Value
+
         data = self.cfg.data
         rows = {
             split: [
@@ -33,18 +39,10 @@ class ClassifyTask(Task):
             ]
             for split, recs in records.items()
         }
-        if data.labels is not None:
-            labels = [str(label) for label in data.labels]
-        else:
-            cut = data.split is not None
-            labels = sorted({label for split, rs in rows.items() if cut or split == "train" for _, label, _ in rs})
-        known = set(labels)
+        labelled = {split: [(label, where) for _, label, where in rs] for split, rs in rows.items()}
+        labels = label_set(data, labelled, sorted, kind="label")
         for split_rows in rows.values():
-            for text, label, where in split_rows:
-                if label not in known:
-                    raise DataError(
-                        f"{where}: label {label!r} is not one of {labels} (data.labels, or the training labels)"
-                    )
+            for text, _, where in split_rows:
                 if not text.strip():
                     raise DataError(f"{where}: empty text (data.text_column={data.text_column!r})")
         features = Features({"text": Value("string"), "label": ClassLabel(names=labels)})
@@ -64,9 +62,13 @@ class ClassifyTask(Task):
         return splits["train"].features["label"].names
 
     def auto_model_class(self) -> type:
+        from transformers import AutoModelForSequenceClassification
+
         return AutoModelForSequenceClassification
 
     def collator(self, train: bool) -> Any:
+        from transformers import DataCollatorWithPadding
+
         return DataCollatorWithPadding(self.tokenizer)
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[int]:
@@ -78,6 +80,8 @@ class ClassifyTask(Task):
         return list(gold), [predictions[i] for i in order]
 
     def metrics(self, predictions: dict[int, int], dataset: Dataset) -> dict[str, float]:
+        from sklearn.metrics import accuracy_score, f1_score
+
         gold, pred = self._pairs(predictions, dataset)
         return {
             "accuracy": float(accuracy_score(gold, pred)),
@@ -85,6 +89,8 @@ class ClassifyTask(Task):
         }
 
     def report(self, predictions: dict[int, int], dataset: Dataset) -> dict[str, Any]:
+        from sklearn.metrics import classification_report
+
         gold, pred = self._pairs(predictions, dataset)
         names = dataset.features["label"].names
         rows = classification_report(

@@ -10,7 +10,6 @@ silently.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +61,3 @@ def read_conll(path: str | Path) -> list[Sentence]:
     if not sentences:
         raise DataError(f"{path}: no sentences found (expected lines of `token tag`, blank lines between sentences)")
     return sentences
-
-
-def label_list(tag_sequences: Iterable[list[str]]) -> list[str]:
-    """All tags, `O` first, then by entity type with B before I, so ids are stable across runs."""
-    tags = {tag for sequence in tag_sequences for tag in sequence}
-    return sorted(tags, key=lambda tag: ("" if tag == "O" else tag[2:], tag[:1]))

@@ -1,4 +1,4 @@
-"""Preprocessed datasets shared by all ranks of a node, and the loaders that feed the loop.
+"""Preprocessed datasets shared by all ranks of a node.
 
 Tokenization runs once per node: local rank 0 builds the `datasets` cache (an Arrow file per split, written by
 `Dataset.map(cache_file_name=...)`) in a folder named by a hash of the input files' contents and every setting
@@ -15,14 +15,13 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.paths import resolve_path
-from distrain.trainer.sampler import GlobalBatchSampler, eval_batches
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 CACHE_FORMAT_VERSION = 1  # bump when the cached columns change
 log = logging.getLogger(__name__)
@@ -73,28 +72,7 @@ def cached_splits(
         build(partial)
         (partial / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
 
+    from datasets import Dataset
+
     folder = build_once(resolve_path(cache_dir) / namespace / digest, build_and_describe, env, "the tokenized cache")
     return {path.stem: Dataset.from_file(str(path)) for path in sorted(folder.glob("*.arrow"))}
-
-
-def train_loader(
-    dataset: Dataset, collate: Any, columns: list[str], sampler: GlobalBatchSampler, num_workers: int
-) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset.with_format(columns=columns),
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-    )
-
-
-def eval_loader(
-    dataset: Dataset, collate: Any, columns: list[str], batch_size: int, env: DistEnv, sharded: bool = False
-) -> tuple[torch.utils.data.DataLoader, list[list[int]]]:
-    """This rank's evaluation loader and the dataset indices of each of its batches (shards by data-parallel
-    rank: the ranks of a tensor-parallel group evaluate the same examples together)."""
-    batches = eval_batches(dataset["length"], batch_size, env.dp_rank, env.dp_size, equal_counts=sharded)
-    loader = torch.utils.data.DataLoader(
-        dataset.with_format(columns=columns), batch_sampler=batches, collate_fn=collate
-    )
-    return loader, batches

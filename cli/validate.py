@@ -1,0 +1,168 @@
+"""The launcher's checks of a composed config: what the schema's types cannot say.
+
+Ranges, rules between fields, the task's own rules (`Task.check`), the parallel layout (`ParallelDims`) against the
+world size and the model's head counts, and the files and folders the run will read. Every problem names its key
+and what was expected; all of them are collected and raised as one ConfigError before any worker starts or any run
+dir is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distrain.trainer.data.sources import matching_paths
+from distrain.trainer.errors import ConfigError
+from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.paths import is_local, resolve_path
+from distrain.trainer.preemption import signal_number
+from distrain.trainer.tasks import task_class
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every problem of `cfg`, each with its key."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            problems.append(f"{key}: expected {expected}, got {OmegaConf.select(cfg, key)!r}")
+
+    t, o, launcher, data = cfg.train, cfg.optim, cfg.launcher, cfg.data
+    problems += task_class(cfg.task.name).check(cfg)
+    need(0 < cfg.task.mask_probability < 1, "task.mask_probability", "a number in (0, 1)")
+    for key in ("micro_batch_size", "grad_accum_steps", "epochs", "log_every"):
+        need(t[key] >= 1, f"train.{key}", "an integer >= 1")
+    for key in ("eval_every", "save_every", "early_stopping_patience"):
+        need(t[key] >= 0, f"train.{key}", "an integer >= 0")
+    need(t.keep_last >= 1, "train.keep_last", "an integer >= 1 (the latest checkpoint is what a rerun resumes)")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null or an integer >= 1")
+    need(t.eval_batch_size is None or t.eval_batch_size >= 1, "train.eval_batch_size", "null or an integer >= 1")
+    if t.stop_at_step is not None:
+        need(t.stop_at_step >= 1, "train.stop_at_step", "null or an integer >= 1")
+        if t.max_steps is not None:
+            need(t.stop_at_step <= t.max_steps, "train.stop_at_step", f"<= train.max_steps ({t.max_steps})")
+    need(o.lr > 0, "optim.lr", "a number > 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0")
+    need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "a number in [0, 1)")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
+    need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "null or a number > 0")
+
+    need(launcher.nproc_per_node >= 1, "launcher.nproc_per_node", "an integer >= 1")
+    need(launcher.nnodes >= 1, "launcher.nnodes", "an integer >= 1")
+    need(launcher.max_restarts >= 0, "launcher.max_restarts", "an integer >= 0")
+    need(launcher.threads_per_process is None or launcher.threads_per_process >= 1, "launcher.threads_per_process",
+         "null or an integer >= 1")  # fmt: skip
+    try:
+        signal_number(launcher.preempt_signal)
+    except (KeyError, ValueError):
+        problems.append(
+            f"launcher.preempt_signal: expected a signal name such as USR1, got {launcher.preempt_signal!r}"
+        )
+    if launcher.nnodes > 1:
+        need(launcher.rdzv_endpoint is not None, "launcher.rdzv_endpoint",
+             "host:port of the rendezvous (the same on every node) when launcher.nnodes > 1")  # fmt: skip
+    problems += _parallel_problems(cfg)
+    problems += _model_problems(cfg.model)
+    need(data.max_length >= 8, "data.max_length", "an integer >= 8")
+    for key in ("max_train_samples", "max_eval_samples"):
+        need(data[key] is None or data[key] >= 1, f"data.{key}", "null or an integer >= 1")
+    problems += _data_problems(data)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _parallel_problems(cfg: DictConfig) -> list[str]:
+    if cfg.launcher.nproc_per_node < 1 or cfg.launcher.nnodes < 1:
+        return []  # reported with their keys already
+    dims, problems = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
+    if dims is not None:
+        problems += dims.model_problems(model_config_if_local(cfg.model))
+    return problems
+
+
+def _model_problems(model: DictConfig) -> list[str]:
+    problems = []
+    if model.name_or_path is None and model.architecture is None:
+        problems.append("model.name_or_path: expected a model path or Hub id, or model.architecture for a random-init "
+                        "model, got None")  # fmt: skip
+    if model.name_or_path is None and model.tokenizer is None and model.train_tokenizer_vocab is None:
+        problems.append("model.tokenizer: expected a tokenizer path or Hub id (or model.train_tokenizer_vocab) for a "
+                        "random-init model, got None")  # fmt: skip
+    if model.name_or_path is not None and model.train_tokenizer_vocab is not None:
+        problems.append("model.train_tokenizer_vocab: only for random-init models (model.name_or_path=null)")
+    if model.train_tokenizer_vocab is not None and model.train_tokenizer_vocab < 300:
+        problems.append("model.train_tokenizer_vocab: expected null or an integer >= 300 (256 bytes plus merges), "
+                        f"got {model.train_tokenizer_vocab}")  # fmt: skip
+    for key in ("name_or_path", "tokenizer"):
+        value = model[key]
+        if value is not None and is_local(value) and not resolve_path(value).is_dir():
+            problems.append(f"model.{key}: expected an existing folder, got {value!r}")
+    if model.gguf_file is not None and model.name_or_path is not None and is_local(model.name_or_path):
+        gguf = resolve_path(model.name_or_path) / model.gguf_file
+        if not gguf.is_file():
+            problems.append(f"model.gguf_file: expected a file inside model.name_or_path ({gguf} does not exist), "
+                            f"got {model.gguf_file!r}")  # fmt: skip
+    return problems
+
+
+def model_config_if_local(model: DictConfig) -> Any:
+    """The model's architecture when it can be read without a network or a conversion, else None."""
+    if model.name_or_path is None and model.architecture is not None:
+        return SimpleNamespace(**OmegaConf.to_container(model.architecture))
+    if model.name_or_path is not None and model.gguf_file is None and is_local(model.name_or_path):
+        folder = resolve_path(model.name_or_path)
+        if (folder / "config.json").is_file():
+            return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+    return None
+
+
+def _data_problems(data: DictConfig) -> list[str]:
+    if data.dir is None:
+        if data.hub_name is None:
+            return ["data.dir: expected a folder with the data files (or data.hub_name for a Hub dataset), got None"]
+        reason = hub_dataset_unreachable(data.hub_name)
+        if reason:
+            return [
+                f"data.dir: expected a folder with the {data.name} files ({', '.join(data.files.values())}), got None;"
+                f" and the Hub dataset data.hub_name={data.hub_name!r} is not reachable ({reason})."
+                " Set data.dir=<folder>, or train on the bundled data with +experiment=wnut_ner"
+            ]
+        return []
+    folder = resolve_path(data.dir)
+    if not folder.is_dir():
+        return [f"data.dir: expected an existing folder, got {data.dir!r}"]
+    problems = []
+    splits = set(data.files)
+    if data.split is not None:
+        if splits != {"all"}:
+            problems.append(
+                f"data.files: with data.split set, expected exactly one file under 'all', got {sorted(splits)}"
+            )
+        if set(data.split) != {"train", "dev", "test"} or abs(sum(data.split.values()) - 1) > 1e-6:
+            problems.append(
+                f"data.split: expected fractions for train, dev and test that sum to 1, got {dict(data.split)}"
+            )
+    elif not {"train", "dev"} <= splits or not splits <= {"train", "dev", "test"}:
+        problems.append(f"data.files: expected files for train and dev (and optionally test), got {sorted(splits)}")
+    for split, name in data.files.items():
+        if not matching_paths(data, name):
+            kind = "a folder of class folders" if data.format == "folders" else "a file"
+            problems.append(f"data.files.{split}: expected {kind}, '{folder / name}' does not exist")
+    return problems
+
+
+def hub_dataset_unreachable(name: str) -> str | None:
+    """Why the Hub dataset cannot be fetched, or None when it can (or when offline mode defers to the cache)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return None  # offline mode: `datasets` will look in its local cache, and say so if it is not there
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except Exception as error:  # network errors, unknown repo, gated repo: all mean "not usable from here"
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return None

@@ -1,0 +1,218 @@
+"""The schedule of `Trainer.fit()`, in this process: when it evaluates, saves, stops early, and which weights it
+exports.
+
+No torchrun: the module joins a real one-process gloo group, so the loop's collectives (barrier, all-reduce,
+broadcast) run as in a worker, and each test builds its trainer as a worker does (`+debug=tiny`: a tiny BERT on
+WNUT-16) from a run dir the launcher's own functions wrote. To make the decisions deterministic, the dev metric
+that `evaluate_split` returns comes from a script keyed by step; the real evaluation still runs and is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import compose_train
+from safetensors.torch import load_file
+
+from distrain.cli.rundir import absolutize, write_run_dir
+from distrain.cli.validate import validate
+from distrain.trainer.distributed import DistEnv
+from distrain.trainer.inference import load_for_inference, locate
+from distrain.trainer.loop import Trainer
+from distrain.trainer.schema import load_run_config
+from distrain.trainer.worker import build_trainer
+
+HANDLED = (signal.SIGTERM, signal.SIGUSR1)  # what build_trainer's StopRequest installs handlers for
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory) -> Iterator[None]:
+    assert not dist.is_initialized()
+    store = dist.FileStore(str(tmp_path_factory.mktemp("process-group") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Run:
+    """A trainer built from a launcher-written run dir, whose dev metric (f1) is scripted by step; it records the
+    steps at which the loop evaluated and saved."""
+
+    def __init__(self, trainer: Trainer, script: dict[int, float]):
+        self.trainer, self.run_dir, self.script = trainer, trainer.run_dir, script
+        self.evaluated: list[int] = []
+        self.saved: list[int] = []
+        evaluate, save = trainer.evaluate_split, trainer.save
+
+        def scripted_evaluate(split: str) -> dict[str, float]:
+            metrics = evaluate(split)  # the real evaluation, recorded in metrics.jsonl
+            self.evaluated.append(trainer.step)
+            return {**metrics, "f1": script[trainer.step]}  # KeyError: an evaluation at a step not scripted
+
+        def recorded_save() -> Path:
+            self.saved.append(trainer.step)
+            return save()
+
+        trainer.evaluate_split = scripted_evaluate
+        trainer.save = recorded_save
+
+    def fit(self) -> dict[str, Any]:
+        return self.trainer.fit()
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, filter(str.strip, lines)) if kind is None or r["kind"] == kind]
+
+    def eval_steps(self) -> list[int]:
+        return [r["step"] for r in self.records("eval")]
+
+    def checkpoints(self) -> dict[int, Path]:
+        """Complete checkpoints on disk, by step (read here, not with the Checkpointer)."""
+        folders = (self.run_dir / "checkpoints").iterdir()
+        found = {int(p.name.removeprefix("step_")): p for p in folders if p.name.startswith("step_")}
+        assert all((p / "COMPLETE").is_file() for p in found.values()), sorted(found)
+        assert not any(p.name.endswith(".partial") for p in found.values())
+        return found
+
+    def state(self, step: int) -> dict[str, Any]:
+        return json.loads((self.run_dir / "checkpoints" / f"step_{step}" / "trainer_state.json").read_text())
+
+
+@pytest.fixture
+def start(process_group, tmp_path, cache_dir) -> Iterator[Callable[..., Run]]:
+    """start(script, *overrides) -> a Run; the signal handlers build_trainer installs are undone afterwards."""
+    previous = {s: signal.getsignal(s) for s in HANDLED}
+
+    def make(script: dict[int, float], *overrides: str) -> Run:
+        overrides = ("+debug=tiny", f"run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}",
+                     "data.max_eval_samples=16", *overrides)  # fmt: skip
+        cfg = compose_train(list(overrides))
+        validate(cfg)
+        absolutize(cfg)
+        run_dir = write_run_dir(cfg, list(overrides))
+        cfg = load_run_config(run_dir / "config.yaml")  # what workers read
+        assert cfg.task.metric == "f1"  # the metric the script stands for
+        return Run(build_trainer(cfg, run_dir, DistEnv(rank=0, world_size=1, local_rank=0)), script)
+
+    yield make
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+def every_step(steps: int, value: float = 0.5) -> dict[int, float]:
+    return dict.fromkeys(range(steps + 1), value)
+
+
+def timeline(run: Run) -> list[tuple[str, int]]:
+    return [(r["kind"], r["step"]) for r in run.records() if r["kind"] in ("train", "eval")]
+
+
+def expected_timeline(steps: int, evals: list[int]) -> list[tuple[str, int]]:
+    """A train record at every step (train.log_every=1 in +debug=tiny), each evaluation right after its step."""
+    out = [("eval", 0)] if 0 in evals else []
+    for step in range(1, steps + 1):
+        out += [("train", step), *([("eval", step)] if step in evals else [])]
+    return out
+
+
+# --- evaluation cadence --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("eval_every", "steps", "evals"), [(2, 6, [2, 4, 6]), (4, 6, [4, 6])])
+def test_evaluates_every_eval_every_steps_and_at_the_end(start, eval_every, steps, evals):
+    run = start(every_step(steps), f"train.eval_every={eval_every}", f"train.max_steps={steps}")
+    result = run.fit()
+    assert result["status"] == "finished" and result["step"] == steps
+    assert run.eval_steps() == run.evaluated == evals
+    assert timeline(run) == expected_timeline(steps, evals)
+    assert all(r["split"] == "dev" and 0 <= r["f1"] <= 1 for r in run.records("eval"))  # the real metric
+
+
+def test_eval_every_0_evaluates_at_each_epoch_end_and_at_the_end(start):
+    # 48 samples in global batches of 16: an epoch is 3 steps; 7 steps end in the middle of the third epoch.
+    run = start(every_step(7), "train.eval_every=0", "train.max_steps=7", "data.max_train_samples=48",
+                "train.micro_batch_size=16")  # fmt: skip
+    assert run.trainer.steps_per_epoch == 3
+    result = run.fit()
+    assert result["status"] == "finished" and result["step"] == 7
+    assert run.eval_steps() == run.evaluated == [3, 6, 7]
+    assert timeline(run) == expected_timeline(7, [3, 6, 7])
+    assert [r["epoch"] for r in run.records("train")] == pytest.approx([s / 3 for s in range(1, 8)])
+
+
+def test_eval_at_start_is_recorded_at_step_0_and_never_the_best(start):
+    # The baseline scores highest; were it a candidate it would be the best step (and have a checkpoint).
+    run = start({0: 0.9, 2: 0.5, 4: 0.4}, "train.eval_at_start=true", "train.eval_every=2", "train.max_steps=4")
+    result = run.fit()
+    assert run.records()[0]["kind"] == "eval" and run.records()[0]["step"] == 0  # before any train record
+    assert run.eval_steps() == run.evaluated == [0, 2, 4]
+    assert timeline(run) == expected_timeline(4, [0, 2, 4])
+    assert (result["best_step"], result["best_metric"]) == (2, 0.5)
+    assert run.saved == [2, 4]  # the best (step 2) and the end; nothing at step 0
+    assert sorted(run.checkpoints()) == [2, 4]
+    assert (run.state(4)["best_step"], run.state(4)["best_metric"]) == (2, 0.5)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+def test_saves_every_save_every_steps_at_each_new_best_and_at_the_end_keeping_last_and_best(start):
+    script = {2: 0.5, 4: 0.7, 6: 0.6, 8: 0.65}  # new bests at 2 and 4; 6 and 8 are worse than 4
+    run = start(script, "train.save_every=3", "train.keep_last=1", "train.eval_every=2", "train.max_steps=8")
+    result = run.fit()
+    assert (result["best_step"], result["best_metric"]) == (4, 0.7)
+    # 2 and 4: new bests; 3 and 6: save_every; 8: the end.
+    assert run.saved == [2, 3, 4, 6, 8]
+    # keep_last=1 keeps the newest; the best is kept besides it (step 4 exists only because it was a new best).
+    assert sorted(run.checkpoints()) == [4, 8]
+    assert run.state(4)["step"] == 4 and run.state(8)["step"] == 8
+    assert (run.state(8)["best_step"], run.state(8)["best_metric"]) == (4, 0.7)
+
+
+# --- early stopping ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("script", "stop", "best"),
+    [
+        # best at 2, then 2 evaluations without improvement: stop at 4 (step 5 would have been better)
+        ({1: 0.5, 2: 0.7, 3: 0.6, 4: 0.65, 5: 0.9}, 4, (2, 0.7)),
+        # step 3 improves (the count starts again); equal is no improvement: stop at 5
+        ({1: 0.5, 2: 0.4, 3: 0.6, 4: 0.6, 5: 0.55, 6: 0.9}, 5, (3, 0.6)),
+    ],
+)
+def test_early_stopping_after_patience_evaluations_without_improvement(start, script, stop, best):
+    run = start(script, "train.early_stopping_patience=2", "train.eval_every=1", "train.max_steps=10")
+    result = run.fit()
+    assert result["status"] == "early stopped" and result["step"] == stop
+    assert (result["best_step"], result["best_metric"]) == best
+    assert run.eval_steps() == run.evaluated == list(range(1, stop + 1))
+    assert max(r["step"] for r in run.records("train")) == stop
+    assert stop in run.checkpoints() and run.saved[-1] == stop  # stopping writes a checkpoint
+    assert run.state(stop)["evals_without_improvement"] == 2
+    assert (run.run_dir / "export" / "model.safetensors").is_file()  # an early stop is a finished run
+
+
+# --- the export ----------------------------------------------------------------------------------------------------
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint, loaded as `distrain eval` loads them."""
+    *_, model = load_for_inference(locate(path))
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("export_weights", "exported_step", "other_step"), [("best", 4, 6), ("last", 6, 4)])
+def test_the_export_holds_the_best_or_the_last_weights(start, export_weights, exported_step, other_step):
+    # best at step 4, the run ends at step 6
+    run = start({2: 0.5, 4: 0.8, 6: 0.6}, f"train.export_weights={export_weights}", "train.eval_every=2",
+                "train.max_steps=6")  # fmt: skip
+    result = run.fit()
+    assert result["status"] == "finished" and (result["best_step"], result["step"]) == (4, 6)
+    checkpoints = run.checkpoints()
+    assert sorted(checkpoints) == [4, 6]  # keep_last=2
+    exported = load_file(run.run_dir / "export" / "model.safetensors")
+    expected, other = checkpoint_weights(checkpoints[exported_step]), checkpoint_weights(checkpoints[other_step])
+    parameters = {name for name, _ in run.trainer.model.named_parameters()}
+    assert parameters <= set(exported) <= set(expected)
+    assert all(torch.equal(exported[k], expected[k]) for k in exported), export_weights
+    assert not all(torch.equal(exported[k], other[k]) for k in exported)  # two steps of training apart

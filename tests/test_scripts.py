@@ -1,0 +1,67 @@
+"""Smoke tests of scripts/: each runs as a user runs it (`python scripts/<name>.py ...`) on tiny settings, and its
+output is checked. The scripts import distrain's internals and nothing else runs them, so they rot silently."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run_script(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 1200):
+    command = [sys.executable, str(SCRIPTS / name), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The body rows of a rich table as printed (not a terminal: 160 columns, one line per row), by first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("│") and line.endswith("│"):
+            cells = [cell.strip() for cell in line.strip("│").split("│")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_padding_waste_shows_no_padding_with_packing_only(tmp_path, cache_dir):
+    result = run_script("padding_waste.py", "+experiment=shakespeare_clm", "model=llama_tiny",
+                        "data.max_train_samples=200", "data.max_length=64", f"data.cache_dir={cache_dir}",
+                        cwd=tmp_path)  # fmt: skip
+    rows = table_rows(result.stdout)
+    settings = ["packing", "no packing", "no packing, length-grouped batches"]
+    assert sorted(rows) == sorted(settings), result.stdout
+    fraction = {name: float(rows[name][0]) for name in settings}
+    positions = {name: int(rows[name][1].replace(",", "")) for name in settings}
+    assert rows["packing"][0] == "0.0000"  # packed blocks are exactly data.max_length tokens
+    assert fraction["no packing"] > 0 and fraction["no packing, length-grouped batches"] > 0, fraction
+    assert all(0 <= f < 1 for f in fraction.values()), fraction
+    # an epoch of 16-sample global batches of 64-token blocks, the last partial batch dropped
+    assert positions["packing"] % (16 * 64) == 0 and 0 < positions["packing"] <= 200 * 64, positions
+    assert all(p > 0 for p in positions.values()), positions
+
+
+def test_bench_conll_writes_both_halves(tmp_path, conll_dir):
+    out = tmp_path / "bench"
+    # The script has no cache flag: `distrain train` caches under ~/.cache/distrain, so HOME is the test's own.
+    # 3 training sentences, 1 per rank: the smallest settings; the model is always the bundled MiniLM.
+    run_script("bench_conll.py", f"--data-dir={conll_dir}", f"--out={out}", "--epochs=1", "--batch=1",
+               "--max-train-samples=3", cwd=tmp_path, env={"HOME": str(tmp_path / "home")})  # fmt: skip
+    bench = json.loads((out / "bench.json").read_text())
+    assert set(bench) == {"hf_trainer", "distrain"}
+    for half in bench.values():
+        assert 0 <= half["test_f1"] <= 1 and 0 <= half["test_accuracy"] <= 1, half
+        assert math.isfinite(half["real_tokens_per_s"]) and half["real_tokens_per_s"] > 0, half
+        assert half["steps"] >= 1 and half["wall_seconds"] > 0, half
+        assert len(half["dev_f1"]) >= 1 and all(0 <= f <= 1 for f in half["dev_f1"]), half

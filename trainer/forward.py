@@ -1,0 +1,62 @@
+"""The model's forward pass as training and evaluation both run it, and the predictions of a whole split.
+
+One function computes logits for a collated batch: autocast at the run's precision, and under tensor parallelism
+the DTensor logits gathered into a plain tensor (the loss and the metrics take whole logits).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from distrain.trainer.data.loaders import eval_loader
+from distrain.trainer.distributed import DistEnv
+from distrain.trainer.precision import autocast
+from distrain.trainer.schema import Precision
+from distrain.trainer.tasks import Task
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_logits(
+    model: torch.nn.Module, task: Task, batch: dict[str, torch.Tensor], precision: Precision, device: torch.device
+) -> torch.Tensor:
+    with autocast(precision, device):
+        logits = model(**task.model_batch(batch)).logits
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+
+
+@torch.no_grad()
+def predict_split(
+    model: torch.nn.Module,
+    task: Task,
+    dataset: Dataset,
+    batch_size: int,
+    env: DistEnv,
+    precision: Precision,
+) -> dict[int, Any] | None:
+    """Every example's prediction, by dataset index, on rank 0 (None on the other ranks), with autocast at
+    `precision` (fp32: none).
+
+    Each data-parallel rank predicts its own shard. A DDP model must come unwrapped (shards may differ by a
+    batch); a sharded model (FSDP, TP: `env.dims.sharded`) gets the same number of batches on every rank.
+    """
+    columns = list(task.loader_columns)
+    loader, batches = eval_loader(dataset, task.collator(train=False), columns, batch_size, env)
+    was_training = model.training
+    model.eval()
+    mine: dict[int, Any] = {}
+    for indices, cpu_batch in zip(batches, loader, strict=True):
+        batch = to_device(cpu_batch, env.device)
+        logits = forward_logits(model, task, batch, precision, env.device)
+        mine.update(zip(indices, task.predict(logits, batch), strict=True))
+    model.train(was_training)
+    gathered = env.gather_objects(mine)
+    return None if gathered is None else {k: v for part in gathered for k, v in part.items()}

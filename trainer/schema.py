@@ -1,0 +1,225 @@
+"""Typed schema of a distrain run: one dataclass per config group, nested in `DistrainConfig`.
+
+Pure data: no project imports, no checks beyond types. Registered in Hydra's ConfigStore as the schema of
+`configs/train.yaml`, so a value of the wrong type, an unknown key or a choice outside an enum fails at
+composition with its full key. The defaults live here only: the YAML files set what an option changes. What types
+cannot say (ranges, rules between fields, files that must exist) is checked by the launcher
+(`distrain.cli.validate`) before any worker starts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class Choice(str, enum.Enum):
+    """A closed choice: compares equal to its value and prints as it, so configs and messages read plainly."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class TaskName(Choice):
+    ner = "ner"
+    classify = "classify"
+    mlm = "mlm"
+    clm = "clm"
+
+
+class DataFormat(Choice):
+    conll = "conll"
+    jsonl = "jsonl"
+    csv = "csv"
+    text = "text"
+    folders = "folders"  # one sub-folder of .txt files per class
+
+
+class TextUnit(Choice):
+    file = "file"
+    paragraph = "paragraph"  # blank-line separated
+    line = "line"
+
+
+class Strategy(Choice):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    tp = "tp"
+    fsdp_tp = "fsdp_tp"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Schedule(Choice):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class ExportWeights(Choice):
+    best = "best"
+    last = "last"
+
+
+class Backend(Choice):
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Device(Choice):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name, used in run names
+    name_or_path: str | None = None  # local folder, pkg://<package>/<folder>, or a Hub id; null = random init
+    tokenizer: str | None = None  # defaults to name_or_path
+    architecture: dict[str, Any] | None = None  # transformers config fields for a random-init model
+    revision: str | None = None  # Hub revision
+    trust_remote_code: bool = False  # run model code shipped with a Hub repo: only for repos you trust
+    gguf_file: str | None = None  # a GGUF file inside name_or_path: dequantized once into cache_dir
+    train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
+    cache_dir: str = "~/.cache/distrain"  # converted GGUF models
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    format: DataFormat = DataFormat.conll
+    dir: str | None = None  # folder (or pkg://...) holding the files below; null = use hub_name
+    files: dict[str, str] = field(default_factory=dict)  # split -> file (glob) inside dir; "all" + split: cut one
+    split: dict[str, float] | None = None  # fractions to cut files.all into train/dev/test, fixed seed
+    split_seed: int = 0
+    hub_name: str | None = None  # Hub dataset used when dir is null (needs network)
+    hub_config: str | None = None
+    hub_revision: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "validation", "test": "test"})
+    text_column: str = "text"  # jsonl / csv / Hub columns
+    label_column: str = "label"
+    tokens_column: str = "tokens"
+    tags_column: str = "ner_tags"
+    labels: list[str] | None = None  # the label set, in id order; null = the labels seen in training data
+    text_unit: TextUnit = TextUnit.file  # text format: one document per file, paragraph or line
+    packing: bool = False  # mlm/clm: fill blocks of max_length tokens from consecutive documents, no padding
+    document_boundaries: bool = True  # clm packing: attention and targets stay inside each document
+    max_length: int = 256  # sub-word tokens per sequence, longer ones are truncated
+    max_train_samples: int | None = None  # take the first N (after the split) for quick runs
+    max_eval_samples: int | None = None
+    group_by_length: bool = False  # batches of similar length: less padding, same samples per epoch
+    cache_dir: str = "~/.cache/distrain"  # tokenized datasets, keyed by file contents and settings
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class TaskConfig:
+    name: TaskName = TaskName.ner
+    metric: str = "f1"  # dev metric for the best checkpoint and early stopping; one of the task's metrics
+    mask_probability: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
+
+
+@dataclass
+class ParallelConfig:
+    name: Strategy = Strategy.single  # see trainer/parallel_dims.py
+    dp: int | None = None  # data-parallel degree; null = derived from the world size and tp
+    tp: int | None = None  # tensor-parallel degree; null = derived (tp: the world size; others: 1)
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, more comm)
+    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
+    backend: Backend | None = None  # null: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class PrecisionConfig:
+    name: Precision = Precision.fp32  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01  # not applied to biases and norm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.0  # fraction of the steps with linear warmup
+    schedule: Schedule = Schedule.linear
+    max_grad_norm: float | None = 1.0  # null disables clipping
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int | None = None  # only for static rendezvous; null lets c10d assign it
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous, required when nnodes > 1
+    rdzv_id: str | None = None  # same on every node of one job; null = derived from run.dir
+    max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
+    monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
+    threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node
+    preempt_signal: str = "USR1"  # asks for a checkpoint and a stop (e.g. #SBATCH --signal=USR1@120); so does TERM
+    requeue: bool = True  # under SLURM, requeue the job after such a stop (scontrol requeue)
+
+
+@dataclass
+class TrainLoopConfig:
+    micro_batch_size: int = 16  # per rank, per forward pass
+    grad_accum_steps: int = 1
+    epochs: int = 3
+    max_steps: int | None = None  # when set, overrides epochs
+    stop_at_step: int | None = None  # end this run after step N with a checkpoint; rerun to resume
+    log_every: int = 10
+    eval_every: int = 0  # steps between dev evaluations; 0 = at the end of every epoch
+    eval_at_start: bool = False  # also evaluate before the first step (a baseline for fine-tuning)
+    eval_batch_size: int | None = None  # default 2 x micro_batch_size
+    save_every: int = 0  # steps between checkpoints; 0 = only on a new best and at the end
+    keep_last: int = 2  # newest checkpoints kept, besides the best
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    export_weights: ExportWeights = ExportWeights.best  # weights put in export/: best dev metric or last step
+    seed: int = 0
+    device: Device = Device.auto
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    compile: bool = False  # torch.compile each block (off by default: no gain on CPU, a long first step)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = MISSING  # the run directory; a rerun in the same directory resumes
+
+
+@dataclass
+class DistrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so that configs/train.yaml composes on top of it (`defaults: [distrain_schema]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="distrain_schema", node=DistrainConfig)
+
+
+def load_run_config(path: str | Path) -> DictConfig:
+    """Load a resolved config.yaml onto the schema, so workers and `distrain eval` get typed values."""
+    schema = OmegaConf.structured(DistrainConfig)
+    return OmegaConf.merge(schema, OmegaConf.load(path))
