@@ -8,6 +8,7 @@ dir is written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from types import SimpleNamespace
@@ -45,6 +46,11 @@ def validate(cfg: DictConfig) -> None:
         need(t.stop_at_step >= 1, "train.stop_at_step", "null or an integer >= 1")
         if t.max_steps is not None:
             need(t.stop_at_step <= t.max_steps, "train.stop_at_step", f"<= train.max_steps ({t.max_steps})")
+    if t.profile_steps is not None:
+        steps = list(t.profile_steps)
+        need(len(steps) == 2 and 1 <= steps[0] <= steps[-1], "train.profile_steps",
+             "null or [first, last] with 1 <= first <= last")  # fmt: skip
+    problems += _logger_problems(cfg.logger)
     need(o.lr > 0, "optim.lr", "a number > 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0")
     need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "a number in [0, 1)")
@@ -73,6 +79,19 @@ def validate(cfg: DictConfig) -> None:
     problems += _data_problems(data)
     if problems:
         raise ConfigError(problems)
+
+
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _logger_problems(logger: DictConfig) -> list[str]:
+    """A selected tracker whose library is missing would only be warned about in the worker: say it now."""
+    return [
+        f"logger.{name}: selected, but the {package} package is not installed (pip install {package}, or drop it: "
+        f"logger=[...] without {name})"
+        for name, package in LOGGER_PACKAGES.items()
+        if logger[name] is not None and importlib.util.find_spec(package) is None
+    ]
 
 
 def _parallel_problems(cfg: DictConfig) -> list[str]:

@@ -69,6 +69,15 @@ class DistEnv:
         dist.all_gather(out, mine)
         return [int(x.item()) for x in out]
 
+    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every rank's list of numbers (the same length everywhere), on every rank, in rank order."""
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if not self.active:
+            return [mine.tolist()]
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        return [x.tolist() for x in out]
+
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True: stop decisions must be the same everywhere."""
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
