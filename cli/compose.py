@@ -84,17 +84,15 @@ def schema_keys() -> tuple[set[str], set[str]]:
     open_dicts: set[str] = set()
 
     def walk(node: DictConfig, prefix: str) -> None:
-        for name in node.keys():
+        for name in node:
             key = f"{prefix}{name}"
             keys.add(key)
             child = node._get_node(name)
             if isinstance(child, DictConfig):
-                if child._metadata.object_type in (None, dict):
+                if child._metadata.object_type in (None, dict):  # dict[str, ...] fields: any sub-key
                     open_dicts.add(key)
                 else:
                     walk(child, f"{key}.")
-            elif OmegaConf.get_type(node, name) is dict or "Dict" in str(child._metadata.ref_type):
-                open_dicts.add(key)
 
     walk(OmegaConf.structured(DistrainConfig), "")
     return keys, open_dicts

@@ -148,8 +148,10 @@ def _path_problems(cfg: DictConfig) -> list[str]:
     problems = [
         _writable_problem(key, OmegaConf.select(cfg, key)) for key in ("run.dir", "data.cache_dir", "model.cache_dir")
     ]
-    if cfg.data.dir is not None and resolve_path(cfg.data.dir).is_dir() and not os.access(
-        resolve_path(cfg.data.dir), os.R_OK | os.X_OK
+    if (
+        cfg.data.dir is not None
+        and resolve_path(cfg.data.dir).is_dir()
+        and not os.access(resolve_path(cfg.data.dir), os.R_OK | os.X_OK)
     ):
         problems.append(f"data.dir: expected a folder this user can read, got {cfg.data.dir!r}")
     return [p for p in problems if p]

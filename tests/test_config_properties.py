@@ -15,6 +15,7 @@ import typing
 from collections import Counter
 
 import pytest
+from conftest import TINY, run_distrain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -25,7 +26,6 @@ from distrain.cli.train import check_command_line
 from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.schema import DistrainConfig
-from conftest import TINY, run_distrain
 
 # Each example composes the config with Hydra (~0.3-0.7 s here): a few in the default suite, many in stage 2.
 EXAMPLES, SLOW_EXAMPLES = 25, 400
