@@ -31,6 +31,7 @@ from distrain.trainer.schema import DistrainConfig
 EXAMPLES, SLOW_EXAMPLES = 25, 400
 SEEN: Counter[str] = Counter()  # keys drawn, over the whole test
 FOUND: Counter[str] = Counter()  # keys refused
+OUTCOMES: Counter[str] = Counter()  # examples started / refused
 
 
 def _leaf_types() -> dict[str, typing.Any]:
@@ -108,6 +109,7 @@ def starts_or_is_refused_naming_a_key(drawn: list[str], run_dir) -> None:
     code, message = check([*TINY, f"run.dir={run_dir}", *drawn])
     keys = [_key_of(o) for o in drawn]
     SEEN.update(keys)
+    OUTCOMES["refused" if code else "started"] += 1
     if code == 0:
         return
     assert code == 2, f"{drawn}: exit {code}\n{message}"
@@ -137,7 +139,9 @@ def test_the_property_covered_the_schema():
     """Runs after the property tests (file order); with the slow one, it drew most keys of the schema."""
     if sum(SEEN.values()) < SLOW_EXAMPLES:
         pytest.skip("needs the slow property test in the same session")
-    print(f"\nkeys drawn: {len(set(SEEN) & set(LEAVES))} distinct of {len(LEAVES)}; refused naming them: {len(FOUND)}")
+    drawn = set(SEEN) & set(LEAVES)
+    print(f"\nexamples: {dict(OUTCOMES)}; schema keys drawn: {len(drawn)} of {len(LEAVES)}; refused naming the "
+          f"drawn key: {len(set(FOUND))} distinct keys; never drawn: {sorted(set(LEAVES) - drawn)}")  # fmt: skip
     assert len(set(SEEN) & set(LEAVES)) >= 0.8 * len(LEAVES)
 
 

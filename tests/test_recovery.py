@@ -128,3 +128,33 @@ def test_two_launchers_form_one_job_through_c10d_rendezvous(uninterrupted, tmp_p
     assert sum("distrain run summary" in out for out in outputs) == 1  # global rank 0 lives in one of them
     assert (run / "logs" / "rank_0.log").exists() and (run / "logs" / "rank_1.log").exists()
     assert_matches(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_is_named_with_stacks_and_the_restarted_run_ends_as_if_nothing_happened(
+    uninterrupted, tmp_path, cache_dir
+):
+    """SIGSTOP of one worker (a hang: it holds its sockets open, so peers wait instead of failing). The live rank
+    reports it within launcher.collective_timeout_s (plus a heartbeat interval), with the stacks of its threads
+    in its log; torchrun restarts the group (the stopped worker is killed) and the run resumes."""
+    run = tmp_path / "stopped-worker"
+    process = start(run, cache_dir, "launcher.collective_timeout_s=30", "launcher.max_restarts=1")
+    wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25 (after the step 20 checkpoint)", process)
+    pid = int(re.search(r"rank 1: pid (\d+)", (run / "logs" / "rank_1.log").read_text()).group(1))
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    wait_for(lambda: "Ranks that did not arrive" in (run / "logs" / "rank_0.log").read_text(), "the diagnosis",
+             process, timeout=120)  # fmt: skip
+    seconds = time.time() - stopped_at
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    log = (run / "logs" / "rank_0.log").read_text()
+    print(f"SIGSTOP of rank 1: reported by rank 0 after {seconds:.1f} s")
+    print(log[log.index("hung at step") - 40 :][:1500])
+    assert re.search(r"rank 1 silent for \d+ s \(last heard at step \d+, phase \w+; \S+ pid " + str(pid), log)
+    assert "--- rank 0: stacks of all threads" in log
+    assert "Current thread" in log and 'trainer/watchdog.py", line' in log  # faulthandler's dump, every thread
+    assert 30 <= seconds <= 30 + 30
+    assert re.search(r"resumed from .*step_(\d+) at step", output)
+    assert_matches(run, uninterrupted)
+    print(f"max |diff| of the final weights vs uninterrupted: {same_weights(run, uninterrupted):.3g}")

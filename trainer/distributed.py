@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -103,15 +104,18 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def process_group(device_choice: str, backend: str | None) -> Iterator[DistEnv]:
-    """Join the torchrun job's process group for the duration of the block, and always leave it."""
+def process_group(device_choice: str, backend: str | None, timeout_s: float) -> Iterator[DistEnv]:
+    """Join the torchrun job's process group for the duration of the block, and always leave it. A collective
+    that waits longer than `timeout_s` fails (launcher.collective_timeout_s; see trainer/watchdog.py)."""
     local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_choice, local_rank)
     backend = str(backend or ("nccl" if device.type == "cuda" else "gloo"))
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"attempt{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
     try:
         yield DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     finally:
