@@ -135,6 +135,7 @@ def test_many_overrides_start_or_are_refused_with_exit_2_naming_their_key(drawn,
     starts_or_is_refused_naming_a_key(drawn, tmp_path_factory.getbasetemp() / "never-written")
 
 
+@pytest.mark.slow
 def test_the_property_covered_the_schema():
     """Runs after the property tests (file order); with the slow one, it drew most keys of the schema."""
     if sum(SEEN.values()) < SLOW_EXAMPLES:
