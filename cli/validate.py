@@ -60,6 +60,7 @@ def validate(cfg: DictConfig) -> None:
     need(launcher.max_restarts >= 0, "launcher.max_restarts", "an integer >= 0")
     need(launcher.monitor_interval > 0, "launcher.monitor_interval", "a number of seconds > 0")
     need(launcher.collective_timeout_s >= 5, "launcher.collective_timeout_s", "a number of seconds >= 5")
+    need(launcher.join_timeout_s >= 5, "launcher.join_timeout_s", "a number of seconds >= 5")
     need(launcher.node_rank is None or 0 <= launcher.node_rank < max(launcher.nnodes, 1), "launcher.node_rank",
          f"null or an integer in [0, launcher.nnodes={launcher.nnodes})")  # fmt: skip
     need(launcher.threads_per_process is None or launcher.threads_per_process >= 1, "launcher.threads_per_process",
@@ -103,6 +104,7 @@ def _non_finite(cfg: DictConfig) -> list[str]:
         "task.mask_probability": cfg.task.mask_probability,
         "launcher.monitor_interval": cfg.launcher.monitor_interval,
         "launcher.collective_timeout_s": cfg.launcher.collective_timeout_s,
+        "launcher.join_timeout_s": cfg.launcher.join_timeout_s,
         **{f"optim.{k}": cfg.optim[k] for k in ("lr", "weight_decay", "eps", "warmup_ratio", "max_grad_norm")},
         **{f"optim.betas[{i}]": b for i, b in enumerate(cfg.optim.betas)},
     }

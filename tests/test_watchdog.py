@@ -44,7 +44,7 @@ def test_a_rank_stuck_outside_a_collective_is_named_by_every_live_rank_with_stac
         assert f"--- rank {rank}: stacks of all threads" in log
         assert 'File "<string>", line 12 in <module>' in log  # the main thread's sleep: where it hangs
         error = json.loads((tmp_path / f"error_{rank}.json").read_text())["message"]["message"]
-        assert error.startswith(f"HangError: rank {rank} hung at step ")
+        assert error.startswith(f"HangError: rank {rank} stopped at step ")
         idle = int(re.search(r"no progress for (\d+) s \(launcher.collective_timeout_s=6\)", error).group(1))
         assert 6 <= idle <= 6 + 2  # checked every timeout/6 s
     error_1 = json.loads((tmp_path / "error_1.json").read_text())["message"]["message"]

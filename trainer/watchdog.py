@@ -48,7 +48,7 @@ class Watchdog:
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
             timeout=timedelta(seconds=max(30.0, timeout_s)),
         )  # fmt: skip
-        self.store = dist.PrefixStore(f"attempt{attempt}/heartbeat", client)
+        self.store = dist.PrefixStore(f"attempt{attempt}/heartbeat", client)  # one node: one restart count
         self.identity = {"host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="distrain-watchdog", daemon=True)
@@ -122,7 +122,7 @@ class Watchdog:
         missing = self.missing(self.peers())
         names = "; ".join(f"rank {r} {why}" for r, why in sorted(missing.items())) or "none found (all alive)"
         message = (
-            f"rank {self.rank} hung at step {self.step} in phase {self.phase}: {reason}. Ranks that did not arrive:"
+            f"rank {self.rank} stopped at step {self.step} in phase {self.phase}: {reason}. Ranks that did not arrive:"
             f" {names}. The stacks of every thread are in each live rank's log (logs/rank_<r>.log)."
         )
         log.error(message)
@@ -154,7 +154,11 @@ def mark(phase: str, step: int | None = None) -> None:
         _current.mark(phase, step)
 
 
-def fail_if_collective_timed_out(error: BaseException) -> None:
-    """A collective that timed out (the process group's timeout) ends with the same diagnosis as a hang."""
-    if _current is not None and isinstance(error, RuntimeError) and "timed out" in str(error).lower():
-        _current.fail(f"a collective timed out: {str(error).splitlines()[0][:300]}")
+def fail_if_collective_failed(error: BaseException) -> None:
+    """A collective that timed out (the process group's timeout) or lost a peer (a dead worker or host) ends with
+    the same diagnosis as a hang, instead of a traceback on the console."""
+    text = str(error)
+    collective = isinstance(error, dist.DistBackendError) or any(word in text for word in ("gloo", "NCCL"))
+    if _current is not None and isinstance(error, RuntimeError) and collective:
+        what = "timed out" if "timed out" in text.lower() else "failed"
+        _current.fail(f"a collective {what}: {text.splitlines()[0][:300]}")

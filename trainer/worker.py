@@ -31,7 +31,7 @@ from distrain.trainer.preemption import StopRequest
 from distrain.trainer.reporting import make_console
 from distrain.trainer.schema import load_run_config
 from distrain.trainer.tasks import build_task
-from distrain.trainer.watchdog import fail_if_collective_timed_out, start_watchdog
+from distrain.trainer.watchdog import fail_if_collective_failed, start_watchdog
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -134,7 +134,7 @@ def main() -> None:
         try:
             result = build_trainer(cfg, run_dir, env).fit()
         except RuntimeError as error:
-            fail_if_collective_timed_out(error)  # exits with the diagnosis when it is one
+            fail_if_collective_failed(error)  # exits with the diagnosis when it is one
             raise
         except UserError as error:
             # Bad data or settings: the message names the file:line or key; a traceback would bury it.
