@@ -154,6 +154,7 @@ def test_a_stopped_worker_is_named_with_stacks_and_the_restarted_run_ends_as_if_
     assert re.search(r"rank 1 silent for \d+ s \(last heard at step \d+, phase \w+; \S+ pid " + str(pid), log)
     assert "--- rank 0: stacks of all threads" in log
     assert "Current thread" in log and 'trainer/watchdog.py", line' in log  # faulthandler's dump, every thread
+    assert re.search(r'trainer/loop.py", line \d+, in (train_step|fit)', log)  # where the collective was called
     assert 30 <= seconds <= 30 + 30
     assert re.search(r"resumed from .*step_(\d+) at step", output)
     assert_matches(run, uninterrupted)

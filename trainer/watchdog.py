@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,9 @@ class Watchdog:
                 out[rank] = f"behind the others ({where}), no progress for {now - beat['progress']:.0f} s"
         return out
 
-    def fail(self, reason: str) -> None:
-        """Write the stacks and the diagnosis into this rank's log, record it for torchrun, exit 1."""
+    def fail(self, reason: str, error: BaseException | None = None) -> None:
+        """Write the stacks (and where `error` was raised: the collective that failed) and the diagnosis into this
+        rank's log, record it for torchrun, exit 1."""
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         missing = self.missing(self.peers())
@@ -128,13 +130,11 @@ class Watchdog:
         log.error(message)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.write(
-            self.log_fd,
-            f"--- rank {self.rank}: stacks of all threads (step {self.step}, phase {self.phase})\n".encode(),
-        )
+        if error is not None:
+            os.write(self.log_fd, "".join(traceback.format_exception(error)).encode())
+        header = f"--- rank {self.rank}: stacks of all threads (step {self.step}, phase {self.phase})\n"
+        os.write(self.log_fd, header.encode())
         faulthandler.dump_traceback(file=self.log_fd, all_threads=True)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
         get_error_handler().record_exception(HangError(message))
         os._exit(1)  # the main thread is stuck: end the process from here
 
@@ -161,4 +161,4 @@ def fail_if_collective_failed(error: BaseException) -> None:
     collective = isinstance(error, dist.DistBackendError) or any(word in text for word in ("gloo", "NCCL"))
     if _current is not None and isinstance(error, RuntimeError) and collective:
         what = "timed out" if "timed out" in text.lower() else "failed"
-        _current.fail(f"a collective {what}: {text.splitlines()[0][:300]}")
+        _current.fail(f"a collective {what}: {text.splitlines()[0][:300]}", error)
