@@ -122,7 +122,9 @@ class Watchdog:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         missing = self.missing(self.peers())
-        names = "; ".join(f"rank {r} {why}" for r, why in sorted(missing.items())) or "none found (all alive)"
+        names = "; ".join(f"rank {r} {why}" for r, why in sorted(missing.items())) or (
+            f"none silent or behind (a rank that died in the last {3 * self.interval:.0f} s still looks alive)"
+        )
         message = (
             f"rank {self.rank} stopped at step {self.step} in phase {self.phase}: {reason}. Ranks that did not arrive:"
             f" {names}. The stacks of every thread are in each live rank's log (logs/rank_<r>.log)."
