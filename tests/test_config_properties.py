@@ -151,7 +151,7 @@ def test_the_property_covered_the_schema():
     ("args", "expected"),
     [
         (["optim.lrr=1e-4"], "optim.lrr: no such key; did you mean optim.lr"),
-        (["-m", "parallel=ddp,fsdpp"], "parallel=fsdpp: no such option"),
+        pytest.param(["-m", "parallel=ddp,fsdpp"], "parallel=fsdpp: no such option", marks=pytest.mark.slow),
         # The property test covers these in-process; from the shell in stage 2 (each start costs 5-15 s here).
         pytest.param(["launcher.rdzv_endpoint=host1-29500"], "launcher.rdzv_endpoint: expected host:port",
                      marks=pytest.mark.slow),
@@ -167,7 +167,8 @@ def test_distrain_train_refuses_with_the_key_before_starting(args, expected, tmp
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", ["parity", pytest.param("plan", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["parity", "plan"])
 def test_parity_and_plan_suggest_the_nearest_key(command):
     result = run_distrain(command, *TINY, "optim.lrr=1e-4", check=False)
     assert result.returncode == 2, result.stderr
