@@ -78,8 +78,7 @@ def validate(cfg: DictConfig) -> None:
         # torchrun would wait on the rendezvous forever instead of saying the address is malformed.
         need(is_host_port(launcher.rdzv_endpoint), "launcher.rdzv_endpoint",
              "host:port with a port in 1..65535 (e.g. node1:29500 or [::1]:29500)")  # fmt: skip
-    for key in ("seed",):
-        need(0 <= t[key] < 2**32, f"train.{key}", "an integer in [0, 2**32)")
+    need(0 <= t.seed < 2**32, "train.seed", "an integer in [0, 2**32)")  # the widest range every RNG accepts
     need(0 <= data.split_seed < 2**32, "data.split_seed", "an integer in [0, 2**32)")
     need(data.num_workers >= 0, "data.num_workers", "an integer >= 0")
     problems += _device_problems(cfg)
