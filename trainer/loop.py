@@ -33,6 +33,7 @@ from distrain.trainer.profiling import StepProfiler
 from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, summary_table
 from distrain.trainer.schema import ExportWeights
 from distrain.trainer.tasks import Task, TaskData
+from distrain.trainer.watchdog import mark
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,13 @@ class Trainer:
         for i, cpu_batch in enumerate(micro_batches):
             batch = to_device(cpu_batch, self.env.device)
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
+                mark("forward")
                 logits = forward_logits(self.model, self.task, batch, self.compute_precision, self.env.device)
                 loss_sum = self.task.loss_sum(logits, batch)
+                mark("backward")
                 self.scaler.scale(loss_sum * scale).backward()
             step_loss += loss_sum.detach()
+        mark("optimizer")
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.parameters, self.cfg.optim.max_grad_norm)
         first = self.held is None
@@ -199,6 +203,7 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------------------
     def evaluate_split(self, split: str) -> dict[str, float]:
+        mark("eval")
         dataset = self.data.splits[split]
         batch_size = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
         # DDP: the bare module (shards may differ by a batch; DDP's forward could wait on a collective).
@@ -228,6 +233,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        mark("checkpoint")
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     def resume(self) -> None:
@@ -279,6 +285,7 @@ class Trainer:
             while self.step < stop_at:
                 self.profiler.before_step(self.step + 1)
                 tick = time.perf_counter()
+                mark("data", self.step + 1)
                 batches = next(steps)
                 self.window["data_seconds"] += time.perf_counter() - tick
                 self.train_step(batches)

@@ -172,7 +172,9 @@ class LauncherConfig:
     rdzv_endpoint: str | None = None  # host:port of the rendezvous, required when nnodes > 1
     rdzv_id: str | None = None  # same on every node of one job; null = derived from run.dir
     max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
+    join_timeout_s: float = 600  # multi-node: seconds for every node to join (at start, after a failure)
     monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
+    collective_timeout_s: float = 600  # a rank with no progress (or a collective) for this long fails the run
     threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node
     preempt_signal: str = "USR1"  # asks for a checkpoint and a stop (e.g. #SBATCH --signal=USR1@120); so does TERM
     requeue: bool = True  # under SLURM, requeue the job after such a stop (scontrol requeue)
