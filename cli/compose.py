@@ -112,10 +112,12 @@ def _override_problems(override: Override) -> list[str]:
         options = groups[key]
         values = list(override.sweep_iterator()) if override.is_sweep_override() and not override.is_interval_sweep() \
             else [override.value()]  # fmt: skip
+        # a multi-select group (logger=[tensorboard,mlflow]) takes a list of options; an empty list selects none
+        chosen = [option for value in values for option in (value if isinstance(value, list) else [value])]
         return [
-            f"{key}={value}: no such option; expected one of {sorted(options)}{_nearest(str(value), options)}"
-            for value in values
-            if value is not None and not (override.is_delete() and value is None) and str(value) not in options
+            f"{key}={option}: no such option; expected one of {sorted(options)}{_nearest(str(option), options)}"
+            for option in chosen
+            if option is not None and str(option) not in options
         ]
     keys, open_dicts = schema_keys()
     if key in keys or any(key.startswith(f"{d}.") for d in open_dicts):

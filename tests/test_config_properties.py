@@ -173,3 +173,20 @@ def test_parity_and_plan_suggest_the_nearest_key(command):
     result = run_distrain(command, *TINY, "optim.lrr=1e-4", check=False)
     assert result.returncode == 2, result.stderr
     assert "did you mean optim.lr" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("logger=[tensorboard,mlflow]", None),
+        ("logger=[]", None),
+        ("logger=[mlflow,wandbb]", "logger=wandbb: no such option; expected one of ['mlflow', 'tensorboard', "
+                                   "'wandb']; did you mean wandb?"),
+    ],
+)  # fmt: skip
+def test_a_multi_select_group_takes_a_list_of_options(override, expected, tmp_path):
+    code, message = check([*TINY, f"run.dir={tmp_path / 'run'}", override])
+    if expected:
+        assert code == 2 and expected in message, message
+    else:
+        assert code == 0, message
