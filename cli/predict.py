@@ -7,7 +7,6 @@ for masked LMs. Empty input lines give `{"input": "", "skipped": "empty line"}`,
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from rich.progress import Progress
 from transformers import pipeline
 
 from distrain.cli.console import error_console, print_error
+from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
 from distrain.trainer.inference import load_for_inference, locate
 
@@ -65,7 +65,7 @@ def predict_job(cfg: DictConfig) -> None:
                 record = {"input": line, **task.format_prediction(line, next(results))}
             else:
                 record = {"input": line, "skipped": "empty line"}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(strict_json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

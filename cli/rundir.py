@@ -9,7 +9,6 @@ config.previous.yaml and the changed keys are printed.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -25,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import console
+from distrain.trainer import strict_json
 from distrain.trainer.paths import PKG_PREFIX, is_local
 
 PACKAGES = ("distrain", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "seqeval", "safetensors")
@@ -69,7 +69,7 @@ def write_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
         config_path.replace(run_dir / "config.previous.yaml")
     write_atomically(config_path, resolved)
     write_atomically(run_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
-    write_atomically(run_dir / "env.json", json.dumps(environment(), indent=1))
+    write_atomically(run_dir / "env.json", strict_json.dumps(environment(), indent=1))
     return run_dir
 
 

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from distrain.trainer import strict_json
 from distrain.trainer.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class Checkpointer:
         payload = {"model": model_sd, "optim": optim_sd, "rng": {f"rank{self.env.rank}": _rng_state(self.env.device)}}
         dcp.save(payload, storage_writer=FileSystemWriter(partial))
         if self.env.is_main:
-            (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
+            (partial / STATE_FILE).write_text(strict_json.dumps(state, indent=1))
             (partial / MARKER).write_text(f"step {step}\n")
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)

@@ -18,9 +18,10 @@ import torch
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
+from distrain.trainer import strict_json
 from distrain.trainer.accounting import measure_peak_flops
 from distrain.trainer.distributed import DistEnv, process_group
-from distrain.trainer.errors import ConfigError, UserError
+from distrain.trainer.errors import ConfigError, Diverged, UserError
 from distrain.trainer.inference import save_head
 from distrain.trainer.loop import Trainer
 from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
@@ -112,7 +113,7 @@ def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
         path = run_dir / "env.json"
         info = json.loads(path.read_text()) if path.exists() else {}
         info["peak_flops_per_process"] = peak
-        path.write_text(json.dumps(info, indent=1))
+        path.write_text(strict_json.dumps(info, indent=1))
     return peak
 
 
@@ -130,14 +131,16 @@ def main() -> None:
         setup_logging(run_dir, env.rank)
         try:
             result = build_trainer(cfg, run_dir, env).fit()
+            if env.is_main:
+                (run_dir / "summary.json").write_text(strict_json.dumps(result, indent=1))
+            if result["status"] == "diverged":
+                raise Diverged(result["error"])
         except UserError as error:
             # Bad data or settings: the message names the file:line or key; a traceback would bury it.
             # The launcher reports it on the console (from the error file); the rank's log keeps it too.
             logging.getLogger("distrain").error("%s: %s", type(error).__name__, error, extra={"file_only": True})
             get_error_handler().record_exception(error)
             raise SystemExit(1) from None
-        if env.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
