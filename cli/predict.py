@@ -55,7 +55,12 @@ def predict_job(cfg: DictConfig) -> None:
         job = progress.add_task("predicting", total=len(texts))
         for start in range(0, len(texts), cfg.batch_size):
             chunk = texts[start : start + cfg.batch_size]
-            outputs += runner(chunk, batch_size=cfg.batch_size, **generation)
+            # A pipeline given a list of one returns that one result unwrapped (fill-mask: its list of fills), so a
+            # lone text goes in as a string, whose result has the same shape as each item of a longer list's.
+            if len(chunk) == 1:
+                outputs.append(runner(chunk[0], **generation))
+            else:
+                outputs += runner(chunk, batch_size=cfg.batch_size, **generation)
             progress.advance(job, len(chunk))
     results = iter(outputs)
     out = sys.stdout if cfg.output == "-" else open(Path(cfg.output).expanduser(), "w", encoding="utf-8")  # noqa: SIM115

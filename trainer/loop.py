@@ -324,9 +324,8 @@ class Trainer:
             status = f"preempted at step {self.step}"
         if diverged:
             status = "diverged"
-        export = (
-            self.export() if finished and not diverged and (self.step > first_step or not (self.run_dir / "export").is_dir()) else None
-        )
+        trained = self.step > first_step or not (self.run_dir / "export").is_dir()
+        export = self.export() if finished and not diverged and trained else None
         summary = {
             "status": status,
             "steps": f"{self.step} / {self.total_steps}",
