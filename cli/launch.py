@@ -16,9 +16,19 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from distrain.cli.console import console
 from distrain.trainer.preemption import STOP_FILE, signal_number
 
+TORCHRUN_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals torchrun's agent turns into SignalException
+
 
 class TrainingFailed(RuntimeError):
     """The worker group failed (after any restarts); the message names the ranks, exit codes and logs."""
+
+
+def rdzv_id(launcher: DictConfig, run_dir: Path) -> str | None:
+    """The rendezvous id of a multi-node job (None for one node without an endpoint: a standalone rendezvous).
+    Every node must use the same id: by default the SLURM job or the run dir (the same path on all nodes)."""
+    if launcher.nnodes == 1 and launcher.rdzv_endpoint is None:
+        return None
+    return launcher.rdzv_id or os.environ.get("SLURM_JOB_ID") or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
 
 
 def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
@@ -28,14 +38,11 @@ def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
         f"--max-restarts={launcher.max_restarts}",
         f"--monitor-interval={launcher.monitor_interval}",
     ]
-    if launcher.nnodes == 1 and launcher.rdzv_endpoint is None:
+    job = rdzv_id(launcher, run_dir)
+    if job is None:
         args.append("--standalone")  # c10d rendezvous on a free local port
     else:
-        # Every node must use the same id: by default the SLURM job or the run dir (the same path on all nodes).
-        rdzv_id = (
-            launcher.rdzv_id or os.environ.get("SLURM_JOB_ID") or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
-        )
-        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={job}"]
         if launcher.node_rank is not None:
             args.append(f"--node-rank={launcher.node_rank}")
     return [*args, "--module", "distrain.trainer.worker", str(run_dir)]
@@ -48,7 +55,8 @@ def _message(failure: ProcessFailure) -> str:
 
 def launch(launcher: DictConfig, run_dir: Path) -> None:
     """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
-    torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued."""
+    torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued.
+    Ctrl-C (SIGINT) is a stop request too (never requeued); a second Ctrl-C kills the workers at once."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
@@ -62,10 +70,31 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
     preempt = signal_number(launcher.preempt_signal)
     previous = signal.signal(preempt, lambda *_: stop_file.touch())  # the workers see the file after their step
+    interrupts = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupts.append(signum)
+        if len(interrupts) == 1:
+            stop_file.touch()
+            console.print("\n[bold]Ctrl-C[/]: the workers finish their step and write a checkpoint (Ctrl-C again "
+                          "aborts at once)")  # fmt: skip
+        else:  # torchrun's agent catches this, kills the workers with the signal given, and re-raises it
+            raise SignalException("a second Ctrl-C", sigval=signal.SIGKILL)
+
+    previous_interrupt = signal.signal(signal.SIGINT, on_interrupt)
+    # torchrun installs its own handlers when it starts the workers; SIGINT is left to ours.
+    saved_signals = os.environ.get(TORCHRUN_SIGNALS)
+    os.environ[TORCHRUN_SIGNALS] = "SIGTERM,SIGHUP,SIGQUIT"
     try:
         run(parse_args(torchrun_args(launcher, run_dir)))
     except SignalException as error:
-        # SIGTERM/SIGINT to this process: torchrun has passed it on and waited for the workers.
+        # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
+        if len(interrupts) > 1:
+            latest = _latest_checkpoint(run_dir)
+            raise TrainingFailed(
+                f"aborted by a second Ctrl-C: the workers were killed. Rerun the same command (run.dir={run_dir}) "
+                f"to resume from {latest or 'the start: no checkpoint was written yet'}"
+            ) from None
         if not _preempted(run_dir):
             raise TrainingFailed(f"stopped by {error.sigval.name} before a checkpoint was written") from None
     except ChildFailedError as error:
@@ -79,13 +108,26 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
         raise TrainingFailed("\n".join(lines)) from None
     finally:
         signal.signal(preempt, previous)
+        signal.signal(signal.SIGINT, previous_interrupt)
         stop_file.unlink(missing_ok=True)
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+        _restore_env("OMP_NUM_THREADS", saved)
+        _restore_env(TORCHRUN_SIGNALS, saved_signals)
     if _preempted(run_dir):
-        _after_preemption(launcher, run_dir)
+        _after_preemption(launcher, run_dir, interrupted=bool(interrupts))
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    from distrain.trainer.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    return found[-1][1] if found else None
 
 
 def _preempted(run_dir: Path) -> bool:
@@ -93,9 +135,9 @@ def _preempted(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text())["status"].startswith("preempted")
 
 
-def _after_preemption(launcher: DictConfig, run_dir: Path) -> None:
+def _after_preemption(launcher: DictConfig, run_dir: Path, interrupted: bool) -> None:
     job = os.environ.get("SLURM_JOB_ID")
-    if job and launcher.requeue:
+    if job and launcher.requeue and not interrupted:  # a Ctrl-C is the user's stop, not the scheduler's
         # The requeued job gets the same SLURM_JOB_ID, hence the same run dir, and resumes from the checkpoint.
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if result.returncode != 0:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from distrain.cli.rundir import absolutize, write_run_dir
 from distrain.cli.validate import validate
 from distrain.trainer.distributed import DistEnv
-from distrain.trainer.inference import load_for_inference, locate
+from distrain.trainer.inference import EvalError, load_for_inference, locate
 from distrain.trainer.loop import Trainer
 from distrain.trainer.schema import load_run_config
 from distrain.trainer.worker import build_trainer
@@ -276,3 +276,48 @@ def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(start):
     state = trainer.optimizer.state_dict()["state"]
     assert {int(s["step"]) for s in state.values()} == {5}
     assert trainer.scheduler.last_epoch == 5
+
+
+# --- damaged checkpoints -------------------------------------------------------------------------------------------
+def largest_shard(checkpoint: Path) -> Path:
+    return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_good_one(start, capsys):
+    overrides = ("train.max_steps=6", "train.save_every=2", "train.keep_last=3", "train.eval_every=100",
+                 "train.export_weights=last")  # fmt: skip
+    reference = start(every_step(6), *overrides)
+    assert reference.fit()["status"] == "finished"
+    expected = load_file(reference.run_dir / "export" / "model.safetensors")
+    checkpoints = reference.run_dir / "checkpoints"
+
+    def damage_and_rerun(how: str) -> str:
+        shard = largest_shard(checkpoints / "step_6")
+        if how == "truncated":
+            with open(shard, "r+b") as f:
+                f.truncate(shard.stat().st_size // 2)
+        else:  # flipped bytes, same size
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2 : len(data) // 2 + 8] = bytes(
+                b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8]
+            )
+            shard.write_bytes(bytes(data))
+        capsys.readouterr()
+        rerun = start(every_step(6), *overrides)
+        assert rerun.fit()["status"] == "finished"
+        resumed = load_file(rerun.run_dir / "export" / "model.safetensors")
+        assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) == 0.0
+        return capsys.readouterr().out
+
+    out = damage_and_rerun("truncated")
+    assert f"checkpoint step_6 skipped: {largest_shard(checkpoints / 'step_6.damaged')} has " in out, out
+    assert "truncated" in out and "renamed to step_6.damaged for inspection" in out and "at step 4" in out, out
+    out = damage_and_rerun("flipped")
+    assert "checkpoint step_6 skipped: " in out and "does not match the SHA-256" in out and "at step 4" in out, out
+    damaged = sorted(p.name for p in checkpoints.iterdir() if ".damaged" in p.name)
+    assert len(damaged) == 2 and damaged[0] == "step_6.damaged", damaged  # both kept, neither deleted
+    assert sorted(p.name for p in checkpoints.iterdir() if ".damaged" not in p.name) == ["step_2", "step_4", "step_6"]
+
+    # eval and predict refuse a damaged checkpoint, naming the file
+    with pytest.raises(EvalError, match=r"step_6\.damaged/__0_0\.distcp (has|does not match)"):
+        locate(checkpoints / "step_6.damaged")

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.trainer import strict_json
-from distrain.trainer.checkpoint import complete_checkpoints, is_checkpoint, load_model_weights
+from distrain.trainer.checkpoint import complete_checkpoints, damage, is_checkpoint, load_model_weights
 from distrain.trainer.distributed import DistEnv, pick_device
 from distrain.trainer.errors import DataError, UserError
 from distrain.trainer.forward import predict_split
@@ -46,6 +46,9 @@ def locate(ckpt: Path) -> Weights:
     if (ckpt / ".metadata").is_file() or ckpt.name.startswith("step_"):
         if not is_checkpoint(ckpt):
             raise EvalError(f"ckpt: {ckpt} is an incomplete checkpoint (no COMPLETE marker): its save was interrupted")
+        problem = damage(ckpt)
+        if problem:
+            raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
         return Weights("checkpoint", ckpt, ckpt.parent.parent / "config.yaml")
     if (ckpt / "distrain_config.yaml").is_file():
         return Weights("export", ckpt, ckpt / "distrain_config.yaml")

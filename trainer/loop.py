@@ -247,7 +247,7 @@ class Trainer:
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     def resume(self) -> None:
-        latest = self.checkpointer.latest()
+        latest = self.checkpointer.latest_good(report=self._warn)
         if latest is None:
             return
         state = self.checkpointer.load(latest, self.model, self.optimizer)
@@ -261,6 +261,11 @@ class Trainer:
             message = f"resumed from {latest} at step {self.step}"
             log.info(message)
             console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def _warn(self, message: str) -> None:
+        """Rank 0: something the user must know (console and log)."""
+        log.warning(message, extra={"file_only": True})
+        console.print(f"[yellow]{message}", highlight=False, soft_wrap=True)
 
     # --- the schedule --------------------------------------------------------------------------------------
     def _step_batches(self):
