@@ -310,7 +310,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_n
         return capsys.readouterr().out
 
     out = damage_and_rerun("truncated")
-    assert f"checkpoint step_6 skipped: {largest_shard(checkpoints / 'step_6.damaged')} has " in out, out
+    assert f"checkpoint step_6 skipped: {checkpoints / 'step_6' / '__0_0.distcp'} has " in out, out
     assert "truncated" in out and "renamed to step_6.damaged for inspection" in out and "at step 4" in out, out
     out = damage_and_rerun("flipped")
     assert "checkpoint step_6 skipped: " in out and "does not match the SHA-256" in out and "at step 4" in out, out
