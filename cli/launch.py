@@ -16,8 +16,6 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from distrain.cli.console import console
 from distrain.trainer.preemption import STOP_FILE, signal_number
 
-TORCHRUN_SIGNALS = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the signals torchrun's agent turns into SignalException
-
 
 class TrainingFailed(RuntimeError):
     """The worker group failed (after any restarts); the message names the ranks, exit codes and logs."""
@@ -37,6 +35,7 @@ def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
         f"--nnodes={launcher.nnodes}",
         f"--max-restarts={launcher.max_restarts}",
         f"--monitor-interval={launcher.monitor_interval}",
+        "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT",  # torchrun's agent leaves SIGINT (Ctrl-C) to `launch`
     ]
     job = rdzv_id(launcher, run_dir)
     if job is None:
@@ -82,9 +81,6 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
             raise SignalException("a second Ctrl-C", sigval=signal.SIGKILL)
 
     previous_interrupt = signal.signal(signal.SIGINT, on_interrupt)
-    # torchrun installs its own handlers when it starts the workers; SIGINT is left to ours.
-    saved_signals = os.environ.get(TORCHRUN_SIGNALS)
-    os.environ[TORCHRUN_SIGNALS] = "SIGTERM,SIGHUP,SIGQUIT"
     try:
         run(parse_args(torchrun_args(launcher, run_dir)))
     except SignalException as error:
@@ -110,17 +106,12 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
         signal.signal(preempt, previous)
         signal.signal(signal.SIGINT, previous_interrupt)
         stop_file.unlink(missing_ok=True)
-        _restore_env("OMP_NUM_THREADS", saved)
-        _restore_env(TORCHRUN_SIGNALS, saved_signals)
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     if _preempted(run_dir):
         _after_preemption(launcher, run_dir, interrupted=bool(interrupts))
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:

@@ -93,9 +93,10 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(un
 def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp_path, cache_dir, how):
     run = tmp_path / "stopped"
     process = start(run, cache_dir)
-    wait_for(lambda: len(steps_logged(run)) >= 15, "step 15", process)
-    if how == "Ctrl-C":
+    if how == "Ctrl-C":  # while the first one starts its workers
+        wait_for(lambda: (run / "config.yaml").exists(), "the run dir", process)
         assert_a_second_launch_is_refused(run, cache_dir, process)
+    wait_for(lambda: len(steps_logged(run)) >= 15, "step 15", process)
     if how == "stop file":
         (run / "STOP").touch()
     elif how == "Ctrl-C":
