@@ -31,6 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
@@ -152,6 +153,13 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
+def _root_cause(error: BaseException) -> str:
+    """The first OSError (ENOSPC, EACCES, ...) behind a failed write, without DCP's per-rank tracebacks."""
+    causes = [exc for exc, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    cause = next((exc for exc in causes if isinstance(exc, OSError)), causes[0])
+    return f"{type(cause).__name__}: {cause}"
+
+
 def _bytes(state: Any) -> int:
     """Bytes of the tensors in a (nested) state dict: what writing it needs on disk, about."""
     if isinstance(state, torch.Tensor):
@@ -243,7 +251,7 @@ class Checkpointer:
                 files = file_digests(partial)
                 hashing = time.perf_counter() - hashing
                 (partial / MARKER).write_text(strict_json.dumps({"step": step, "files": files}, indent=1))
-        except Exception as error:  # noqa: BLE001 (DCP wraps OSError in its CheckpointException)
+        except (OSError, CheckpointException) as error:  # DCP wraps each rank's OSError in a CheckpointException
             failure = error
         if self.env.any(failure is not None):
             self._fail(partial, step, failure, _bytes(payload))
@@ -262,9 +270,12 @@ class Checkpointer:
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)
         self.env.barrier()
-        needed = sum(self.env.all_gather_ints(needed))
+        needed = sum(self.env.all_gather_ints(needed))  # tensor bytes (replicas counted once per rank)
+        previous = self.latest()
+        if previous is not None:  # what a checkpoint of this run takes on disk, exactly
+            needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
         free = shutil.disk_usage(self.root).free
-        cause = f"{type(error).__name__}: {error}" if error else "another rank's write failed (see its log)"
+        cause = _root_cause(error) if error else "another rank's write failed (see its log)"
         raise CheckpointWriteFailed(
             f"writing checkpoint {partial} failed: {cause}. It needs about {needed / 1e6:.1f} MB "
             f"({free / 1e6:.1f} MB free in {self.root}); the partial folder was removed and the previous "

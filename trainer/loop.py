@@ -104,9 +104,14 @@ class Trainer:
             step_loss += loss_sum.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.parameters, self.cfg.optim.max_grad_norm)
+        w = self.window
+        w["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        w["slots"] += sum(mb["attention_mask"].numel() for mb in micro_batches)
+        w["samples"] += sum(len(mb["attention_mask"]) for mb in micro_batches)
         if self._nonfinite(step_loss, grad_norm):
+            self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale); a no-op otherwise
             self.optimizer.zero_grad(set_to_none=True)
-            self.window["skipped"] += 1
+            w["skipped"] += 1
             return
         first = self.held is None
         if first:
@@ -126,12 +131,8 @@ class Trainer:
             self._report_memory()
         self.optimizer.zero_grad(set_to_none=True)
 
-        w = self.window
         w["loss_sum"] += step_loss
         w["targets"] += global_targets
-        w["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-        w["slots"] += sum(mb["attention_mask"].numel() for mb in micro_batches)
-        w["samples"] += sum(len(mb["attention_mask"]) for mb in micro_batches)
         w["grad_norm"], w["lr"] = grad_norm, lr
 
     def _nonfinite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
@@ -153,8 +154,9 @@ class Trainer:
         if self.nonfinite_in_a_row >= limit:
             raise Diverged(
                 f"training diverged at step {step}: {what}; {limit} steps in a row were not finite "
-                f"(train.max_nonfinite_steps={limit}). No checkpoint or export was written after step "
-                f"{step - self.nonfinite_in_a_row}; lower optim.lr or set optim.max_grad_norm, then rerun"
+                f"(train.max_nonfinite_steps={limit}) and none was applied: the weights, and every checkpoint "
+                f"since, are those of step {step - self.nonfinite_in_a_row}. No export was written. Lower optim.lr "
+                "or set optim.max_grad_norm, then rerun"
             )
         return True
 
