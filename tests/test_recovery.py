@@ -198,6 +198,7 @@ def test_a_second_ctrl_c_kills_the_workers_at_once(uninterrupted, tmp_path, cach
     wait_for(lambda: len(steps_logged(run)) >= 25, "step 25", process)
     workers = run_pids(run, process)[1:]
     os.killpg(process.pid, signal.SIGINT)
+    wait_for(lambda: (run / "STOP").exists(), "the stop request", process)  # the first Ctrl-C was handled
     os.killpg(process.pid, signal.SIGINT)
     started = time.perf_counter()
     output, _ = process.communicate(timeout=60)
