@@ -86,7 +86,9 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     except SignalException as error:
         # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
         if len(interrupts) > 1:
-            latest = _latest_checkpoint(run_dir)
+            from distrain.trainer.checkpoint import latest_checkpoint
+
+            latest = latest_checkpoint(run_dir / "checkpoints")
             raise TrainingFailed(
                 f"aborted by a second Ctrl-C: the workers were killed. Rerun the same command (run.dir={run_dir}) "
                 f"to resume from {latest or 'the start: no checkpoint was written yet'}"
@@ -112,13 +114,6 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
             os.environ["OMP_NUM_THREADS"] = saved
     if _preempted(run_dir):
         _after_preemption(launcher, run_dir, interrupted=bool(interrupts))
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    from distrain.trainer.checkpoint import complete_checkpoints
-
-    found = complete_checkpoints(run_dir / "checkpoints")
-    return found[-1][1] if found else None
 
 
 def _preempted(run_dir: Path) -> bool:

@@ -185,6 +185,11 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
 def is_checkpoint(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / ".metadata").is_file()
 
@@ -214,8 +219,7 @@ class Checkpointer:
         env.barrier()
 
     def latest(self) -> Path | None:
-        found = complete_checkpoints(self.root)
-        return found[-1][1] if found else None
+        return latest_checkpoint(self.root)
 
     def latest_good(self, report: Any) -> Path | None:
         """The newest checkpoint whose files match their digests (rank 0 verifies, every rank gets the answer).

@@ -149,7 +149,13 @@ class Trainer:
         step, limit = self.step + 1, self.cfg.train.max_nonfinite_steps
         loss = float(self.env.all_reduce_sum(step_loss.detach().clone(), data_parallel=True))
         what = f"loss {loss:.4g}, gradient norm {float(grad_norm):.4g}"
-        log.warning("step %d skipped: %s (%d non-finite steps in a row)", step, what, self.nonfinite_in_a_row)
+        log.warning(
+            "step %d skipped: %s (%d non-finite steps in a row)",
+            step,
+            what,
+            self.nonfinite_in_a_row,
+            extra={"file_only": True},
+        )  # fmt: skip (the console got it from progress.print)
         self.progress.print(f"step {step} skipped: {what} is not finite ({self.nonfinite_in_a_row} in a row)")
         if self.nonfinite_in_a_row >= limit:
             raise Diverged(
