@@ -103,6 +103,11 @@ def run_dir_lock(run_dir: Path, rdzv_id: str | None) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(path)
+            for _ in range(40):  # the holder may have locked it a moment ago and not yet written its name
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _holder(path)
             if rdzv_id is not None and holder.get("rdzv_id") == rdzv_id:
                 yield  # another node of this job holds it
                 return
