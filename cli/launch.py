@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from distrain.cli.console import console
 from distrain.trainer.preemption import STOP_FILE, signal_number
+
+SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 class TrainingFailed(RuntimeError):
@@ -41,7 +45,8 @@ def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
     if job is None:
         args.append("--standalone")  # c10d rendezvous on a free local port
     else:
-        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={job}"]
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={job}",
+                 f"--rdzv-conf=join_timeout={launcher.join_timeout_s:g}"]  # fmt: skip
         if launcher.node_rank is not None:
             args.append(f"--node-rank={launcher.node_rank}")
     return [*args, "--module", "distrain.trainer.worker", str(run_dir)]
@@ -57,14 +62,19 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued.
     Ctrl-C (SIGINT) is a stop request too (never requeued); a second Ctrl-C kills the workers at once."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
     # Its one-line "failed (exitcode ...)" duplicates the report below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
 
     threads = launcher.threads_per_process or max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)
-    saved = os.environ.get("OMP_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", SHARED_STORE_OFF)}
     os.environ["OMP_NUM_THREADS"] = str(threads)  # workers inherit it; restored for the next multirun job
+    if launcher.nnodes > 1 or launcher.rdzv_endpoint is not None:
+        # A fresh workers' store per rendezvous round: torchrun's shared one is set up once per agent, so a node
+        # whose launcher was killed and started again never finds it and the group cannot re-form.
+        os.environ[SHARED_STORE_OFF] = "1"
     stop_file = run_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
     preempt = signal_number(launcher.preempt_signal)
@@ -83,6 +93,8 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     previous_interrupt = signal.signal(signal.SIGINT, on_interrupt)
     try:
         run(parse_args(torchrun_args(launcher, run_dir)))
+    except RendezvousTimeoutError:
+        raise TrainingFailed(_missing_nodes(launcher, run_dir)) from None
     except SignalException as error:
         # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
         if len(interrupts) > 1:
@@ -108,12 +120,30 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
         signal.signal(preempt, previous)
         signal.signal(signal.SIGINT, previous_interrupt)
         stop_file.unlink(missing_ok=True)
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if _preempted(run_dir):
         _after_preemption(launcher, run_dir, interrupted=bool(interrupts))
+
+
+def _missing_nodes(launcher: DictConfig, run_dir: Path) -> str:
+    """Which hosts did not come back: those of the last worker group (their ranks' logs in the shared run dir)
+    other than this one."""
+    hosts = set()
+    for log in (run_dir / "logs").glob("rank_*.log"):
+        found = re.findall(r"rank \d+: pid \d+ on (\S+), attempt", log.read_text(errors="replace"))
+        hosts.update(found[-1:])
+    me = socket.gethostname()
+    others = ", ".join(sorted(hosts - {me})) or "none recorded in logs/ (was a group ever formed?)"
+    return (
+        f"the worker group did not (re-)form: launcher.nnodes={launcher.nnodes} nodes must join the rendezvous at "
+        f"{launcher.rdzv_endpoint} within launcher.join_timeout_s={launcher.join_timeout_s:g} s, and not all did. "
+        f"Missing: the other hosts of the last group ({others}); this host is {me}. Start the same `distrain train` "
+        f"command there (it resumes from the last checkpoint), or requeue the job."
+    )
 
 
 def _preempted(run_dir: Path) -> bool:
