@@ -25,21 +25,27 @@ class TrainingFailed(RuntimeError):
     """The worker group failed (after any restarts); the message names the ranks, exit codes and logs."""
 
 
+def rdzv_id(launcher: DictConfig, run_dir: Path) -> str | None:
+    """The rendezvous id of a multi-node job (None for one node without an endpoint: a standalone rendezvous).
+    Every node must use the same id: by default the SLURM job or the run dir (the same path on all nodes)."""
+    if launcher.nnodes == 1 and launcher.rdzv_endpoint is None:
+        return None
+    return launcher.rdzv_id or os.environ.get("SLURM_JOB_ID") or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+
+
 def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
     args = [
         f"--nproc-per-node={launcher.nproc_per_node}",
         f"--nnodes={launcher.nnodes}",
         f"--max-restarts={launcher.max_restarts}",
         f"--monitor-interval={launcher.monitor_interval}",
+        "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT",  # torchrun's agent leaves SIGINT (Ctrl-C) to `launch`
     ]
-    if launcher.nnodes == 1 and launcher.rdzv_endpoint is None:
+    job = rdzv_id(launcher, run_dir)
+    if job is None:
         args.append("--standalone")  # c10d rendezvous on a free local port
     else:
-        # Every node must use the same id: by default the SLURM job or the run dir (the same path on all nodes).
-        rdzv_id = (
-            launcher.rdzv_id or os.environ.get("SLURM_JOB_ID") or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
-        )
-        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={job}",
                  f"--rdzv-conf=join_timeout={launcher.join_timeout_s:g}"]  # fmt: skip
         if launcher.node_rank is not None:
             args.append(f"--node-rank={launcher.node_rank}")
@@ -53,7 +59,8 @@ def _message(failure: ProcessFailure) -> str:
 
 def launch(launcher: DictConfig, run_dir: Path) -> None:
     """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
-    torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued."""
+    torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued.
+    Ctrl-C (SIGINT) is a stop request too (never requeued); a second Ctrl-C kills the workers at once."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
@@ -72,12 +79,32 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
     preempt = signal_number(launcher.preempt_signal)
     previous = signal.signal(preempt, lambda *_: stop_file.touch())  # the workers see the file after their step
+    interrupts = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupts.append(signum)
+        if len(interrupts) == 1:
+            stop_file.touch()
+            console.print("\n[bold]Ctrl-C[/]: the workers finish their step and write a checkpoint (Ctrl-C again "
+                          "aborts at once)")  # fmt: skip
+        else:  # torchrun's agent catches this, kills the workers with the signal given, and re-raises it
+            raise SignalException("a second Ctrl-C", sigval=signal.SIGKILL)
+
+    previous_interrupt = signal.signal(signal.SIGINT, on_interrupt)
     try:
         run(parse_args(torchrun_args(launcher, run_dir)))
     except RendezvousTimeoutError:
         raise TrainingFailed(_missing_nodes(launcher, run_dir)) from None
     except SignalException as error:
-        # SIGTERM/SIGINT to this process: torchrun has passed it on and waited for the workers.
+        # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
+        if len(interrupts) > 1:
+            from distrain.trainer.checkpoint import latest_checkpoint
+
+            latest = latest_checkpoint(run_dir / "checkpoints")
+            raise TrainingFailed(
+                f"aborted by a second Ctrl-C: the workers were killed. Rerun the same command (run.dir={run_dir}) "
+                f"to resume from {latest or 'the start: no checkpoint was written yet'}"
+            ) from None
         if not _preempted(run_dir):
             raise TrainingFailed(f"stopped by {error.sigval.name} before a checkpoint was written") from None
     except ChildFailedError as error:
@@ -91,6 +118,7 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
         raise TrainingFailed("\n".join(lines)) from None
     finally:
         signal.signal(preempt, previous)
+        signal.signal(signal.SIGINT, previous_interrupt)
         stop_file.unlink(missing_ok=True)
         for name, value in saved.items():
             if value is None:
@@ -98,7 +126,7 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
             else:
                 os.environ[name] = value
     if _preempted(run_dir):
-        _after_preemption(launcher, run_dir)
+        _after_preemption(launcher, run_dir, interrupted=bool(interrupts))
 
 
 def _missing_nodes(launcher: DictConfig, run_dir: Path) -> str:
@@ -123,9 +151,9 @@ def _preempted(run_dir: Path) -> bool:
     return summary.exists() and json.loads(summary.read_text())["status"].startswith("preempted")
 
 
-def _after_preemption(launcher: DictConfig, run_dir: Path) -> None:
+def _after_preemption(launcher: DictConfig, run_dir: Path, interrupted: bool) -> None:
     job = os.environ.get("SLURM_JOB_ID")
-    if job and launcher.requeue:
+    if job and launcher.requeue and not interrupted:  # a Ctrl-C is the user's stop, not the scheduler's
         # The requeued job gets the same SLURM_JOB_ID, hence the same run dir, and resumes from the checkpoint.
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if result.returncode != 0:

@@ -12,7 +12,6 @@ the multi-process strategies, 2), out (the folder of the runs; default runs/pari
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.table import Table
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.train import run_or_exit
+from distrain.trainer import strict_json
 from distrain.trainer.parallel_dims import ParallelDims
 from distrain.trainer.reporting import read_metrics
 
@@ -102,7 +102,7 @@ def main() -> None:
         steps = " ".join(f"{d:.0e}" for d in diffs) if len(diffs) <= 10 else f"largest at step {worst_step}"
         table.add_row(spec, layout, f"{max(diffs):.2e}", steps, "[green]yes" if ok else "[red]NO")
     console.print(table)
-    (out / "parity.json").write_text(json.dumps({"reference": reference_name, "tolerance": own["tolerance"],
+    (out / "parity.json").write_text(strict_json.dumps({"reference": reference_name, "tolerance": own["tolerance"],
                                                   "strategies": report}, indent=1))  # fmt: skip
     console.print(f"runs and parity.json in {out}")
     if worst > own["tolerance"]:

@@ -10,7 +10,6 @@ on the data. Layouts that cannot work are flagged with the reason. `output=FILE`
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.table import Table
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.validate import validate
+from distrain.trainer import strict_json
 from distrain.trainer.accounting import activation_bytes, flops_per_token, planned_bytes
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError
@@ -112,7 +112,7 @@ def main() -> None:
                      "total_bytes": total, "problems": problems})  # fmt: skip
     console.print(plan_table(cfg, rows, flops))
     if own["output"]:
-        Path(own["output"]).write_text(json.dumps(rows, indent=1))
+        Path(own["output"]).write_text(strict_json.dumps(rows, indent=1))
 
 
 def _memory_per_process(cfg: DictConfig) -> int | None:

@@ -7,7 +7,6 @@ for masked LMs. Empty input lines give `{"input": "", "skipped": "empty line"}`,
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from rich.progress import Progress
 from transformers import pipeline
 
 from distrain.cli.console import error_console, print_error
+from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
 from distrain.trainer.inference import load_for_inference, locate
 
@@ -55,7 +55,12 @@ def predict_job(cfg: DictConfig) -> None:
         job = progress.add_task("predicting", total=len(texts))
         for start in range(0, len(texts), cfg.batch_size):
             chunk = texts[start : start + cfg.batch_size]
-            outputs += runner(chunk, batch_size=cfg.batch_size, **generation)
+            # A pipeline given a list of one returns that one result unwrapped (fill-mask: its list of fills), so a
+            # lone text goes in as a string, whose result has the same shape as each item of a longer list's.
+            if len(chunk) == 1:
+                outputs.append(runner(chunk[0], **generation))
+            else:
+                outputs += runner(chunk, batch_size=cfg.batch_size, **generation)
             progress.advance(job, len(chunk))
     results = iter(outputs)
     out = sys.stdout if cfg.output == "-" else open(Path(cfg.output).expanduser(), "w", encoding="utf-8")  # noqa: SIM115
@@ -65,7 +70,7 @@ def predict_job(cfg: DictConfig) -> None:
                 record = {"input": line, **task.format_prediction(line, next(results))}
             else:
                 record = {"input": line, "skipped": "empty line"}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(strict_json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

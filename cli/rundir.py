@@ -3,12 +3,14 @@
     <run.dir>/config.yaml     the fully resolved config the workers read (no interpolations left)
     <run.dir>/overrides.yaml  the command-line overrides of this job
     <run.dir>/env.json        versions, git sha, host, devices, command line
+    <run.dir>/LOCK            who runs in it now (host, pid, start time, rendezvous id); flock'ed while they do
 A rerun in the same directory keeps the checkpoints; if its config differs, the old one is kept as
 config.previous.yaml and the changed keys are printed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -16,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import console
+from distrain.trainer import strict_json
+from distrain.trainer.errors import UserError
 from distrain.trainer.paths import PKG_PREFIX, is_local
 
 PACKAGES = ("distrain", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "seqeval", "safetensors")
@@ -69,8 +75,71 @@ def write_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
         config_path.replace(run_dir / "config.previous.yaml")
     write_atomically(config_path, resolved)
     write_atomically(run_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
-    write_atomically(run_dir / "env.json", json.dumps(environment(), indent=1))
+    write_atomically(run_dir / "env.json", strict_json.dumps(environment(), indent=1))
     return run_dir
+
+
+class RunDirBusy(UserError):
+    """Another `distrain train` (not a node of this job) runs in the run dir; the message names it."""
+
+
+LOCK_FILE = "LOCK"
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path, rdzv_id: str | None) -> Iterator[None]:
+    """Hold the run dir for this launcher, across torchrun restarts, until the block ends.
+
+    An flock on <run.dir>/LOCK (released by the kernel when the holder dies, also on NFS, which maps it to a POSIX
+    lock; Lustre needs `-o flock`), whose content names the holder. A second launch is refused at once, unless it
+    is another node of the same multi-node job (same rendezvous id): those launchers are one run. A lock file
+    that still names a holder although nobody holds the lock was left by a process that died: taken over.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            for _ in range(40):  # the holder may have locked it a moment ago and not yet written its name
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _holder(path)
+            if rdzv_id is not None and holder.get("rdzv_id") == rdzv_id:
+                yield  # another node of this job holds it
+                return
+            raise RunDirBusy(
+                f"{run_dir} is in use by another distrain train: host {holder.get('host', '?')}, pid "
+                f"{holder.get('pid', '?')}, started {holder.get('started', '?')}. Wait for it to end, stop it, or "
+                "choose another run.dir"
+            ) from None
+        stale = _holder(path)
+        if stale:
+            console.print(
+                f"[yellow]{run_dir}: taking over the lock of a distrain train that ended without releasing it "
+                f"(host {stale.get('host')}, pid {stale.get('pid')}, started {stale.get('started')})",
+                highlight=False,
+            )
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "rdzv_id": rdzv_id}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, strict_json.dumps(me).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: nothing for the next launch to take over
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def _holder(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except ValueError:
+        return {"host": "?", "pid": "?", "started": "? (unreadable lock file)"}
 
 
 def write_atomically(path: Path, text: str) -> None:

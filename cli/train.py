@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 
 from distrain.cli.compose import check_overrides_or_exit, compose_train
 from distrain.cli.console import console, print_error
-from distrain.cli.launch import TrainingFailed, launch
-from distrain.cli.rundir import absolutize, write_run_dir
+from distrain.cli.launch import TrainingFailed, launch, rdzv_id
+from distrain.cli.rundir import RunDirBusy, absolutize, run_dir_lock, write_run_dir
 from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.schema import register_configs
@@ -32,9 +32,11 @@ def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
     """Validate, write the run dir, train with torchrun workers. Raises ConfigError or TrainingFailed."""
     validate(cfg)
     absolutize(cfg)
-    run_dir = write_run_dir(cfg, overrides)
-    console.print(f"[bold]distrain train[/] run dir: {run_dir}")
-    launch(cfg.launcher, run_dir)
+    run_dir = Path(cfg.run.dir)
+    with run_dir_lock(run_dir, rdzv_id(cfg.launcher, run_dir)):  # before anything in it is written
+        write_run_dir(cfg, overrides)
+        console.print(f"[bold]distrain train[/] run dir: {run_dir}")
+        launch(cfg.launcher, run_dir)
     return run_dir
 
 
@@ -49,6 +51,11 @@ def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -
         if multirun:
             raise
         raise SystemExit(2) from None
+    except RunDirBusy as error:
+        print_error("run dir in use", str(error))
+        if multirun:
+            raise
+        raise SystemExit(1) from None
     except TrainingFailed as error:
         print_error(f"training failed ({cfg.run.dir})", str(error))
         if multirun:

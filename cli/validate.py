@@ -59,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
     need(0 < o.eps < 1, "optim.eps", "a number in (0, 1)")
     need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "a number in [0, 1)")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1")
     need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "null or a number > 0")
 
     need(launcher.nproc_per_node >= 1, "launcher.nproc_per_node", "an integer >= 1")

@@ -4,6 +4,7 @@ Each ends with the losses and weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +33,8 @@ def uninterrupted(tmp_path_factory, cache_dir) -> Path:
 
 def start(run: Path, cache_dir: str, *extra: str) -> subprocess.Popen:
     args = [DISTRAIN, "train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own session, like a job in a terminal: a Ctrl-C goes to its process group (torchrun's workers have their own).
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -86,14 +88,19 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(un
 
 @pytest.mark.parametrize(
     "how", [pytest.param("stop file", marks=pytest.mark.slow), pytest.param("preempt signal", marks=pytest.mark.slow),
-            "SIGTERM"],
+            pytest.param("SIGTERM", marks=pytest.mark.slow), "Ctrl-C"],
 )  # fmt: skip
 def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp_path, cache_dir, how):
     run = tmp_path / "stopped"
     process = start(run, cache_dir)
+    if how == "Ctrl-C":  # while the first one starts its workers
+        wait_for(lambda: (run / "config.yaml").exists(), "the run dir", process)
+        assert_a_second_launch_is_refused(run, cache_dir, process)
     wait_for(lambda: len(steps_logged(run)) >= 15, "step 15", process)
     if how == "stop file":
         (run / "STOP").touch()
+    elif how == "Ctrl-C":
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal does
     else:
         process.send_signal(signal.SIGUSR1 if how == "preempt signal" else signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
@@ -103,10 +110,24 @@ def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrup
     assert 15 <= stopped < STEPS and summary["step"] == stopped
     assert (run / "checkpoints" / f"step_{stopped}" / "COMPLETE").exists()
     assert "to resume" in output
+    if how == "Ctrl-C":
+        assert "Ctrl-C: the workers finish their step and write a checkpoint" in output and "Traceback" not in output
     assert not (run / "STOP").exists()  # the request does not outlive the run
     rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
     assert f"at step {stopped}" in rerun.stdout
     assert_matches(run, uninterrupted)
+
+
+def assert_a_second_launch_is_refused(run: Path, cache_dir: str, first: subprocess.Popen) -> None:
+    started = time.perf_counter()
+    second = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}", check=False)
+    seconds = time.perf_counter() - started
+    print(f"second launch refused in {seconds:.1f} s:\n{second.stderr}")
+    assert second.returncode == 1 and "run dir in use" in second.stderr, second.stderr
+    assert f"host {socket.gethostname()}, pid {first.pid}, started 20" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr + second.stdout
+    assert "distrain train run dir" not in second.stdout  # nothing written, no worker started
+    assert first.poll() is None
 
 
 def free_port() -> int:
@@ -127,6 +148,68 @@ def test_two_launchers_form_one_job_through_c10d_rendezvous(uninterrupted, tmp_p
     assert all(p.returncode == 0 for p in launchers), outputs
     assert sum("distrain run summary" in out for out in outputs) == 1  # global rank 0 lives in one of them
     assert (run / "logs" / "rank_0.log").exists() and (run / "logs" / "rank_1.log").exists()
+    assert_matches(run, uninterrupted)
+
+
+# --- whole-run faults (slow: several torchrun launches each) -------------------------------------------------------
+def run_pids(run: Path, launcher: subprocess.Popen) -> list[int]:
+    """The launcher and the workers of its current attempt (torchrun starts the workers in their own sessions)."""
+    pids = [launcher.pid]
+    for log in (run / "logs").glob("rank_*.log"):
+        found = re.findall(r"rank \d+: pid (\d+)", log.read_text())
+        pids += [int(found[-1])] if found else []
+    return pids
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_five_sigkills_of_the_whole_run_while_it_writes_a_checkpoint(uninterrupted, tmp_path, cache_dir):
+    run = tmp_path / "killed-in-save"
+    kills = []
+    for _ in range(5):
+        process = start(run, cache_dir)
+        checkpoints = run / "checkpoints"
+        before = {p.name for p in checkpoints.glob("step_*")} if checkpoints.is_dir() else set()
+        # The moment a new checkpoint's partial folder appears, every process of the run dies.
+        deadline = time.time() + 300
+        while not [p for p in checkpoints.glob("*.partial") if p.name not in before] and time.time() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.002)
+        pids = run_pids(run, process)
+        kill_all(pids)
+        process.wait(timeout=60)
+        kills.append(max(steps_logged(run), default=0))
+    print(f"killed while writing checkpoints, after steps {kills}")
+    final = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
+    assert "taking over the lock of a distrain train that ended without releasing it" in final.stdout
+    assert not list((run / "checkpoints").glob("*.partial")) and not list((run / "checkpoints").glob("*.damaged"))
+    assert_matches(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_kills_the_workers_at_once(uninterrupted, tmp_path, cache_dir):
+    run = tmp_path / "aborted"
+    process = start(run, cache_dir)
+    wait_for(lambda: len(steps_logged(run)) >= 25, "step 25", process)
+    workers = run_pids(run, process)[1:]
+    os.killpg(process.pid, signal.SIGINT)
+    wait_for(lambda: (run / "STOP").exists(), "the stop request", process)  # the first Ctrl-C was handled
+    os.killpg(process.pid, signal.SIGINT)
+    started = time.perf_counter()
+    output, _ = process.communicate(timeout=60)
+    print(f"aborted in {time.perf_counter() - started:.1f} s")
+    assert process.returncode == 1, output
+    assert "aborted by a second Ctrl-C: the workers were killed" in output and "to resume from" in output, output
+    assert "Traceback" not in output
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
     assert_matches(run, uninterrupted)
 
 
@@ -204,6 +287,54 @@ def test_a_killed_node_that_is_relaunched_rejoins_and_the_run_ends_as_if_nothing
           f"max |diff| of the final weights vs uninterrupted: {same_weights(run, uninterrupted):.3g}")  # fmt: skip
     assert resumed >= 20
     assert_matches(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_1_as_diverged_with_strict_json_and_finite_checkpoints(tmp_path, cache_dir):
+    run = tmp_path / "diverging"
+    result = run_distrain("train", *RUN, "train.max_steps=20", "train.save_every=1", "train.keep_last=30",
+                          "optim.lr=1e30", "optim.max_grad_norm=null", f"data.cache_dir={cache_dir}",
+                          f"run.dir={run}", check=False)  # fmt: skip
+    print(result.stdout[-3000:], result.stderr[-3000:])
+    assert result.returncode == 1
+    assert "training diverged at step" in result.stderr and "Traceback" not in result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
+    assert not (run / "export").exists()
+    from distrain.trainer.checkpoint import complete_checkpoints
+    from distrain.trainer.inference import load_for_inference, locate
+
+    for _, folder in complete_checkpoints(run / "checkpoints"):
+        *_, model = load_for_inference(locate(folder))
+        assert all(p.isfinite().all() for p in model.parameters()), folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_removes_the_partial_checkpoint_and_stops_with_the_path_and_size(tmp_path, cache_dir):
+    run = tmp_path / "small-disk"
+    run.mkdir()
+    # Room for about one checkpoint of the tiny model (its files, logs and metrics), not for a second.
+    probe = tmp_path / "probe"
+    run_distrain("train", *RUN, "train.max_steps=1", f"data.cache_dir={cache_dir}", f"run.dir={probe}")
+    one = sum(p.stat().st_size for p in (probe / "checkpoints" / "step_1").iterdir())
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(one * 1.6)}", "tmpfs", str(run)], check=True)
+    try:
+        result = run_distrain("train", *RUN, "train.export_weights=last", f"data.cache_dir={cache_dir}",
+                              f"run.dir={run}", check=False)  # fmt: skip
+        print(result.stderr[-3000:])
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert re.search(
+            rf"writing checkpoint {run}/checkpoints/step_20\.partial failed: .*No space left", result.stderr
+        )
+        assert re.search(r"needs about [\d.]+ MB \([\d.]+ MB free", result.stderr), result.stderr
+        kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+        assert kept == ["step_10"], kept  # the previous checkpoint stays, the partial one is gone
+        assert (run / "checkpoints" / "step_10" / "COMPLETE").is_file()
+    finally:
+        subprocess.run(["umount", str(run)], check=True)
 
 
 @pytest.mark.slow

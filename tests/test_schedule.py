@@ -10,6 +10,7 @@ that `evaluate_split` returns comes from a script keyed by step; the real evalua
 from __future__ import annotations
 
 import json
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from distrain.cli.rundir import absolutize, write_run_dir
 from distrain.cli.validate import validate
 from distrain.trainer.distributed import DistEnv
-from distrain.trainer.inference import load_for_inference, locate
+from distrain.trainer.inference import EvalError, load_for_inference, locate
 from distrain.trainer.loop import Trainer
 from distrain.trainer.schema import load_run_config
 from distrain.trainer.worker import build_trainer
@@ -216,3 +217,107 @@ def test_the_export_holds_the_best_or_the_last_weights(start, export_weights, ex
     assert parameters <= set(exported) <= set(expected)
     assert all(torch.equal(exported[k], expected[k]) for k in exported), export_weights
     assert not all(torch.equal(exported[k], other[k]) for k in exported)  # two steps of training apart
+
+
+# --- non-finite steps ----------------------------------------------------------------------------------------------
+def strict_records(run: Run) -> list[dict[str, Any]]:
+    """metrics.jsonl read as strict JSON readers do: NaN and Infinity tokens are an error."""
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds the non-JSON token {token}")
+
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=refuse) for line in lines if line.strip()]
+
+
+def test_a_diverging_run_skips_its_nonfinite_steps_then_stops_as_diverged_without_saving_them(start):
+    # The issue's run: a huge learning rate without clipping gives non-finite losses from step 3 on.
+    run = start(every_step(12), "optim.lr=1e30", "optim.max_grad_norm=null", "train.max_steps=12",
+                "train.save_every=1", "train.keep_last=20", "train.eval_every=100")  # fmt: skip
+    result = run.fit()
+    assert result["status"] == "diverged"
+    first_bad = result["step"] + 1  # the step counter stops before the step that ended the run
+    message = result["error"]
+    assert f"diverged at step {first_bad}: loss " in message and "train.max_nonfinite_steps=3" in message, message
+    assert re.search(r"loss (nan|-?inf)|gradient norm (nan|-?inf)", message), message
+    records = strict_records(run)
+    train = [r for r in records if r["kind"] == "train"]
+    skipped = [r["step"] for r in train if r["skipped_steps"]]
+    assert skipped == [first_bad - 2, first_bad - 1], train  # the third one in a row raised before its record
+    assert all(r["loss"] is None for r in train if r["skipped_steps"]), train
+    # A checkpoint per step before the stop (save_every=1), every one finite; those after skipped steps hold the
+    # weights of the last applied step. No export.
+    checkpoints = run.checkpoints()
+    assert sorted(checkpoints) == list(range(1, first_bad)), sorted(checkpoints)
+    weights = {step: checkpoint_weights(path) for step, path in checkpoints.items()}
+    assert all(torch.isfinite(t).all() for w in weights.values() for t in w.values())
+    last_applied = first_bad - 3
+    for step in skipped:
+        assert all(torch.equal(weights[step][k], weights[last_applied][k]) for k in weights[step]), step
+    assert not (run.run_dir / "export").exists()
+
+
+def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(start):
+    run = start(every_step(6), "train.max_steps=6", "train.eval_every=100")
+    trainer, loss_sum = run.trainer, run.trainer.task.loss_sum
+
+    def overflow_at_step_3(logits, batch):  # a real non-finite loss (as an fp32 overflow gives) in step 3 only
+        loss = loss_sum(logits, batch)
+        return loss * float("inf") if trainer.step == 2 else loss
+
+    trainer.task.loss_sum = overflow_at_step_3
+    result = run.fit()
+    assert result["status"] == "finished" and result["step"] == 6
+    train = {r["step"]: r for r in strict_records(run) if r["kind"] == "train"}
+    assert [train[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 0, 0, 0]
+    assert train[3]["loss"] is None and train[3]["grad_norm"] is None
+    assert all(isinstance(train[s]["loss"], float) for s in (1, 2, 4, 5, 6))
+    # Not applied: the optimizer took 5 steps, and the schedule waited (step 4 ran at step 3's learning rate).
+    state = trainer.optimizer.state_dict()["state"]
+    assert {int(s["step"]) for s in state.values()} == {5}
+    assert trainer.scheduler.last_epoch == 5
+
+
+# --- damaged checkpoints -------------------------------------------------------------------------------------------
+def largest_shard(checkpoint: Path) -> Path:
+    return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_good_one(start, capsys):
+    overrides = ("train.max_steps=6", "train.save_every=2", "train.keep_last=3", "train.eval_every=100",
+                 "train.export_weights=last")  # fmt: skip
+    reference = start(every_step(6), *overrides)
+    assert reference.fit()["status"] == "finished"
+    expected = load_file(reference.run_dir / "export" / "model.safetensors")
+    checkpoints = reference.run_dir / "checkpoints"
+
+    def damage_and_rerun(how: str) -> str:
+        shard = largest_shard(checkpoints / "step_6")
+        if how == "truncated":
+            with open(shard, "r+b") as f:
+                f.truncate(shard.stat().st_size // 2)
+        else:  # flipped bytes, same size
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2 : len(data) // 2 + 8] = bytes(
+                b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8]
+            )
+            shard.write_bytes(bytes(data))
+        capsys.readouterr()
+        rerun = start(every_step(6), *overrides)
+        assert rerun.fit()["status"] == "finished"
+        resumed = load_file(rerun.run_dir / "export" / "model.safetensors")
+        assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) == 0.0
+        return capsys.readouterr().out
+
+    out = damage_and_rerun("truncated")
+    assert f"checkpoint step_6 skipped: {checkpoints / 'step_6' / '__0_0.distcp'} has " in out, out
+    assert "truncated" in out and "renamed to step_6.damaged for inspection" in out and "at step 4" in out, out
+    out = damage_and_rerun("flipped")
+    assert "checkpoint step_6 skipped: " in out and "does not match the SHA-256" in out and "at step 4" in out, out
+    damaged = sorted(p.name for p in checkpoints.iterdir() if ".damaged" in p.name)
+    assert len(damaged) == 2 and damaged[0] == "step_6.damaged", damaged  # both kept, neither deleted
+    assert sorted(p.name for p in checkpoints.iterdir() if ".damaged" not in p.name) == ["step_2", "step_4", "step_6"]
+
+    # eval and predict refuse a damaged checkpoint, naming the file
+    with pytest.raises(EvalError, match=r"step_6\.damaged/__0_0\.distcp (has|does not match)"):
+        locate(checkpoints / "step_6.damaged")

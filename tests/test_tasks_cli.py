@@ -106,13 +106,15 @@ def test_the_export_loads_into_its_pipeline(task_runs, task):
 def test_predict_writes_one_json_line_per_input_line(task_runs, task, tmp_path):
     _, _, text, keys = TASKS[task]
     inputs = tmp_path / "inputs.txt"
-    inputs.write_text(f"{text}\n\n{text}\n")
+    inputs.write_text(f"{text}\n\n{text}\n{text}\n")
     out = tmp_path / "out.jsonl"
-    run_distrain("predict", f"ckpt={task_runs[task]}", f"input={inputs}", f"output={out}", "max_new_tokens=8")
+    # batch_size=2: a batch of two, then a batch of one (which the pipelines return unwrapped)
+    run_distrain("predict", f"ckpt={task_runs[task]}", f"input={inputs}", f"output={out}", "max_new_tokens=8",
+                 "batch_size=2")  # fmt: skip
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 3 and lines[1] == {"input": "", "skipped": "empty line"}
+    assert len(lines) == 4 and lines[1] == {"input": "", "skipped": "empty line"}
     assert keys <= set(lines[0]) and lines[0]["input"] == text
-    assert lines[0] == lines[2]  # deterministic (greedy decoding for clm)
+    assert lines[0] == lines[2] == lines[3]  # deterministic (greedy decoding for clm), whatever the batch
     check_prediction(task, lines[0], export_labels(task_runs[task]))
 
 
@@ -148,17 +150,22 @@ def check_prediction(task: str, line: dict, labels: list[str]) -> None:
         assert isinstance(line["continuation"], str) and line["continuation"], line
 
 
-def test_predict_reads_standard_input_and_uses_checkpoints_too(task_runs):
+@pytest.mark.parametrize("task", ["ner", "mlm"])
+def test_predict_reads_one_line_from_standard_input_and_uses_checkpoints_too(task_runs, task):
     import subprocess
 
     from conftest import DISTRAIN
 
+    _, _, text, keys = TASKS[task]
     result = subprocess.run(
-        [DISTRAIN, "predict", f"ckpt={task_runs['ner'] / 'checkpoints' / f'step_{STEPS}'}"],
-        input="Obama met Merkel in Berlin\n", capture_output=True, text=True, timeout=300, check=True,
+        [DISTRAIN, "predict", f"ckpt={task_runs[task] / 'checkpoints' / f'step_{STEPS}'}"],
+        input=f"{text}\n", capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    assert result.returncode == 0, result.stderr
     (line,) = result.stdout.splitlines()
-    assert json.loads(line)["input"] == "Obama met Merkel in Berlin"
+    line = json.loads(line)
+    assert line["input"] == text and keys <= set(line)
+    check_prediction(task, line, export_labels(task_runs[task]))
 
 
 def test_preprocessing_runs_once_per_node(task_runs):

@@ -77,6 +77,7 @@ def test_run_dir_layout_and_metrics_records(runs):
         "loss",
         "lr",
         "grad_norm",
+        "skipped_steps",
         "tokens_per_s",
         "samples_per_s",
         "padding",
@@ -88,6 +89,7 @@ def test_run_dir_layout_and_metrics_records(runs):
     }
     assert set(train[0]) == keys
     assert all(0 <= r["padding"] < 1 for r in train)
+    assert all(r["skipped_steps"] == 0 for r in train)  # a healthy run applies every step
     assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert train[0]["lr"] == pytest.approx(1e-3)
     (evaluation,) = [r for r in records if r["kind"] == "eval"]

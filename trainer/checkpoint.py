@@ -5,6 +5,11 @@ so they load into any world size or wrapping), each rank's RNG state, `trainer_s
 scheduler) and a `COMPLETE` marker. A checkpoint is written as `step_<N>.partial/` and renamed only after every
 rank finished and the marker is in, so a crash mid-save leaves nothing that looks loadable.
 
+Integrity: the marker records the size and SHA-256 of every other file of the checkpoint. Resume verifies the newest
+checkpoint against it and falls back to the newest good one; a damaged checkpoint is renamed `step_<N>.damaged`
+(kept for inspection, never deleted). `distrain eval`/`predict` refuse a damaged checkpoint, naming the file. A
+write that fails (a full disk, no permission) removes its partial folder and stops the run, naming the path.
+
 Loading is restricted to data: tensors come through DCP's weights-only path, other values (optimizer
 hyper-parameters) through `torch.load(weights_only=True)`, and DCP's pickled `.metadata` through an unpickler that
 only admits DCP's own metadata types, so a tampered checkpoint cannot run code.
@@ -12,11 +17,13 @@ only admits DCP's own metadata types, so a tampered checkpoint cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
@@ -34,7 +42,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from distrain.trainer import strict_json
 from distrain.trainer.distributed import DistEnv
+from distrain.trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -92,6 +102,76 @@ def _load(state: dict[str, Any], path: Path) -> None:
     dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
 
 
+# --- integrity -------------------------------------------------------------------------------------------------
+class CheckpointDamaged(UserError):
+    """A checkpoint's files do not match the digests its COMPLETE marker recorded; the message names the file."""
+
+
+class CheckpointWriteFailed(UserError):
+    """Writing a checkpoint failed (disk full, permission); the message names the path and the size needed."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {"size", "sha256"}} of every file in `folder` but the marker, read back from disk."""
+    files = [path for path in sorted(folder.iterdir()) if path.is_file() and path.name != MARKER]
+    return {path.name: {"size": path.stat().st_size, "sha256": _sha256(path)} for path in files}
+
+
+def damage(folder: Path) -> str | None:
+    """Why `folder` cannot be trusted (a missing marker or file, a size or digest that differs), or None when every
+    file matches its recorded digest. Checkpoints from before digests were recorded pass unverified."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return f"{folder} is incomplete: no {MARKER} marker (its save was interrupted)"
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return None  # an older distrain's marker ("step N"): nothing recorded to compare with
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, {want['size']} were written (truncated or overwritten)"
+        if _sha256(path) != want["sha256"]:
+            return f"{path} does not match the SHA-256 recorded when it was written (its bytes changed)"
+    return None
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection): step_<N>.damaged[-<time>]."""
+    target = folder.with_name(f"{folder.name}.damaged")
+    if target.exists():
+        target = folder.with_name(f"{folder.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(target)
+    return target
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first OSError (ENOSPC, EACCES, ...) behind a failed write, without DCP's per-rank tracebacks."""
+    causes = [exc for exc, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
+    cause = next((exc for exc in causes if isinstance(exc, OSError)), causes[0])
+    return f"{type(cause).__name__}: {cause}"
+
+
+def _bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what writing it needs on disk, about."""
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    if isinstance(state, dict):
+        return sum(_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_bytes(v) for v in state)
+    return 0
+
+
 # --- discovery -------------------------------------------------------------------------------------------------
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under `root`, oldest first."""
@@ -103,6 +183,11 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
         if match and (folder / MARKER).is_file():
             found.append((int(match.group(1)), folder))
     return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -134,10 +219,25 @@ class Checkpointer:
         env.barrier()
 
     def latest(self) -> Path | None:
-        found = complete_checkpoints(self.root)
-        return found[-1][1] if found else None
+        return latest_checkpoint(self.root)
+
+    def latest_good(self, report: Any) -> Path | None:
+        """The newest checkpoint whose files match their digests (rank 0 verifies, every rank gets the answer).
+        Damaged or incomplete ones newer than it are renamed `*.damaged` and reported with the reason."""
+        chosen = None
+        if self.env.is_main:
+            folders = [f for f in self.root.iterdir() if STEP_DIR.match(f.name)] if self.root.is_dir() else []
+            for folder in sorted(folders, key=lambda f: int(STEP_DIR.match(f.name).group(1)), reverse=True):
+                problem = damage(folder)
+                if problem is None:
+                    chosen = folder
+                    break
+                kept = set_aside(folder)
+                report(f"checkpoint {folder.name} skipped: {problem}; renamed to {kept.name} for inspection")
+        return self.env.broadcast_object(chosen)
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+        started = time.perf_counter()
         final = self.root / f"step_{step}"
         partial = self.root / f"step_{step}.partial"
         if self.env.is_main:
@@ -145,15 +245,46 @@ class Checkpointer:
         self.env.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         payload = {"model": model_sd, "optim": optim_sd, "rng": {f"rank{self.env.rank}": _rng_state(self.env.device)}}
-        dcp.save(payload, storage_writer=FileSystemWriter(partial))
+        failure = None
+        try:
+            # DCP gathers every rank's write result, so a failure on one rank raises on all.
+            dcp.save(payload, storage_writer=FileSystemWriter(partial))
+            if self.env.is_main:
+                (partial / STATE_FILE).write_text(strict_json.dumps(state, indent=1))
+                hashing = time.perf_counter()
+                files = file_digests(partial)
+                hashing = time.perf_counter() - hashing
+                (partial / MARKER).write_text(strict_json.dumps({"step": step, "files": files}, indent=1))
+        except (OSError, CheckpointException) as error:  # DCP wraps each rank's OSError in a CheckpointException
+            failure = error
+        if self.env.any(failure is not None):
+            self._fail(partial, step, failure, _bytes(payload))
         if self.env.is_main:
-            (partial / STATE_FILE).write_text(json.dumps(state, indent=1))
-            (partial / MARKER).write_text(f"step {step}\n")
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             self._prune(keep=state.get("best_step"))
+            size = sum(f["size"] for f in files.values())
+            log.info("checkpoint step_%d: %.1f MB written in %.3f s, of which %.3f s for the SHA-256 of its %d files",
+                     step, size / 1e6, time.perf_counter() - started, hashing, len(files))  # fmt: skip
         self.env.barrier()
         return final
+
+    def _fail(self, partial: Path, step: int, error: Exception | None, needed: int) -> None:
+        """Remove the partial folder (the previous checkpoints stay) and stop every rank with the cause."""
+        if self.env.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.env.barrier()
+        needed = sum(self.env.all_gather_ints(needed))  # tensor bytes (replicas counted once per rank)
+        previous = self.latest()
+        if previous is not None:  # what a checkpoint of this run takes on disk, exactly
+            needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
+        free = shutil.disk_usage(self.root).free
+        cause = _root_cause(error) if error else "another rank's write failed (see its log)"
+        raise CheckpointWriteFailed(
+            f"writing checkpoint {partial} failed: {cause}. It needs about {needed / 1e6:.1f} MB "
+            f"({free / 1e6:.1f} MB free in {self.root}); the partial folder was removed and the previous "
+            "checkpoints kept. Free space (or fix the permissions), then rerun the same command to resume"
+        )
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and (when the world size matches) this rank's RNG; return the trainer state."""
@@ -185,6 +316,15 @@ class Checkpointer:
     def _prune(self, keep: int | None) -> None:
         found = complete_checkpoints(self.root)
         newest = {step for step, _ in found[-self.keep_last :]}
+        if len(newest) == len(found):
+            return
+        # Deleting older checkpoints is safe only once the newest is known good: verify it first.
+        verifying = time.perf_counter()
+        problem = damage(found[-1][1])
+        log.info("verified %s before pruning in %.3f s", found[-1][1].name, time.perf_counter() - verifying)
+        if problem:
+            log.warning("checkpoint %s does not verify (%s): older checkpoints are kept", found[-1][1].name, problem)
+            return
         for step, folder in found:
             if step not in newest and step != keep:
                 shutil.rmtree(folder, ignore_errors=True)

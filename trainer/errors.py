@@ -17,3 +17,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """Bad input data; the message names the file (and line) or the data key, and what was expected."""
+
+
+class Diverged(UserError):
+    """Training produced non-finite losses, gradients or weights; the message names the step and the values."""

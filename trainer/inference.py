@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distrain.trainer.checkpoint import complete_checkpoints, is_checkpoint, load_model_weights
+from distrain.trainer import strict_json
+from distrain.trainer.checkpoint import complete_checkpoints, damage, is_checkpoint, load_model_weights
 from distrain.trainer.distributed import DistEnv, pick_device
 from distrain.trainer.errors import DataError, UserError
 from distrain.trainer.forward import predict_split
@@ -45,6 +46,9 @@ def locate(ckpt: Path) -> Weights:
     if (ckpt / ".metadata").is_file() or ckpt.name.startswith("step_"):
         if not is_checkpoint(ckpt):
             raise EvalError(f"ckpt: {ckpt} is an incomplete checkpoint (no COMPLETE marker): its save was interrupted")
+        problem = damage(ckpt)
+        if problem:
+            raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
         return Weights("checkpoint", ckpt, ckpt.parent.parent / "config.yaml")
     if (ckpt / "distrain_config.yaml").is_file():
         return Weights("export", ckpt, ckpt / "distrain_config.yaml")
@@ -62,7 +66,7 @@ HEAD_FILE = "head.json"  # in the run dir: the task head's config (labels), so w
 
 
 def save_head(run_dir: Path, head: dict[str, Any]) -> None:
-    (run_dir / HEAD_FILE).write_text(json.dumps(head, indent=1))
+    (run_dir / HEAD_FILE).write_text(strict_json.dumps(head, indent=1))
 
 
 def load_head(run_dir: Path) -> dict[str, Any]:
@@ -113,7 +117,7 @@ def eval_report(
     report.update({"task": str(task.name), "split": split, "examples": len(dataset), "weights": str(weights.path)})
     out_dir = output or weights.path
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"eval_{split}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"eval_{split}.json").write_text(strict_json.dumps(report, indent=1))
     written = task.write_predictions(predictions, dataset, out_dir / f"predictions_{split}.txt")
     report["files"] = [str(out_dir / f"eval_{split}.json"), *([str(written)] if written else [])]
     return report

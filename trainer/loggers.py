@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.trainer import strict_json
 from distrain.trainer.reporting import read_metrics
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ class Loggers:
 
     def _save_state(self) -> None:
         partial = self.state_path.with_suffix(".partial")
-        partial.write_text(json.dumps(self.state, indent=1))
+        partial.write_text(strict_json.dumps(self.state, indent=1))
         partial.replace(self.state_path)
 
     def _warn(self, name: str, what: str, error: Exception) -> None:

@@ -23,6 +23,7 @@ from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_mod
 from distrain.trainer.data.loaders import train_loader
 from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.distributed import DistEnv
+from distrain.trainer.errors import Diverged
 from distrain.trainer.forward import forward_logits, predict_split, to_device
 from distrain.trainer.loggers import Loggers
 from distrain.trainer.optim import build_scheduler
@@ -82,6 +83,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.evals_without_improvement = 0
+        self.nonfinite_in_a_row = 0  # steps skipped for a non-finite loss or gradient norm, since the last good one
         self.held = None  # bytes of parameters, gradients and optimizer state on this rank
         self.real_tokens = 0.0  # all data shards, this invocation (for the summary's throughput)
         self.step_seconds = 0.0
@@ -110,6 +112,15 @@ class Trainer:
         mark("optimizer")
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.parameters, self.cfg.optim.max_grad_norm)
+        w = self.window
+        w["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        w["slots"] += sum(mb["attention_mask"].numel() for mb in micro_batches)
+        w["samples"] += sum(len(mb["attention_mask"]) for mb in micro_batches)
+        if self._nonfinite(step_loss, grad_norm):
+            self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale); a no-op otherwise
+            self.optimizer.zero_grad(set_to_none=True)
+            w["skipped"] += 1
+            return
         first = self.held is None
         if first:
             grad_bytes = held_bytes(self.model, self.optimizer).grads  # gradients exist between backward and zero_grad
@@ -128,13 +139,40 @@ class Trainer:
             self._report_memory()
         self.optimizer.zero_grad(set_to_none=True)
 
-        w = self.window
         w["loss_sum"] += step_loss
         w["targets"] += global_targets
-        w["tokens"] += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-        w["slots"] += sum(mb["attention_mask"].numel() for mb in micro_batches)
-        w["samples"] += sum(len(mb["attention_mask"]) for mb in micro_batches)
         w["grad_norm"], w["lr"] = grad_norm, lr
+
+    def _nonfinite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether this step must not be applied: its loss (on any rank) or gradient norm is not finite. Raises
+        Diverged after train.max_nonfinite_steps such steps in a row. Under fp16 an infinite gradient is the
+        loss scaler's business (it skips the step and lowers the scale), so there only the loss counts."""
+        finite = torch.isfinite(step_loss)
+        if not self.scaler.is_enabled():
+            finite &= torch.isfinite(grad_norm)
+        if not self.env.any(not bool(finite)):  # one flag per step, the same decision on every rank
+            self.nonfinite_in_a_row = 0
+            return False
+        self.nonfinite_in_a_row += 1
+        step, limit = self.step + 1, self.cfg.train.max_nonfinite_steps
+        loss = float(self.env.all_reduce_sum(step_loss.detach().clone(), data_parallel=True))
+        what = f"loss {loss:.4g}, gradient norm {float(grad_norm):.4g}"
+        log.warning(
+            "step %d skipped: %s (%d non-finite steps in a row)",
+            step,
+            what,
+            self.nonfinite_in_a_row,
+            extra={"file_only": True},
+        )  # fmt: skip (the console got it from progress.print)
+        self.progress.print(f"step {step} skipped: {what} is not finite ({self.nonfinite_in_a_row} in a row)")
+        if self.nonfinite_in_a_row >= limit:
+            raise Diverged(
+                f"training diverged at step {step}: {what}; {limit} steps in a row were not finite "
+                f"(train.max_nonfinite_steps={limit}) and none was applied: the weights, and every checkpoint "
+                f"since, are those of step {step - self.nonfinite_in_a_row}. No export was written. Lower optim.lr "
+                "or set optim.max_grad_norm, then rerun"
+            )
+        return True
 
     def _reset_window(self) -> None:
         self.window: dict[str, Any] = {
@@ -143,6 +181,7 @@ class Trainer:
             "tokens": 0,
             "slots": 0,  # token positions processed, padding included
             "samples": 0,
+            "skipped": 0,  # steps not applied: non-finite loss or gradient norm
             "seconds": 0.0,  # this rank's, data loading included
             "data_seconds": 0.0,  # of which waiting for the next batch
             "steps": 0,
@@ -169,9 +208,10 @@ class Trainer:
             "kind": "train",
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
-            "loss": totals[0] / max(float(w["targets"]), 1.0),
+            "loss": totals[0] / float(w["targets"]) if w["targets"] > 0 else None,  # None: every step skipped
             "lr": w["lr"],
-            "grad_norm": float(grad_norm),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "skipped_steps": w["skipped"],
             "tokens_per_s": totals[1] / seconds,
             "samples_per_s": totals[2] / seconds,
             "padding": 1.0 - totals[1] / max(totals[3], 1.0),  # fraction of processed positions that are padding
@@ -234,10 +274,11 @@ class Trainer:
 
     def save(self) -> Path:
         mark("checkpoint")
+        self._check_weights_finite("checkpoint")
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     def resume(self) -> None:
-        latest = self.checkpointer.latest()
+        latest = self.checkpointer.latest_good(report=self._warn)
         if latest is None:
             return
         state = self.checkpointer.load(latest, self.model, self.optimizer)
@@ -251,6 +292,11 @@ class Trainer:
             message = f"resumed from {latest} at step {self.step}"
             log.info(message)
             console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def _warn(self, message: str) -> None:
+        """Rank 0: something the user must know (console and log)."""
+        log.warning(message, extra={"file_only": True})
+        console.print(f"[yellow]{message}", highlight=False, soft_wrap=True)
 
     # --- the schedule --------------------------------------------------------------------------------------
     def _step_batches(self):
@@ -278,6 +324,7 @@ class Trainer:
             self._report({"kind": "resume", "step": self.step})  # report plots mark it
         started = time.perf_counter()
         stopped_early = preempted = False
+        diverged: Diverged | None = None
         steps = self._step_batches()
         if t.eval_at_start and self.step == 0:
             self.evaluate_split("dev")  # the baseline, recorded at step 0; not a candidate for the best checkpoint
@@ -312,6 +359,8 @@ class Trainer:
                     if preempted:
                         self.progress.print(f"stop requested: checkpoint written at step {self.step}")
                     break
+        except Diverged as error:
+            diverged = error  # reported in the summary; the worker exits with it
         except BaseException:
             self.loggers.close(None)
             raise
@@ -322,9 +371,10 @@ class Trainer:
         status = "early stopped" if stopped_early else "finished" if finished else f"stopped at step {self.step}"
         if preempted:
             status = f"preempted at step {self.step}"
-        export = (
-            self.export() if finished and (self.step > first_step or not (self.run_dir / "export").is_dir()) else None
-        )
+        if diverged:
+            status = "diverged"
+        trained = self.step > first_step or not (self.run_dir / "export").is_dir()
+        export = self.export() if finished and not diverged and trained else None
         summary = {
             "status": status,
             "steps": f"{self.step} / {self.total_steps}",
@@ -348,6 +398,7 @@ class Trainer:
             "step_seconds": self.step_seconds,  # optimizer steps only
             "real_tokens": self.real_tokens,
             **step_times,
+            **({"error": str(diverged)} if diverged else {}),
         }
         self.loggers.close(result)
         return result
@@ -376,11 +427,18 @@ class Trainer:
             self.progress.print(f"early stopping: no better dev {self.cfg.task.metric} for {patience} evaluations")
         return improved, stop
 
+    def _check_weights_finite(self, what: str) -> None:
+        """A checkpoint or export of non-finite weights is never written (every rank checks its shards)."""
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in unwrap(self.model).parameters())
+        if self.env.any(not all(bool(torch.isfinite(t).all()) for t in local)):
+            raise Diverged(f"the weights after step {self.step} are not finite: no {what} written")
+
     def export(self) -> Path:
         """A plain Hugging Face folder (weights, tokenizer, label names) that transformers.pipeline loads."""
         model = unwrap(self.model)
         if self.cfg.train.export_weights == ExportWeights.best and self.best_step not in (None, self.step):
             load_model_weights(self.checkpointer.root / f"step_{self.best_step}", model)
+        self._check_weights_finite("export")
         state = full_model_state(self.model)
         target = self.run_dir / "export"
         if self.env.is_main:

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from distrain.trainer import strict_json
+
 
 def make_console(stderr: bool = False) -> Console:
     """The one kind of rich Console distrain prints with: on a terminal, its width; in logs and pipes (nothing to
@@ -31,7 +33,7 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(strict_json.dumps(record) + "\n")
             self.file.flush()
 
     def close(self) -> None:

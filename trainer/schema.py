@@ -194,6 +194,7 @@ class TrainLoopConfig:
     save_every: int = 0  # steps between checkpoints; 0 = only on a new best and at the end
     keep_last: int = 2  # newest checkpoints kept, besides the best
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    max_nonfinite_steps: int = 3  # steps in a row with a non-finite loss or gradient norm (skipped) before "diverged"
     export_weights: ExportWeights = ExportWeights.best  # weights put in export/: best dev metric or last step
     seed: int = 0
     device: Device = Device.auto

@@ -18,9 +18,10 @@ import torch
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
+from distrain.trainer import strict_json
 from distrain.trainer.accounting import measure_peak_flops
 from distrain.trainer.distributed import DistEnv, process_group
-from distrain.trainer.errors import ConfigError, UserError
+from distrain.trainer.errors import ConfigError, Diverged, UserError
 from distrain.trainer.inference import save_head
 from distrain.trainer.loop import Trainer
 from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
@@ -113,7 +114,7 @@ def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
         path = run_dir / "env.json"
         info = json.loads(path.read_text()) if path.exists() else {}
         info["peak_flops_per_process"] = peak
-        path.write_text(json.dumps(info, indent=1))
+        path.write_text(strict_json.dumps(info, indent=1))
     return peak
 
 
@@ -133,6 +134,10 @@ def main() -> None:
         watchdog = start_watchdog(env.rank, env.world_size, cfg.launcher.collective_timeout_s, log_file)
         try:
             result = build_trainer(cfg, run_dir, env).fit()
+            if env.is_main:
+                (run_dir / "summary.json").write_text(strict_json.dumps(result, indent=1))
+            if result["status"] == "diverged":
+                raise Diverged(result["error"])
         except RuntimeError as error:
             fail_if_collective_failed(error)  # exits with the diagnosis when it is one
             raise
@@ -144,8 +149,6 @@ def main() -> None:
             raise SystemExit(1) from None
         finally:
             watchdog.stop()
-        if env.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from distrain.trainer import strict_json
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
 from distrain.trainer.schema import DataFormat, TaskName
@@ -107,7 +107,9 @@ class ClassifyTask(Task):
         with open(path.with_suffix(".jsonl"), "w", encoding="utf-8") as out:
             for index in sorted(predictions):
                 row = dataset[index]
-                out.write(json.dumps({"gold": names[row["label"]], "predicted": names[predictions[index]]}) + "\n")
+                out.write(
+                    strict_json.dumps({"gold": names[row["label"]], "predicted": names[predictions[index]]}) + "\n"
+                )
         return path.with_suffix(".jsonl")
 
     def format_prediction(self, text: str, output: Any) -> dict[str, Any]:
