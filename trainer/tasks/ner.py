@@ -1,4 +1,7 @@
-"""Named-entity recognition: CoNLL files, jsonl or a Hub dataset -> first-sub-word labels -> seqeval metrics."""
+"""Named-entity recognition: CoNLL files, jsonl or a Hub dataset -> sub-word labels -> seqeval metrics on words.
+
+Training targets the first sub-word of each word (data.label_subwords=first) or every sub-word (`all`); evaluation
+and `distrain predict` read a word's label at its first sub-word, so both see the same words and labels."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 from distrain.trainer.data.conll import TAG_PATTERN
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
-from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.schema import DataFormat, LabelSubwords, TaskName
 from distrain.trainer.tasks.base import IGNORE, Task
 from distrain.trainer.tasks.labels import label_list, label_set
 
@@ -59,6 +62,10 @@ class NerTask(Task):
         }
         labels = label_set(self.cfg.data, tagged, label_list, kind="tag")
         label_ids = {label: i for i, label in enumerate(labels)}
+        # the target of a word's continuation sub-words (label_subwords=all): I-X after B-X, else the word's own
+        self.continuation = {
+            i: label_ids.get(f"I-{label[2:]}", i) if label.startswith("B-") else i for i, label in enumerate(labels)
+        }
         features = Features({"tokens": List(Value("string")), "tags": List(ClassLabel(names=labels))})
         out = {}
         for split, rows in sentences.items():
@@ -69,23 +76,32 @@ class NerTask(Task):
         return out
 
     def tokenize(self, batch: dict[str, list]) -> dict[str, list]:
+        """Sub-word ids and their targets. `word_index` lists the word of each position with a target, in order:
+        with data.label_subwords=first one per word, with `all` one per sub-word (a word's first entry is its
+        first sub-word, which word-level evaluation reads)."""
         encoded = self.tokenizer(
             batch["tokens"], is_split_into_words=True, truncation=True, max_length=self.cfg.data.max_length
         )
         encoded.pop("token_type_ids", None)
+        every_piece = self.cfg.data.label_subwords == LabelSubwords.all
         labels, word_index = [], []
         for i, tags in enumerate(batch["tags"]):
             row, words, previous = [], [], None
             for word in encoded.word_ids(i):
-                if word is None or word == previous:
+                if word is None:
                     row.append(IGNORE)
-                else:
+                elif word != previous:
                     row.append(tags[word])
                     words.append(word)
+                elif every_piece:
+                    row.append(self.continuation[tags[word]])
+                    words.append(word)
+                else:
+                    row.append(IGNORE)
                 previous = word
             labels.append(row)
             word_index.append(words)
-        unseen = sum(len(t) for t in batch["tokens"]) - sum(len(w) for w in word_index)
+        unseen = sum(len(t) for t in batch["tokens"]) - sum(len(set(w)) for w in word_index)
         if unseen:
             log.warning(
                 "%d words are beyond data.max_length=%d sub-words or have none; they count as predicted O",
@@ -97,6 +113,9 @@ class NerTask(Task):
             "word_index": word_index,
             "length": [len(ids) for ids in encoded["input_ids"]],
         }
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {**super().cache_settings(), "label_subwords": str(self.cfg.data.label_subwords)}
 
     def labels_of(self, splits: dict[str, Dataset]) -> list[str]:
         return splits["train"].features["tags"].feature.names
@@ -113,7 +132,7 @@ class NerTask(Task):
         return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE)
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[list[int]]:
-        """Predicted label ids at each word's first sub-word, in word order."""
+        """Predicted label ids at each position with a target (the `word_index` positions), in order."""
         predicted = logits.argmax(-1).cpu()
         labels = batch["labels"].cpu()
         return [row[mask].tolist() for row, mask in zip(predicted, labels != IGNORE, strict=True)]
@@ -126,9 +145,11 @@ class NerTask(Task):
         gold, pred = [], []
         for index in sorted(predictions):
             example = dataset[index]
-            tags = ["O"] * len(example["tokens"])
+            tags: list[str | None] = [None] * len(example["tokens"])
             for word, label in zip(example["word_index"], predictions[index], strict=True):
-                tags[word] = names[label]
+                if tags[word] is None:  # a word's tag is its first sub-word's
+                    tags[word] = names[label]
+            tags = [tag or "O" for tag in tags]
             gold.append([names[t] for t in example["tags"]])
             pred.append(tags)
         return gold, pred
