@@ -52,7 +52,10 @@ def test_label_subwords_all_gives_continuation_pieces_the_inside_tag(cache_dir, 
     assert example["word_index"][:5] == [0, 0, 0, 1, 2] and len(example["word_index"]) == len(labeled)
     # Word-level evaluation reads each word's first piece: wrong continuation pieces change nothing.
     words, targets = example["word_index"], [lab for lab in example["labels"] if lab != IGNORE]
-    first_right = [lab if i == 0 or words[i - 1] != w else names.index("O") for i, (w, lab) in enumerate(zip(words, targets, strict=True))]  # fmt: skip
+    first_right = [
+        lab if i == 0 or words[i - 1] != word else names.index("O")
+        for i, (word, lab) in enumerate(zip(words, targets, strict=True))
+    ]
     assert task.metrics({0: first_right}, data.splits["dev"])["f1"] == 1.0
     first = ner_task(cache_dir, "data=conll2003", f"data.dir={tmp_path}").prepare(DistEnv())
     assert first.splits["dev"][0]["word_index"] == [0, 1, 2, 3]  # a separate cache entry, first pieces only
