@@ -4,15 +4,19 @@ their values with Hydra's override grammar."""
 
 from __future__ import annotations
 
+import difflib
+from functools import cache
+from importlib.resources import files
 from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import print_error
-from distrain.trainer.schema import register_configs
+from distrain.trainer.schema import DistrainConfig, register_configs
 
 
 def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str, Any], list[str]]:
@@ -45,12 +49,103 @@ def compose_config(overrides: list[str], return_hydra_config: bool = False) -> D
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    """compose_config for a command line: exit 1 with Hydra's message on a bad override; `${now:}` resolved."""
+    """compose_config for a command line: exit 2 naming the key on a bad override; `${now:}` resolved."""
+    check_overrides_or_exit(overrides)
     try:
         cfg = compose_config(overrides)
     except HydraException as error:
-        print_error("invalid override", f"{error}\n{error.__cause__ or ''}".strip())
-        raise SystemExit(1) from None
+        print_error("invalid override", hydra_message(error))
+        raise SystemExit(2) from None
     # compose() leaves ${now:...} unresolved; a run started from here resolves it like `distrain train`.
     OmegaConf.resolve(cfg)
     return cfg
+
+
+@cache
+def config_groups() -> dict[str, list[str]]:
+    """Each config group of configs/ (`model`, `hydra/sweeper/sampler`, ...) with its options."""
+    groups: dict[str, list[str]] = {}
+
+    def walk(folder: Any, group: str) -> None:
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.name.startswith("__"):
+                walk(entry, f"{group}/{entry.name}".strip("/"))
+            elif entry.name.endswith(".yaml") and group:
+                groups.setdefault(group, []).append(entry.name.removesuffix(".yaml"))
+
+    walk(files("distrain.configs"), "")
+    return groups
+
+
+@cache
+def schema_keys() -> tuple[set[str], set[str]]:
+    """(every key of the schema, dotted; the keys whose value is a free-form dict, such as model.architecture)."""
+    keys: set[str] = set()
+    open_dicts: set[str] = set()
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for name in node:
+            key = f"{prefix}{name}"
+            keys.add(key)
+            child = node._get_node(name)
+            if isinstance(child, DictConfig):
+                if child._metadata.object_type in (None, dict):  # dict[str, ...] fields: any sub-key
+                    open_dicts.add(key)
+                else:
+                    walk(child, f"{key}.")
+
+    walk(OmegaConf.structured(DistrainConfig), "")
+    return keys, open_dicts
+
+
+def _nearest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _override_problems(override: Override) -> list[str]:
+    key = override.key_or_group
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        return []  # Hydra's own settings and plugin groups: Hydra checks them
+    groups = config_groups()
+    if key in groups:
+        options = groups[key]
+        values = list(override.sweep_iterator()) if override.is_sweep_override() and not override.is_interval_sweep() \
+            else [override.value()]  # fmt: skip
+        # a multi-select group (logger=[tensorboard,mlflow]) takes a list of options; an empty list selects none
+        chosen = [option for value in values for option in (value if isinstance(value, list) else [value])]
+        return [
+            f"{key}={option}: no such option; expected one of {sorted(options)}{_nearest(str(option), options)}"
+            for option in chosen
+            if option is not None and str(option) not in options
+        ]
+    keys, open_dicts = schema_keys()
+    if key in keys or any(key.startswith(f"{d}.") for d in open_dicts):
+        return []
+    # A dotted key is compared with dotted keys (optim.lrr -> optim.lr), a bare one with groups and sections.
+    known = sorted(k for k in keys | set(groups) if ("." in k) == ("." in key))
+    hint = _nearest(key, known)
+    return [f"{key}: no such key{hint or '; `distrain train --cfg job` prints every key'}"]
+
+
+def override_problems(overrides: list[str]) -> list[str]:
+    """Problems of these command-line overrides, each naming its key: unknown keys and unknown options of a
+    config group, with the nearest real ones (also for each value of a sweep `key=a,b`)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        return [str(error)]
+    return [problem for override in parsed for problem in _override_problems(override)]
+
+
+def check_overrides_or_exit(overrides: list[str]) -> None:
+    problems = override_problems(overrides)
+    if problems:
+        print_error("invalid override", "\n".join(problems))
+        raise SystemExit(2)
+
+
+def hydra_message(error: HydraException) -> str:
+    """Hydra's composition error without its advice to add a key with `+`, which the schema refuses anyway."""
+    text = f"{error}\n{error.__cause__ or ''}".strip()
+    return "\n".join(line for line in text.splitlines() if not line.startswith("To append to your config use +"))

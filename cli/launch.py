@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from distrain.cli.console import console
 from distrain.trainer.preemption import STOP_FILE, signal_number
+
+SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 class TrainingFailed(RuntimeError):
@@ -35,7 +39,8 @@ def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
         rdzv_id = (
             launcher.rdzv_id or os.environ.get("SLURM_JOB_ID") or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
         )
-        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}", f"--rdzv-id={rdzv_id}",
+                 f"--rdzv-conf=join_timeout={launcher.join_timeout_s:g}"]  # fmt: skip
         if launcher.node_rank is not None:
             args.append(f"--node-rank={launcher.node_rank}")
     return [*args, "--module", "distrain.trainer.worker", str(run_dir)]
@@ -50,20 +55,27 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
     torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
 
     # Its one-line "failed (exitcode ...)" duplicates the report below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
 
     threads = launcher.threads_per_process or max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)
-    saved = os.environ.get("OMP_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", SHARED_STORE_OFF)}
     os.environ["OMP_NUM_THREADS"] = str(threads)  # workers inherit it; restored for the next multirun job
+    if launcher.nnodes > 1 or launcher.rdzv_endpoint is not None:
+        # A fresh workers' store per rendezvous round: torchrun's shared one is set up once per agent, so a node
+        # whose launcher was killed and started again never finds it and the group cannot re-form.
+        os.environ[SHARED_STORE_OFF] = "1"
     stop_file = run_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
     preempt = signal_number(launcher.preempt_signal)
     previous = signal.signal(preempt, lambda *_: stop_file.touch())  # the workers see the file after their step
     try:
         run(parse_args(torchrun_args(launcher, run_dir)))
+    except RendezvousTimeoutError:
+        raise TrainingFailed(_missing_nodes(launcher, run_dir)) from None
     except SignalException as error:
         # SIGTERM/SIGINT to this process: torchrun has passed it on and waited for the workers.
         if not _preempted(run_dir):
@@ -80,12 +92,30 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     finally:
         signal.signal(preempt, previous)
         stop_file.unlink(missing_ok=True)
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if _preempted(run_dir):
         _after_preemption(launcher, run_dir)
+
+
+def _missing_nodes(launcher: DictConfig, run_dir: Path) -> str:
+    """Which hosts did not come back: those of the last worker group (their ranks' logs in the shared run dir)
+    other than this one."""
+    hosts = set()
+    for log in (run_dir / "logs").glob("rank_*.log"):
+        found = re.findall(r"rank \d+: pid \d+ on (\S+), attempt", log.read_text(errors="replace"))
+        hosts.update(found[-1:])
+    me = socket.gethostname()
+    others = ", ".join(sorted(hosts - {me})) or "none recorded in logs/ (was a group ever formed?)"
+    return (
+        f"the worker group did not (re-)form: launcher.nnodes={launcher.nnodes} nodes must join the rendezvous at "
+        f"{launcher.rdzv_endpoint} within launcher.join_timeout_s={launcher.join_timeout_s:g} s, and not all did. "
+        f"Missing: the other hosts of the last group ({others}); this host is {me}. Start the same `distrain train` "
+        f"command there (it resumes from the last checkpoint), or requeue the job."
+    )
 
 
 def _preempted(run_dir: Path) -> bool:

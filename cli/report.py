@@ -5,7 +5,9 @@ Each run's metric is its best dev metric (summary.json; for a run still going, t
 direction comes from the task (perplexity and loss: lower is better). The table shows the overrides that differ
 between the runs; the same rows go to report.csv in the given folder.
 Those keys are also plotted: the dev metric against each, one PNG per key in <folder>/report/ (a log
-axis for values spanning more than 20x, such as learning rates), the best run marked.
+axis for values spanning more than 20x, such as learning rates), the best run marked. For a run dir,
+<run>/report/training.png shows loss, learning rate, tokens/s and the dev metric against step (evaluations and
+resumes marked); for a sweep dir, <folder>/report/curves.png overlays the loss and dev metric of every run.
 """
 
 from __future__ import annotations
@@ -118,15 +120,99 @@ def plot_metric_against_keys(
     scored = [(row, over) for row, over in zip(rows, seen, strict=True) if row["value"] is not None]
     if not scored or not keys:
         return []
+    plt = pyplot()
+    out = folder / "report"
+    out.mkdir(exist_ok=True)
+    return [plot_key(plt, key, scored, metric, direction, out / f"{key.replace('/', '_')}.png") for key in keys]
+
+
+def pyplot() -> Any:
     # Imported here, not at the top: matplotlib takes a second to import, and `distrain --help` needs none of it.
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    out = folder / "report"
-    out.mkdir(exist_ok=True)
-    return [plot_key(plt, key, scored, metric, direction, out / f"{key.replace('/', '_')}.png") for key in keys]
+    return plt
+
+
+def curves(run: Path) -> dict[str, Any]:
+    """A run's train and eval records by step (the last record of a step wins: after a crash, the resumed run
+    redoes the steps since its checkpoint) and the steps it was resumed at."""
+    records = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    dev = {r["step"]: r for r in records if r["kind"] == "eval" and r["split"] == "dev"}
+    resumes = sorted({r["step"] for r in records if r["kind"] == "resume"})
+    return {"train": dict(sorted(train.items())), "dev": dict(sorted(dev.items())), "resumes": resumes}
+
+
+def series_of(by_step: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(step, r[key]) for step, r in by_step.items() if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_run(plt: Any, run: Path, metric: str, direction: str, path: Path) -> Path:
+    """Loss, learning rate, tokens/s and the dev metric against step, in one 2x2 figure."""
+    data = curves(run)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    panels = [
+        ("loss", "train loss (mean per target token)", "tab:blue"),
+        ("lr", "learning rate", "tab:green"),
+        ("tokens_per_s", "throughput (real tokens/s, all ranks)", "tab:purple"),
+    ]
+    for ax, (key, label, color) in zip(axes.flat, panels, strict=False):
+        xs, ys = series_of(data["train"], key)
+        ax.plot(xs, ys, color=color, marker="." if len(xs) <= 50 else None, label=label.split(" (")[0])
+        if key == "tokens_per_s":
+            profiled = [(s, r[key]) for s, r in data["train"].items() if r.get("profiled")]
+            if profiled:
+                ax.scatter(*zip(*profiled, strict=True), marker="x", color="black", zorder=3,
+                           label="profiled steps (slower)")  # fmt: skip
+        ax.set_ylabel(label)
+    if data["train"] and max(series_of(data["train"], "lr")[1] or [0]) > 0:
+        axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax = axes[1, 1]
+    xs, ys = series_of(data["dev"], metric)
+    ax.plot(xs, ys, color="tab:orange", marker="o", label=f"dev {metric} (each evaluation)")
+    ax.set_ylabel(f"dev {metric}, {direction}")
+    for ax in axes.flat:
+        for i, step in enumerate(data["resumes"]):
+            ax.axvline(step, color="tab:red", linestyle="--", alpha=0.7, label="resumed here" if i == 0 else None)
+        if ax is not axes[1, 1]:
+            for i, step in enumerate(data["dev"]):
+                ax.axvline(step, color="gray", linestyle=":", alpha=0.4, label="dev evaluation" if i == 0 else None)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(f"run {run.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_runs_overlaid(plt: Any, rows: list[dict], labels: list[str], metric: str, direction: str, path: Path) -> Path:
+    """The train loss and dev metric of every run against step, one colour per run, named by its overrides."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for row, label in zip(rows, labels, strict=True):
+        data = curves(row["run"])
+        (line,) = left.plot(*series_of(data["train"], "loss"), label=label)
+        right.plot(*series_of(data["dev"], metric), marker="o", color=line.get_color(), label=label)
+    left.set_ylabel("train loss (mean per target token)")
+    right.set_ylabel(f"dev {metric}, {direction}")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    # Below both panels: the labels are long, and inside an axes they would hide curves.
+    rows_of_legend = len(rows) if len(rows) <= 6 else (len(rows) + 1) // 2
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=1 if len(rows) <= 6 else 2, fontsize=8,
+               title="run: overrides that differ between runs (best first)", title_fontsize=8)  # fmt: skip
+    fig.suptitle(f"train loss and dev {metric} of {len(rows)} runs")
+    fig.tight_layout(rect=(0, min(0.5, 0.06 + 0.045 * rows_of_legend), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -165,7 +251,15 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(out_rows)
     console.print(f"wrote {folder / 'report.csv'}", highlight=False)
-    for path in plot_metric_against_keys(folder, rows, seen, keys, metric, direction):
+    plots = plot_metric_against_keys(folder, rows, seen, keys, metric, direction)
+    (folder / "report").mkdir(exist_ok=True)
+    if runs == [folder]:
+        plots.append(plot_run(pyplot(), folder, metric, direction, folder / "report" / "training.png"))
+    else:
+        labels = [f"{row['run'].name}: " + (" ".join(f"{k}={over[k]}" for k in keys if k in over) or "-")
+                  for row, over in zip(rows, seen, strict=True)]  # fmt: skip
+        plots.append(plot_runs_overlaid(pyplot(), rows, labels, metric, direction, folder / "report" / "curves.png"))
+    for path in plots:
         console.print(f"wrote {path}", highlight=False)
 
 

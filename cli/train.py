@@ -8,13 +8,16 @@ returns its best dev metric to the sweeper.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from distrain.cli.compose import check_overrides_or_exit, compose_train
 from distrain.cli.console import console, print_error
 from distrain.cli.launch import TrainingFailed, launch
 from distrain.cli.rundir import absolutize, write_run_dir
@@ -66,7 +69,24 @@ def train_job(cfg: DictConfig) -> float | None:
     return summary.get("best_metric")
 
 
+def check_command_line(args: list[str]) -> DictConfig | None:
+    """Before Hydra: exit 2 naming the key (with the nearest real keys or options) on an unknown key or group
+    option, also inside `-m` sweeps, and on a value of the wrong type when nothing is swept. Hydra alone would
+    exit 1 and advise `+key=value`, which the schema refuses. Returns the composed config when it composed one."""
+    from hydra._internal.utils import get_args_parser
+
+    parsed, _ = get_args_parser().parse_known_args(args)
+    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+        return None
+    check_overrides_or_exit(parsed.overrides)
+    swept = any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(parsed.overrides))
+    if parsed.multirun or swept:
+        return None  # each job's values are checked when Hydra composes it
+    return compose_train(parsed.overrides)  # the types; Hydra composes again for the run (a few hundred ms)
+
+
 def main() -> None:
+    check_command_line(sys.argv[1:])
     train_job()
 
 

@@ -8,8 +8,11 @@ dir is written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,8 +48,15 @@ def validate(cfg: DictConfig) -> None:
         need(t.stop_at_step >= 1, "train.stop_at_step", "null or an integer >= 1")
         if t.max_steps is not None:
             need(t.stop_at_step <= t.max_steps, "train.stop_at_step", f"<= train.max_steps ({t.max_steps})")
+    if t.profile_steps is not None:
+        steps = list(t.profile_steps)
+        need(len(steps) == 2 and 1 <= steps[0] <= steps[-1], "train.profile_steps",
+             "null or [first, last] with 1 <= first <= last")  # fmt: skip
+    problems += _logger_problems(cfg.logger)
+    problems += _non_finite(cfg)
     need(o.lr > 0, "optim.lr", "a number > 0")
     need(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0")
+    need(0 < o.eps < 1, "optim.eps", "a number in (0, 1)")
     need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "a number in [0, 1)")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
     need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", "null or a number > 0")
@@ -54,6 +64,11 @@ def validate(cfg: DictConfig) -> None:
     need(launcher.nproc_per_node >= 1, "launcher.nproc_per_node", "an integer >= 1")
     need(launcher.nnodes >= 1, "launcher.nnodes", "an integer >= 1")
     need(launcher.max_restarts >= 0, "launcher.max_restarts", "an integer >= 0")
+    need(launcher.monitor_interval > 0, "launcher.monitor_interval", "a number of seconds > 0")
+    need(launcher.collective_timeout_s >= 5, "launcher.collective_timeout_s", "a number of seconds >= 5")
+    need(launcher.join_timeout_s >= 5, "launcher.join_timeout_s", "a number of seconds >= 5")
+    need(launcher.node_rank is None or 0 <= launcher.node_rank < max(launcher.nnodes, 1), "launcher.node_rank",
+         f"null or an integer in [0, launcher.nnodes={launcher.nnodes})")  # fmt: skip
     need(launcher.threads_per_process is None or launcher.threads_per_process >= 1, "launcher.threads_per_process",
          "null or an integer >= 1")  # fmt: skip
     try:
@@ -65,14 +80,103 @@ def validate(cfg: DictConfig) -> None:
     if launcher.nnodes > 1:
         need(launcher.rdzv_endpoint is not None, "launcher.rdzv_endpoint",
              "host:port of the rendezvous (the same on every node) when launcher.nnodes > 1")  # fmt: skip
+    if launcher.rdzv_endpoint is not None:
+        # torchrun would wait on the rendezvous forever instead of saying the address is malformed.
+        need(is_host_port(launcher.rdzv_endpoint), "launcher.rdzv_endpoint",
+             "host:port with a port in 1..65535 (e.g. node1:29500 or [::1]:29500)")  # fmt: skip
+    need(0 <= t.seed < 2**32, "train.seed", "an integer in [0, 2**32)")  # the widest range every RNG accepts
+    need(0 <= data.split_seed < 2**32, "data.split_seed", "an integer in [0, 2**32)")
+    need(data.num_workers >= 0, "data.num_workers", "an integer >= 0")
+    problems += _device_problems(cfg)
+    problems += _path_problems(cfg)
     problems += _parallel_problems(cfg)
     problems += _model_problems(cfg.model)
     need(data.max_length >= 8, "data.max_length", "an integer >= 8")
+    positions = getattr(model_config_if_local(cfg.model), "max_position_embeddings", None)
+    if isinstance(positions, int) and data.max_length > positions:
+        problems.append(f"data.max_length: expected at most {positions} (the model's max_position_embeddings), "
+                        f"got {data.max_length}")  # fmt: skip
     for key in ("max_train_samples", "max_eval_samples"):
         need(data[key] is None or data[key] >= 1, f"data.{key}", "null or an integer >= 1")
     problems += _data_problems(data)
     if problems:
         raise ConfigError(problems)
+
+
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _logger_problems(logger: DictConfig) -> list[str]:
+    """A selected tracker whose library is missing would only be warned about in the worker: say it now."""
+    return [
+        f"logger.{name}: selected, but the {package} package is not installed (pip install {package}, or drop it: "
+        f"logger=[...] without {name})"
+        for name, package in LOGGER_PACKAGES.items()
+        if logger[name] is not None and importlib.util.find_spec(package) is None
+    ]
+
+
+def _non_finite(cfg: DictConfig) -> list[str]:
+    """inf and nan pass every comparison check above or fail it with a confusing message: name them."""
+    floats = {
+        "task.mask_probability": cfg.task.mask_probability,
+        "launcher.monitor_interval": cfg.launcher.monitor_interval,
+        "launcher.collective_timeout_s": cfg.launcher.collective_timeout_s,
+        "launcher.join_timeout_s": cfg.launcher.join_timeout_s,
+        **{f"optim.{k}": cfg.optim[k] for k in ("lr", "weight_decay", "eps", "warmup_ratio", "max_grad_norm")},
+        **{f"optim.betas[{i}]": b for i, b in enumerate(cfg.optim.betas)},
+    }
+    return [f"{key}: expected a finite number, got {value}" for key, value in floats.items()
+            if isinstance(value, float) and not math.isfinite(value)]  # fmt: skip
+
+
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?):(\d{1,5})$")
+
+
+def is_host_port(endpoint: str) -> bool:
+    match = _HOST_PORT.match(str(endpoint))
+    return match is not None and 1 <= int(match.group(3)) <= 65535
+
+
+def _device_problems(cfg: DictConfig) -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if cfg.launcher.nproc_per_node > count and cfg.train.device != "cpu":
+            return [f"launcher.nproc_per_node: expected at most {count} (the CUDA devices here, one per process) "
+                    f"with train.device={cfg.train.device}, got {cfg.launcher.nproc_per_node}"]  # fmt: skip
+        return []
+    problems = []
+    if cfg.train.device == "cuda":
+        problems.append("train.device: expected cpu or auto, got 'cuda': no CUDA device on this machine")
+    if cfg.parallel.backend == "nccl":
+        problems.append("parallel.backend: expected gloo (or null), got 'nccl': NCCL needs CUDA devices")
+    return problems
+
+
+def _writable_problem(key: str, value: str) -> str | None:
+    """A message when the folder `value` cannot be made or written (its nearest existing ancestor decides)."""
+    path = resolve_path(value).absolute()
+    if path.exists() and not path.is_dir():
+        return f"{key}: expected a folder, {path} is a file"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"{key}: expected a folder this user can write, {existing} is not writable (for {path})"
+    return None
+
+
+def _path_problems(cfg: DictConfig) -> list[str]:
+    problems = [
+        _writable_problem(key, OmegaConf.select(cfg, key)) for key in ("run.dir", "data.cache_dir", "model.cache_dir")
+    ]
+    if (
+        cfg.data.dir is not None
+        and resolve_path(cfg.data.dir).is_dir()
+        and not os.access(resolve_path(cfg.data.dir), os.R_OK | os.X_OK)
+    ):
+        problems.append(f"data.dir: expected a folder this user can read, got {cfg.data.dir!r}")
+    return [p for p in problems if p]
 
 
 def _parallel_problems(cfg: DictConfig) -> list[str]:

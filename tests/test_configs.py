@@ -32,6 +32,7 @@ def test_the_tree_has_every_group():
         "precision",
         "optim",
         "launcher",
+        "logger",
         "experiment",
         "hparams_search",
         "debug",
@@ -68,6 +69,17 @@ def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path)
         assert cfg.run.name == option
     elif group in ("model", "data", "parallel", "precision"):
         assert cfg[group].name == option
+    elif group == "logger":
+        assert cfg.logger[option] is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "selected"),
+    [(None, {"tensorboard"}), ("logger=[tensorboard,mlflow]", {"tensorboard", "mlflow"}), ("logger=[]", set())],
+)
+def test_loggers_are_a_multi_select_group(override, selected):
+    cfg = compose_train([override] if override else [])
+    assert {name for name in ("tensorboard", "mlflow", "wandb") if cfg.logger[name] is not None} == selected
 
 
 @pytest.mark.parametrize("search", ["ner_optuna", "clm_optuna"])
@@ -116,6 +128,7 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_with_their_key(overrid
         (["data.dir=/nonexistent/folder"], "data.dir: expected an existing folder, got '/nonexistent/folder'"),
         (["model.name_or_path=/nonexistent/model"], "model.name_or_path: expected an existing folder"),
         (["data.max_length=2"], "data.max_length: expected an integer >= 8"),
+        (["train.profile_steps=[8,5]"], "train.profile_steps: expected null or [first, last] with 1 <= first <= last"),
     ],
 )
 def test_bad_values_name_the_key_and_the_expectation(overrides, expected):

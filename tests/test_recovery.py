@@ -128,3 +128,98 @@ def test_two_launchers_form_one_job_through_c10d_rendezvous(uninterrupted, tmp_p
     assert sum("distrain run summary" in out for out in outputs) == 1  # global rank 0 lives in one of them
     assert (run / "logs" / "rank_0.log").exists() and (run / "logs" / "rank_1.log").exists()
     assert_matches(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_is_named_with_stacks_and_the_restarted_run_ends_as_if_nothing_happened(
+    uninterrupted, tmp_path, cache_dir
+):
+    """SIGSTOP of one worker (a hang: it holds its sockets open, so peers wait instead of failing). The live rank
+    reports it within launcher.collective_timeout_s (plus a heartbeat interval), with the stacks of its threads
+    in its log; torchrun restarts the group (the stopped worker is killed) and the run resumes."""
+    run = tmp_path / "stopped-worker"
+    process = start(run, cache_dir, "launcher.collective_timeout_s=30", "launcher.max_restarts=1")
+    wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25 (after the step 20 checkpoint)", process)
+    pid = int(re.search(r"rank 1: pid (\d+)", (run / "logs" / "rank_1.log").read_text()).group(1))
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    wait_for(lambda: "Ranks that did not arrive" in (run / "logs" / "rank_0.log").read_text(), "the diagnosis",
+             process, timeout=120)  # fmt: skip
+    seconds = time.time() - stopped_at
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    log = (run / "logs" / "rank_0.log").read_text()
+    print(f"SIGSTOP of rank 1: reported by rank 0 after {seconds:.1f} s")
+    print(log[log.index("stopped at step") - 40 :][:1500])
+    assert re.search(r"rank 1 silent for \d+ s \(last heard at step \d+, phase \w+; \S+ pid " + str(pid), log)
+    assert "--- rank 0: stacks of all threads" in log
+    assert "Current thread" in log and 'trainer/watchdog.py", line' in log  # faulthandler's dump, every thread
+    assert re.search(r'trainer/loop.py", line \d+, in (train_step|fit)', log)  # where the collective was called
+    assert 30 <= seconds <= 30 + 30
+    assert re.search(r"resumed from .*step_(\d+) at step", output)
+    assert_matches(run, uninterrupted)
+    print(f"max |diff| of the final weights vs uninterrupted: {same_weights(run, uninterrupted):.3g}")
+
+
+def two_node_launch(run: Path, cache_dir: str, endpoint: str, *extra: str) -> subprocess.Popen:
+    """One 'node' of a two-node job: its own launcher and worker, in a session of their own (one kill ends both,
+    like a host going down)."""
+    multi = ["launcher.nnodes=2", "launcher.nproc_per_node=1", f"launcher.rdzv_endpoint={endpoint}",
+             "launcher.threads_per_process=1", "launcher.max_restarts=1", *extra]  # fmt: skip
+    args = [DISTRAIN, "train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}", *multi]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_node(launcher: subprocess.Popen, run: Path) -> None:
+    """SIGKILL the launcher and its worker (torchrun puts the worker in a session of its own)."""
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    os.killpg(launcher.pid, signal.SIGKILL)
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    launcher.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_node_that_is_relaunched_rejoins_and_the_run_ends_as_if_nothing_happened(
+    uninterrupted, tmp_path, cache_dir
+):
+    """Two launchers on loopback (the same rendezvous code path as two hosts; tests/test_cluster.py has no
+    namespaces yet). The second one's launcher and worker are killed after step 25 and started again, as a
+    supervisor would: the restart counts of the two nodes now differ (1 and 0)."""
+    run, endpoint = tmp_path / "rejoin", f"127.0.0.1:{free_port()}"
+    first = two_node_launch(run, cache_dir, endpoint)
+    time.sleep(2)  # the first one hosts the rendezvous
+    second = two_node_launch(run, cache_dir, endpoint)
+    wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25", first)
+    kill_node(second, run)
+    relaunched_at = time.time()
+    again = two_node_launch(run, cache_dir, endpoint)
+    wait_for(lambda: "attempt 1" in (run / "logs" / "rank_0.log").read_text()
+             + (run / "logs" / "rank_1.log").read_text(), "the group to re-form", first)  # fmt: skip
+    reformed = time.time() - relaunched_at
+    outputs = [p.communicate(timeout=300)[0] for p in (first, again)]
+    assert first.returncode == 0 and again.returncode == 0, outputs
+    resumed = int(re.search(r"resumed from .*step_(\d+) at step", "".join(outputs)).group(1))
+    print(f"relaunched node: group re-formed after {reformed:.1f} s, resumed from step {resumed}, "
+          f"max |diff| of the final weights vs uninterrupted: {same_weights(run, uninterrupted):.3g}")  # fmt: skip
+    assert resumed >= 20
+    assert_matches(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_without_a_relaunch_the_surviving_node_stops_in_bounded_time_naming_the_missing_host(tmp_path, cache_dir):
+    run, endpoint = tmp_path / "lost", f"127.0.0.1:{free_port()}"
+    first = two_node_launch(run, cache_dir, endpoint, "launcher.join_timeout_s=20")
+    time.sleep(2)
+    second = two_node_launch(run, cache_dir, endpoint, "launcher.join_timeout_s=20")
+    wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25", first)
+    kill_node(second, run)
+    killed_at = time.time()
+    output, _ = first.communicate(timeout=300)
+    seconds = time.time() - killed_at
+    print(f"the surviving launcher stopped {seconds:.1f} s after the other node died:\n{output[-1200:]}")
+    assert first.returncode == 1
+    assert "did not (re-)form" in output and "launcher.join_timeout_s=20" in output
+    assert f"this host is {socket.gethostname()}" in output
+    assert "Traceback" not in output.split("distrain run dir")[-1]  # the launcher's own report
+    assert seconds < 20 + 60  # the join timeout, a worker restart and torchrun's shutdown

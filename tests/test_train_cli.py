@@ -64,6 +64,7 @@ def test_run_dir_layout_and_metrics_records(runs):
         assert (run / name).is_file(), name
     assert (run / "logs" / "rank_0.log").is_file() and (run / "logs" / "rank_1.log").is_file()
     assert "${" not in (run / "config.yaml").read_text()  # fully resolved
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))  # the default logger
     assert "launcher.nproc_per_node=2" in (run / "overrides.yaml").read_text()
     env = json.loads((run / "env.json").read_text())
     assert env["versions"]["torch"] == torch.__version__
@@ -81,6 +82,9 @@ def test_run_dir_layout_and_metrics_records(runs):
         "padding",
         "mfu",
         "max_memory_bytes",
+        "step_time_max",
+        "step_time_min",
+        "data_wait_max",
     }
     assert set(train[0]) == keys
     assert all(0 <= r["padding"] < 1 for r in train)

@@ -1,8 +1,10 @@
 """The process group and the few collectives the loop needs.
 
-Workers are started by torchrun (`distrain train`), so rank and world size come from its environment. The store
-is namespaced by restart attempt: torchrun's agent keeps one TCPStore across worker restarts, and keys left by the
-failed attempt (e.g. gloo's connection info) would otherwise be read by the new one, which then hangs or fails.
+Workers are started by torchrun (`distrain train`), so rank and world size come from its environment. On one node
+the store is namespaced by restart attempt: torchrun's agent keeps one TCPStore across worker restarts, and keys
+left by the failed attempt (e.g. gloo's connection info) would otherwise be read by the new one, which then hangs
+or fails. Multi-node runs get a fresh store per rendezvous round instead (cli/launch.py), since the restart count
+is per node: a relaunched node starts again from 0.
 Outside torchrun (`distrain eval`) a `DistEnv` of one process makes every collective a no-op.
 """
 
@@ -12,6 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -69,6 +72,15 @@ class DistEnv:
         dist.all_gather(out, mine)
         return [int(x.item()) for x in out]
 
+    def all_gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every rank's list of numbers (the same length everywhere), on every rank, in rank order."""
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if not self.active:
+            return [mine.tolist()]
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        return [x.tolist() for x in out]
+
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True: stop decisions must be the same everywhere."""
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -103,15 +115,21 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 @contextmanager
-def process_group(device_choice: str, backend: str | None) -> Iterator[DistEnv]:
-    """Join the torchrun job's process group for the duration of the block, and always leave it."""
+def process_group(device_choice: str, backend: str | None, timeout_s: float) -> Iterator[DistEnv]:
+    """Join the torchrun job's process group for the duration of the block, and always leave it. A collective
+    that waits longer than `timeout_s` fails (launcher.collective_timeout_s; see trainer/watchdog.py)."""
     local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_choice, local_rank)
     backend = str(backend or ("nccl" if device.type == "cuda" else "gloo"))
     store, rank, world_size = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"attempt{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # One node: the agent's store outlives a restart, and the restart count is the same for every worker.
+        # (Multi-node runs get a fresh store per rendezvous round, cli/launch.py: restart counts differ by node.)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"attempt{attempt}", store)
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+    )
     try:
         yield DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
     finally:

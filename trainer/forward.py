@@ -16,6 +16,7 @@ from distrain.trainer.distributed import DistEnv
 from distrain.trainer.precision import autocast
 from distrain.trainer.schema import Precision
 from distrain.trainer.tasks import Task
+from distrain.trainer.watchdog import mark
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -54,6 +55,7 @@ def predict_split(
     model.eval()
     mine: dict[int, Any] = {}
     for indices, cpu_batch in zip(batches, loader, strict=True):
+        mark("eval")  # progress for the hang watchdog: an evaluation can outlast its timeout
         batch = to_device(cpu_batch, env.device)
         logits = forward_logits(model, task, batch, precision, env.device)
         mine.update(zip(indices, task.predict(logits, batch), strict=True))

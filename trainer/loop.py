@@ -24,13 +24,16 @@ from distrain.trainer.data.loaders import train_loader
 from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.forward import forward_logits, predict_split, to_device
+from distrain.trainer.loggers import Loggers
 from distrain.trainer.optim import build_scheduler
 from distrain.trainer.parallel import autocast_precision, clip_grad_norm, no_sync, unwrap
 from distrain.trainer.precision import grad_scaler
 from distrain.trainer.preemption import StopRequest
+from distrain.trainer.profiling import StepProfiler
 from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, summary_table
 from distrain.trainer.schema import ExportWeights
 from distrain.trainer.tasks import Task, TaskData
+from distrain.trainer.watchdog import mark
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,8 @@ class Trainer:
         self.held = None  # bytes of parameters, gradients and optimizer state on this rank
         self.real_tokens = 0.0  # all data shards, this invocation (for the summary's throughput)
         self.step_seconds = 0.0
+        self.data_seconds = 0.0  # this rank's wait for its batches, this invocation
+        self.profiler = StepProfiler(t.profile_steps, run_dir, env.rank)
         self._reset_window()
 
     # --- one optimizer step --------------------------------------------------------------------------------
@@ -96,10 +101,13 @@ class Trainer:
         for i, cpu_batch in enumerate(micro_batches):
             batch = to_device(cpu_batch, self.env.device)
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
+                mark("forward")
                 logits = forward_logits(self.model, self.task, batch, self.compute_precision, self.env.device)
                 loss_sum = self.task.loss_sum(logits, batch)
+                mark("backward")
                 self.scaler.scale(loss_sum * scale).backward()
             step_loss += loss_sum.detach()
+        mark("optimizer")
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.parameters, self.cfg.optim.max_grad_norm)
         first = self.held is None
@@ -135,7 +143,10 @@ class Trainer:
             "tokens": 0,
             "slots": 0,  # token positions processed, padding included
             "samples": 0,
-            "seconds": 0.0,
+            "seconds": 0.0,  # this rank's, data loading included
+            "data_seconds": 0.0,  # of which waiting for the next batch
+            "steps": 0,
+            "profiled": False,
             "grad_norm": None,
             "lr": None,
         }
@@ -148,10 +159,12 @@ class Trainer:
         grad_norm = w["grad_norm"]
         seconds = max(w["seconds"], 1e-9)
         memory = self.env.all_gather_ints(max_memory_bytes(self.env.device))
+        per_rank = self.env.all_gather_floats([w["seconds"] / w["steps"], w["data_seconds"] / w["steps"]])
         seq_len = totals[1] / max(totals[2], 1.0)
         model_flops = flops_per_token(unwrap(self.model), seq_len) * totals[1] / seconds
         self.real_tokens += totals[1]
         self.step_seconds += w["seconds"]
+        self.data_seconds += w["data_seconds"]
         record = {
             "kind": "train",
             "step": self.step,
@@ -164,7 +177,14 @@ class Trainer:
             "padding": 1.0 - totals[1] / max(totals[3], 1.0),  # fraction of processed positions that are padding
             "mfu": model_flops / (self.peak_flops * self.env.world_size),
             "max_memory_bytes": memory,  # per rank: peak RSS on CPU, peak allocated memory on CUDA
+            # seconds per step over the window: the slowest and fastest rank (a straggler), and the longest wait
+            # for data of any rank (a data-bound run)
+            "step_time_max": max(r[0] for r in per_rank),
+            "step_time_min": min(r[0] for r in per_rank),
+            "data_wait_max": max(r[1] for r in per_rank),
         }
+        if w["profiled"]:
+            record["profiled"] = True  # the profiler slowed these steps: their throughput is not comparable
         self._report(record)
         self._reset_window()
         return record
@@ -176,12 +196,14 @@ class Trainer:
 
     def _report(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
+        self.loggers.log(record)
         self.progress.record(record)
         if self.env.is_main:
             log.info("%s %s", record["kind"], format_record(record))
 
     # --- evaluation ----------------------------------------------------------------------------------------
     def evaluate_split(self, split: str) -> dict[str, float]:
+        mark("eval")
         dataset = self.data.splits[split]
         batch_size = self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size
         # DDP: the bare module (shards may differ by a batch; DDP's forward could wait on a collective).
@@ -211,6 +233,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        mark("checkpoint")
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
 
     def resume(self) -> None:
@@ -250,6 +273,9 @@ class Trainer:
         first_step = self.step
         stop_at = min(t.stop_at_step or self.total_steps, self.total_steps)
         self.progress = RunProgress(self.env.is_main, total=self.total_steps, completed=self.step)
+        self.loggers = Loggers(self.cfg, self.run_dir, self.env.is_main, start_step=self.step)
+        if self.step > 0:
+            self._report({"kind": "resume", "step": self.step})  # report plots mark it
         started = time.perf_counter()
         stopped_early = preempted = False
         steps = self._step_batches()
@@ -257,10 +283,17 @@ class Trainer:
             self.evaluate_split("dev")  # the baseline, recorded at step 0; not a candidate for the best checkpoint
         try:
             while self.step < stop_at:
+                self.profiler.before_step(self.step + 1)
                 tick = time.perf_counter()
-                self.train_step(next(steps))
+                mark("data", self.step + 1)
+                batches = next(steps)
+                self.window["data_seconds"] += time.perf_counter() - tick
+                self.train_step(batches)
                 self.step += 1
                 self.window["seconds"] += time.perf_counter() - tick
+                self.window["steps"] += 1
+                self.window["profiled"] |= self.profiler.active
+                self.profiler.after_step(self.step)
                 self.progress.step(self.step)
                 last = self.step == self.total_steps
                 # A stop request on any rank (signal or STOP file) stops every rank after this same step.
@@ -279,6 +312,9 @@ class Trainer:
                     if preempted:
                         self.progress.print(f"stop requested: checkpoint written at step {self.step}")
                     break
+        except BaseException:
+            self.loggers.close(None)
+            raise
         finally:
             self.progress.close()
             self.metrics.close()
@@ -297,12 +333,13 @@ class Trainer:
             "best step": self.best_step,
             "train time (s)": round(time.perf_counter() - started, 1),
             "real tokens/s": round(self.real_tokens / max(self.step_seconds, 1e-9), 1),
+            **(step_times := self._step_times(self.step - first_step)),  # seconds per step
             "checkpoint": str(self.checkpointer.latest()),
             "export": str(export) if export else "-",
         }
         if self.env.is_main:
             self.progress.console.print(summary_table(summary))
-        return {
+        result = {
             "status": status,
             "step": self.step,
             "best_metric": self.best_metric,
@@ -310,7 +347,19 @@ class Trainer:
             "train_seconds": time.perf_counter() - started,  # steps, evaluations and checkpoints of this invocation
             "step_seconds": self.step_seconds,  # optimizer steps only
             "real_tokens": self.real_tokens,
+            **step_times,
         }
+        self.loggers.close(result)
+        return result
+
+    def _step_times(self, steps: int) -> dict[str, float]:
+        """For the summary: seconds per step of the slowest and fastest rank, and the longest wait for data."""
+        per_rank = self.env.all_gather_floats([self.step_seconds, self.data_seconds])
+        if steps == 0:
+            return {}
+        times = [r[0] / steps for r in per_rank]
+        return {"step_time_max": max(times), "step_time_min": min(times),
+                "data_wait_max": max(r[1] for r in per_rank) / steps}  # fmt: skip
 
     def _after_eval(self, metrics: dict[str, float]) -> tuple[bool, bool]:
         """(new best?, stop now?) — the same on every rank, since the metrics were broadcast."""

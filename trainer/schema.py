@@ -78,6 +78,12 @@ class ExportWeights(Choice):
     last = "last"
 
 
+class WandbMode(Choice):
+    offline = "offline"  # files only, uploaded later with `wandb sync`
+    online = "online"
+    disabled = "disabled"
+
+
 class Backend(Choice):
     gloo = "gloo"
     nccl = "nccl"
@@ -172,7 +178,9 @@ class LauncherConfig:
     rdzv_endpoint: str | None = None  # host:port of the rendezvous, required when nnodes > 1
     rdzv_id: str | None = None  # same on every node of one job; null = derived from run.dir
     max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
+    join_timeout_s: float = 600  # multi-node: seconds for every node to join (at start, after a failure)
     monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
+    collective_timeout_s: float = 600  # a rank with no progress (or a collective) for this long fails the run
     threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node
     preempt_signal: str = "USR1"  # asks for a checkpoint and a stop (e.g. #SBATCH --signal=USR1@120); so does TERM
     requeue: bool = True  # under SLURM, requeue the job after such a stop (scontrol requeue)
@@ -197,6 +205,34 @@ class TrainLoopConfig:
     device: Device = Device.auto
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     compile: bool = False  # torch.compile each block (off by default: no gain on CPU, a long first step)
+    profile_steps: list[int] | None = None  # [first, last]: record these steps with torch.profiler on every rank
+
+
+@dataclass
+class TensorBoardConfig:
+    flush_secs: int = 30  # seconds between writes of the event file
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str | None = None  # any URI MLflow accepts; null = sqlite:///<runs root>/mlflow.db
+    experiment: str | None = None  # null = run.name
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline  # online needs network and `wandb login`
+    project: str | None = None  # null = run.name
+    entity: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    """The trackers a run writes to besides metrics.jsonl; an option of the `logger` group fills its entry."""
+
+    tensorboard: TensorBoardConfig | None = None
+    mlflow: MLflowConfig | None = None
+    wandb: WandbConfig | None = None
 
 
 @dataclass
@@ -215,6 +251,7 @@ class DistrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

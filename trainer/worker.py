@@ -31,6 +31,7 @@ from distrain.trainer.preemption import StopRequest
 from distrain.trainer.reporting import make_console
 from distrain.trainer.schema import load_run_config
 from distrain.trainer.tasks import build_task
+from distrain.trainer.watchdog import fail_if_collective_failed, start_watchdog
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -126,16 +127,23 @@ def main() -> None:
         raise SystemExit("usage: python -m distrain.trainer.worker <run dir>  (started by `distrain train`)")
     run_dir = Path(sys.argv[1])
     cfg = load_run_config(run_dir / "config.yaml")
-    with process_group(cfg.train.device, cfg.parallel.backend) as env:
+    with process_group(cfg.train.device, cfg.parallel.backend, cfg.launcher.collective_timeout_s) as env:
         setup_logging(run_dir, env.rank)
+        log_file = run_dir / "logs" / f"rank_{env.rank}.log"
+        watchdog = start_watchdog(env.rank, env.world_size, cfg.launcher.collective_timeout_s, log_file)
         try:
             result = build_trainer(cfg, run_dir, env).fit()
+        except RuntimeError as error:
+            fail_if_collective_failed(error)  # exits with the diagnosis when it is one
+            raise
         except UserError as error:
             # Bad data or settings: the message names the file:line or key; a traceback would bury it.
             # The launcher reports it on the console (from the error file); the rank's log keeps it too.
             logging.getLogger("distrain").error("%s: %s", type(error).__name__, error, extra={"file_only": True})
             get_error_handler().record_exception(error)
             raise SystemExit(1) from None
+        finally:
+            watchdog.stop()
         if env.is_main:
             (run_dir / "summary.json").write_text(json.dumps(result, indent=1))
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def build_once(folder: Path, build: Callable[[Path], None], env: DistEnv, what: str) -> Path:
     """Make `folder` with `build(partial_folder)` on local rank 0 of each node unless it exists; every rank
-    waits for it. The folder only takes its final name once complete, so an interrupted build is never used."""
+    waits for it (polling the folder, see wait_for_folder). The folder only takes its final name once complete,
+    so an interrupted build is never used."""
     builder = env.local_rank == 0 and not folder.is_dir()
     log.info("%s %s: %s", "building" if builder else "reading", what, folder)
     if builder:
@@ -56,8 +58,26 @@ def build_once(folder: Path, build: Callable[[Path], None], env: DistEnv, what: 
             partial.rename(folder)
         except OSError:  # another node or job finished the same folder first: theirs is identical
             shutil.rmtree(partial, ignore_errors=True)
-    env.barrier()
+    else:
+        wait_for_folder(folder, what)
     return folder
+
+
+BUILD_WAIT_LIMIT_S = 6 * 3600  # tokenizing a large corpus on one rank can take hours; a dead builder ends the job
+
+
+def wait_for_folder(folder: Path, what: str, poll_s: float = 0.5, report_every_s: float = 60.0) -> None:
+    """Wait for local rank 0 to finish `folder` by watching the file system, not in a collective: a build longer
+    than the process group's timeout (launcher.collective_timeout_s) must not fail the run."""
+    started = reported = time.monotonic()
+    while not folder.is_dir():
+        waited = time.monotonic() - started
+        if waited > BUILD_WAIT_LIMIT_S:
+            raise TimeoutError(f"{what} ({folder}) was not built by local rank 0 within {BUILD_WAIT_LIMIT_S} s")
+        if time.monotonic() - reported >= report_every_s:
+            log.info("waiting for local rank 0 to build %s: %.0f s so far", what, waited)
+            reported = time.monotonic()
+        time.sleep(poll_s)
 
 
 def cached_splits(
