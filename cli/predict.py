@@ -45,7 +45,7 @@ def predict_job(cfg: DictConfig) -> None:
         print_error("cannot predict", str(error))
         raise SystemExit(2) from None
     torch.manual_seed(cfg.seed)
-    runner = pipeline(
+    runner = task.text_tagger(model, env) or pipeline(
         task.pipeline_task, model=model, tokenizer=tokenizer, device=env.device, **task.pipeline_kwargs(cfg)
     )
     generation = task.generation_kwargs(cfg)

@@ -3,7 +3,8 @@
     python scripts/bench_conll.py --data-dir ../shared/data/conll2003 [--epochs 3] [--max-train-samples N]
 
 Runs, one after the other on this machine: the HF Trainer reference (scripts/hf_reference_ner.py under torchrun,
-2 processes) and `distrain train +experiment=conll_ner` (2 processes), then `distrain eval` on the test split.
+2 processes) and `distrain train +experiment=conll_ner data.label_subwords=first` (2 processes, labelled like the
+reference), then `distrain eval` on the test split.
 Prints test F1, token accuracy, wall time and real tokens/s of both, and their ratios; writes bench.json.
 """
 
@@ -64,7 +65,9 @@ def main() -> None:
     run = out / "distrain"
     train_cmd = [str(BIN / "distrain"), "train", "+experiment=conll_ner", f"data.dir={data_dir}",
                  "launcher.nproc_per_node=2", f"train.epochs={args.epochs}", f"train.micro_batch_size={args.batch}",
-                 f"optim.lr={args.lr}", "train.export_weights=last", f"run.dir={run}"]  # fmt: skip
+                 f"optim.lr={args.lr}", "train.export_weights=last", f"run.dir={run}",
+                 "data.label_subwords=first"]  # fmt: skip
+    # data.label_subwords=first: labelled as the HF reference is (first sub-words only), so the F1s compare
     if args.max_train_samples:
         train_cmd.append(f"data.max_train_samples={args.max_train_samples}")
     console.print("running distrain ...")

@@ -1,4 +1,4 @@
-"""NER data: first-sub-word label alignment, the tokenized cache, and metrics that agree with seqeval."""
+"""NER data: first- and all-sub-word label alignment, the tokenized cache, and metrics that agree with seqeval."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def ner_task(cache_dir, *overrides):
 
 
 def test_first_sub_word_carries_the_label_and_the_rest_are_ignored(cache_dir, conll_dir):
-    task = ner_task(cache_dir, "data=conll2003", f"data.dir={conll_dir}")
+    task = ner_task(cache_dir, "data=conll2003", f"data.dir={conll_dir}", "data.label_subwords=first")
     data = task.prepare(DistEnv())
     example = data.splits["train"][1]  # Peter Blackburn -> [CLS] peter blackburn [SEP]
     names = data.labels
@@ -38,11 +38,37 @@ def test_first_sub_word_carries_the_label_and_the_rest_are_ignored(cache_dir, co
     assert date["length"] == len(date["input_ids"])
 
 
+def test_label_subwords_all_gives_continuation_pieces_the_inside_tag(cache_dir, tmp_path):
+    sentence = "AL-AIN B-LOC\nKuala B-LOC\nLumpur I-LOC\n1996-08-22 O\n"
+    for split in ("train", "dev", "test"):
+        (tmp_path / f"{split}.txt").write_text(sentence)
+    task = ner_task(cache_dir, "data=conll2003", f"data.dir={tmp_path}", "data.label_subwords=all")
+    data = task.prepare(DistEnv())
+    example, names = data.splits["dev"][0], data.labels
+    pieces = task.tokenizer.convert_ids_to_tokens(example["input_ids"])
+    labeled = [(tok, names[lab]) for tok, lab in zip(pieces, example["labels"], strict=True) if lab != IGNORE]
+    assert labeled[:3] == [("al", "B-LOC"), ("-", "I-LOC"), ("ain", "I-LOC")]  # one word, three pieces
+    assert [tag for _, tag in labeled[3:]] == ["B-LOC", "I-LOC"] + ["O"] * (len(labeled) - 5)
+    assert example["word_index"][:5] == [0, 0, 0, 1, 2] and len(example["word_index"]) == len(labeled)
+    # Word-level evaluation reads each word's first piece: wrong continuation pieces change nothing.
+    words, targets = example["word_index"], [lab for lab in example["labels"] if lab != IGNORE]
+    first_right = [
+        lab if i == 0 or words[i - 1] != word else names.index("O")
+        for i, (word, lab) in enumerate(zip(words, targets, strict=True))
+    ]
+    assert task.metrics({0: first_right}, data.splits["dev"])["f1"] == 1.0
+    first = ner_task(cache_dir, "data=conll2003", f"data.dir={tmp_path}", "data.label_subwords=first")
+    first = first.prepare(DistEnv())
+    assert first.splits["dev"][0]["word_index"] == [0, 1, 2, 3]  # a separate cache entry, first pieces only
+
+
 def test_words_cut_by_max_length_are_predicted_o_not_dropped(cache_dir, tmp_path):
     sentence = "w O\n" * 20 + "Paris B-LOC\n"
     for split in ("train", "dev", "test"):
         (tmp_path / f"{split}.txt").write_text(sentence)
-    task = ner_task(cache_dir, "data=conll2003", f"data.dir={tmp_path}", "data.max_length=10")
+    task = ner_task(
+        cache_dir, "data=conll2003", f"data.dir={tmp_path}", "data.max_length=10", "data.label_subwords=first"
+    )
     data = task.prepare(DistEnv())
     dev = data.splits["dev"]
     assert len(dev[0]["tokens"]) == 21 and len(dev[0]["word_index"]) == 8  # [CLS] + 8 words + [SEP]
@@ -53,7 +79,7 @@ def test_words_cut_by_max_length_are_predicted_o_not_dropped(cache_dir, tmp_path
 
 
 def test_metrics_agree_with_seqeval(cache_dir):
-    task = ner_task(cache_dir, "data.max_eval_samples=100")
+    task = ner_task(cache_dir, "data.max_eval_samples=100", "data.label_subwords=first")
     data = task.prepare(DistEnv())
     dev = data.splits["dev"]
     rng = random.Random(0)

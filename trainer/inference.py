@@ -96,9 +96,15 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
 
 
 def eval_report(
-    weights: Weights, split: str, batch_size: int | None, data_dir: str | None, output: Path | None
+    weights: Weights,
+    split: str,
+    batch_size: int | None,
+    data_dir: str | None,
+    output: Path | None,
+    aggregation: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file."""
+    """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file.
+    `aggregation`: the transformers.pipeline aggregation of the raw-text score (ner; None: the documented one)."""
     cfg, env, tokenizer, task, model = load_for_inference(weights)
     if data_dir is not None:
         cfg.data.dir = data_dir
@@ -114,6 +120,7 @@ def eval_report(
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     predictions = predict_split(model, task, dataset, size, env, cfg.precision.name)
     report = task.report(predictions, dataset)
+    report.update(task.raw_text_report(model, dataset, size, env, aggregation))
     report.update({"task": str(task.name), "split": split, "examples": len(dataset), "weights": str(weights.path)})
     out_dir = output or weights.path
     out_dir.mkdir(parents=True, exist_ok=True)

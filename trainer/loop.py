@@ -447,6 +447,9 @@ class Trainer:
             model.save_pretrained(partial, state_dict=state)
             self.task.tokenizer.save_pretrained(partial)
             shutil.copy(self.run_dir / "config.yaml", partial / "distrain_config.yaml")
+            card = self.task.model_card()
+            if card:
+                (partial / "README.md").write_text(card, encoding="utf-8")
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         self.env.barrier()

@@ -48,6 +48,11 @@ class TextUnit(Choice):
     line = "line"
 
 
+class LabelSubwords(Choice):
+    first = "first"  # only a word's first sub-word has a target; the others are ignored
+    all = "all"  # every sub-word has one: continuation pieces of a B-X word get I-X
+
+
 class Strategy(Choice):
     single = "single"
     ddp = "ddp"
@@ -120,6 +125,7 @@ class DataConfig:
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
     labels: list[str] | None = None  # the label set, in id order; null = the labels seen in training data
+    label_subwords: LabelSubwords = LabelSubwords.all  # ner: which sub-words of a word are trained (README: why all)
     text_unit: TextUnit = TextUnit.file  # text format: one document per file, paragraph or line
     packing: bool = False  # mlm/clm: fill blocks of max_length tokens from consecutive documents, no padding
     document_boundaries: bool = True  # clm packing: attention and targets stay inside each document

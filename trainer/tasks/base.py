@@ -185,6 +185,21 @@ class Task:
         """Why `distrain predict` cannot take this input line, or None."""
         return None
 
+    def text_tagger(self, model: torch.nn.Module, env: DistEnv) -> Callable[..., list[Any]] | None:
+        """`distrain predict`'s runner (texts, batch_size=...) -> one output per text, when the task has its own;
+        None: the transformers pipeline of `pipeline_task`."""
+        return None
+
+    def raw_text_report(
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: DistEnv, aggregation: str | None
+    ) -> dict[str, Any]:
+        """Scores of the raw-text path (predict, the export's pipeline) that `distrain eval` adds to its report."""
+        return {}
+
+    def model_card(self) -> str | None:
+        """The export's README.md: how to use the exported model (None: no card)."""
+        return None
+
     def pipeline_kwargs(self, options: DictConfig) -> dict[str, Any]:
         """Arguments of transformers.pipeline(...) for `distrain predict`."""
         return {}

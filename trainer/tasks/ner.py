@@ -1,17 +1,22 @@
-"""Named-entity recognition: CoNLL files, jsonl or a Hub dataset -> first-sub-word labels -> seqeval metrics."""
+"""Named-entity recognition: CoNLL files, jsonl or a Hub dataset -> sub-word labels -> seqeval metrics on words.
+
+Training targets the first sub-word of each word (data.label_subwords=first) or every sub-word (`all`); evaluation
+and `distrain predict` read a word's label at its first sub-word, so both see the same words and labels."""
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from distrain.trainer.data.conll import TAG_PATTERN
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
-from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.schema import DataFormat, LabelSubwords, TaskName
 from distrain.trainer.tasks.base import IGNORE, Task
 from distrain.trainer.tasks.labels import label_list, label_set
 
@@ -24,7 +29,12 @@ log = logging.getLogger(__name__)
 class NerTask(Task):
     name = TaskName.ner
     metrics_reported = ("f1", "precision", "recall", "accuracy")
-    metric_titles = {"f1": "entity F1", "accuracy": "token accuracy"}
+    metric_titles = {
+        "f1": "entity F1",
+        "accuracy": "token accuracy",
+        "predict_f1": "raw-text F1 of distrain predict",
+        "pipeline_f1": "raw-text F1 of transformers.pipeline",
+    }
     formats = (DataFormat.conll, DataFormat.jsonl)
     pipeline_task = "token-classification"
 
@@ -59,6 +69,10 @@ class NerTask(Task):
         }
         labels = label_set(self.cfg.data, tagged, label_list, kind="tag")
         label_ids = {label: i for i, label in enumerate(labels)}
+        # the target of a word's continuation sub-words (label_subwords=all): I-X after B-X, else the word's own
+        self.continuation = {
+            i: label_ids.get(f"I-{label[2:]}", i) if label.startswith("B-") else i for i, label in enumerate(labels)
+        }
         features = Features({"tokens": List(Value("string")), "tags": List(ClassLabel(names=labels))})
         out = {}
         for split, rows in sentences.items():
@@ -69,23 +83,32 @@ class NerTask(Task):
         return out
 
     def tokenize(self, batch: dict[str, list]) -> dict[str, list]:
+        """Sub-word ids and their targets. `word_index` lists the word of each position with a target, in order:
+        with data.label_subwords=first one per word, with `all` one per sub-word (a word's first entry is its
+        first sub-word, which word-level evaluation reads)."""
         encoded = self.tokenizer(
             batch["tokens"], is_split_into_words=True, truncation=True, max_length=self.cfg.data.max_length
         )
         encoded.pop("token_type_ids", None)
+        every_piece = self.cfg.data.label_subwords == LabelSubwords.all
         labels, word_index = [], []
         for i, tags in enumerate(batch["tags"]):
             row, words, previous = [], [], None
             for word in encoded.word_ids(i):
-                if word is None or word == previous:
+                if word is None:
                     row.append(IGNORE)
-                else:
+                elif word != previous:
                     row.append(tags[word])
                     words.append(word)
+                elif every_piece:
+                    row.append(self.continuation[tags[word]])
+                    words.append(word)
+                else:
+                    row.append(IGNORE)
                 previous = word
             labels.append(row)
             word_index.append(words)
-        unseen = sum(len(t) for t in batch["tokens"]) - sum(len(w) for w in word_index)
+        unseen = sum(len(t) for t in batch["tokens"]) - sum(len(set(w)) for w in word_index)
         if unseen:
             log.warning(
                 "%d words are beyond data.max_length=%d sub-words or have none; they count as predicted O",
@@ -97,6 +120,9 @@ class NerTask(Task):
             "word_index": word_index,
             "length": [len(ids) for ids in encoded["input_ids"]],
         }
+
+    def cache_settings(self) -> dict[str, Any]:
+        return {**super().cache_settings(), "label_subwords": str(self.cfg.data.label_subwords)}
 
     def labels_of(self, splits: dict[str, Dataset]) -> list[str]:
         return splits["train"].features["tags"].feature.names
@@ -113,7 +139,7 @@ class NerTask(Task):
         return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE)
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[list[int]]:
-        """Predicted label ids at each word's first sub-word, in word order."""
+        """Predicted label ids at each position with a target (the `word_index` positions), in order."""
         predicted = logits.argmax(-1).cpu()
         labels = batch["labels"].cpu()
         return [row[mask].tolist() for row, mask in zip(predicted, labels != IGNORE, strict=True)]
@@ -126,9 +152,11 @@ class NerTask(Task):
         gold, pred = [], []
         for index in sorted(predictions):
             example = dataset[index]
-            tags = ["O"] * len(example["tokens"])
+            tags: list[str | None] = [None] * len(example["tokens"])
             for word, label in zip(example["word_index"], predictions[index], strict=True):
-                tags[word] = names[label]
+                if tags[word] is None:  # a word's tag is its first sub-word's
+                    tags[word] = names[label]
+            tags = [tag or "O" for tag in tags]
             gold.append([names[t] for t in example["tags"]])
             pred.append(tags)
         return gold, pred
@@ -165,13 +193,125 @@ class NerTask(Task):
         return path
 
     # --- inference -----------------------------------------------------------------------------------------
-    def pipeline_kwargs(self, options: Any) -> dict[str, Any]:
-        return {"aggregation_strategy": "simple"}
+    # The aggregation the export's model card and the README document for transformers.pipeline, and that
+    # `distrain eval` scores on raw text (pipeline_f1). Chosen from the measurements in the README.
+    pipeline_aggregation: ClassVar[str] = "first"
+
+    def text_tagger(self, model: torch.nn.Module, env: Any) -> Callable[..., list[list[dict[str, Any]]]]:
+        """`distrain predict`'s tagger: lines of raw text -> each line's entities, as `distrain eval` sees them.
+
+        A line's words are its whitespace-separated tokens (a sentence of the data joined by spaces gives back its
+        words); each word is labelled at its first sub-word, as in evaluation, and an entity is a seqeval entity
+        over the word labels, with the character span from its first word's start to its last word's end."""
+        from seqeval.metrics.sequence_labeling import get_entities
+
+        from distrain.trainer.forward import forward_logits
+
+        names = model.config.id2label
+
+        def tag(texts: list[str], batch_size: int, **_: Any) -> list[list[dict[str, Any]]]:
+            out = []
+            for start in range(0, len(texts), batch_size):
+                lines = texts[start : start + batch_size]
+                words = [[(m.start(), m.end()) for m in WORD.finditer(line)] for line in lines]
+                encoded = self.tokenizer(
+                    [[line[a:b] for a, b in spans] for line, spans in zip(lines, words, strict=True)],
+                    is_split_into_words=True, truncation=True, max_length=self.cfg.data.max_length,
+                    padding=True, return_tensors="pt",
+                )  # fmt: skip
+                batch = {k: encoded[k].to(env.device) for k in self.model_inputs}
+                with torch.no_grad():
+                    logits = forward_logits(model, self, batch, self.cfg.precision.name, env.device)
+                scores, labels = logits.float().softmax(-1).max(-1)
+                for row, (line, spans) in enumerate(zip(lines, words, strict=True)):
+                    tags, score = ["O"] * len(spans), [0.0] * len(spans)
+                    previous = None
+                    for position, word in enumerate(encoded.word_ids(row)):
+                        if word is not None and word != previous:  # the word's first sub-word
+                            tags[word], score[word] = names[int(labels[row, position])], float(scores[row, position])
+                        previous = word
+                    out.append(
+                        [{"type": kind, "text": line[spans[first][0] : spans[last][1]], "start": spans[first][0],
+                          "end": spans[last][1], "score": round(sum(score[first : last + 1]) / (last - first + 1), 4)}
+                         for kind, first, last in get_entities(tags)]
+                    )  # fmt: skip
+            return out
+
+        return tag
 
     def format_prediction(self, text: str, output: Any) -> dict[str, Any]:
-        entities = [
-            {"type": e["entity_group"], "text": text[e["start"] : e["end"]], "start": int(e["start"]),
-             "end": int(e["end"]), "score": round(float(e["score"]), 4)}
-            for e in output
-        ]  # fmt: skip
-        return {"entities": entities}
+        return {"entities": output}
+
+    def model_card(self) -> str:
+        subwords = self.cfg.data.label_subwords
+        trained = (
+            "every sub-word of a word (continuation pieces of a `B-X` word learned `I-X`)"
+            if subwords == LabelSubwords.all
+            else "only the first sub-word of each word (the model's outputs on the other pieces are untrained)"
+        )
+        return MODEL_CARD.format(
+            name=self.cfg.run.name, trained=trained, subwords=subwords, aggregation=self.pipeline_aggregation
+        )
+
+    def raw_text_report(
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: Any, aggregation: str | None
+    ) -> dict[str, Any]:
+        """Entity F1 on raw text (each sentence's words joined by spaces; an entity counts when its type and
+        character span are exact): of `distrain predict` (predict_f1) and of transformers.pipeline with the
+        given aggregation (pipeline_f1; default: the documented one). Beside the word-level scores, so a gap
+        between what evaluation measures and what a deployed tagger does is visible."""
+        from seqeval.metrics.sequence_labeling import get_entities
+        from transformers import pipeline
+
+        aggregation = aggregation or self.pipeline_aggregation
+        names = dataset.features["tags"].feature.names
+        texts, gold = [], []
+        for example in dataset:
+            starts = [0]
+            for token in example["tokens"]:
+                starts.append(starts[-1] + len(token) + 1)
+            texts.append(" ".join(example["tokens"]))
+            tags = [names[t] for t in example["tags"]]
+            gold.append({(kind, starts[a], starts[b + 1] - 1) for kind, a, b in get_entities(tags)})
+        tagged = self.text_tagger(model, env)(texts, batch_size)
+        runner = pipeline(self.pipeline_task, model=model, tokenizer=self.tokenizer, device=env.device,
+                          aggregation_strategy=aggregation)  # fmt: skip
+        piped = runner(texts, batch_size=batch_size)
+        return {
+            "predict_f1": span_f1(gold, [{(e["type"], e["start"], e["end"]) for e in line} for line in tagged]),
+            "pipeline_f1": span_f1(
+                gold, [{(e["entity_group"], int(e["start"]), int(e["end"])) for e in line} for line in piped]
+            ),
+            "pipeline_aggregation": aggregation,
+        }
+
+
+MODEL_CARD = """# {name}: token classification (NER) trained with distrain
+
+Trained with `data.label_subwords={subwords}`: {trained}.
+
+## Use it
+
+```python
+from transformers import pipeline
+
+tagger = pipeline("token-classification", model="<this folder>", aggregation_strategy="{aggregation}")
+tagger("Peter Blackburn flew from AL-AIN to Brussels")
+```
+
+Use `aggregation_strategy="{aggregation}"`: it labels each word by its first sub-word, which is how the model was
+evaluated (`distrain eval`'s word-level F1). `"simple"` groups sub-words by their own labels and, for WordPiece
+tokenizers, treats pieces split at punctuation as separate words (`AL-AIN` -> `AL`, `-`, `AIN`), so its entities can
+differ from the evaluated ones; `distrain eval` reports the raw-text F1 of this pipeline (`pipeline_f1`) beside the
+word-level F1. `distrain predict ckpt=<this folder>` returns exactly the evaluated entities, with character offsets:
+a line's words are its whitespace-separated tokens, so punctuation written against a word (`Paris,`) belongs to it.
+"""
+
+WORD = re.compile(r"\S+")  # a word of raw text for `distrain predict`: a run of non-whitespace characters
+
+
+def span_f1(gold: list[set], predicted: list[set]) -> float:
+    """Micro entity F1 over sentences of (type, start, end) sets: exact type and span, as seqeval counts."""
+    hits = sum(len(g & p) for g, p in zip(gold, predicted, strict=True))
+    found, expected = sum(map(len, predicted)), sum(map(len, gold))
+    return 2 * hits / (found + expected) if found + expected else 0.0
