@@ -45,22 +45,27 @@ def predict_job(cfg: DictConfig) -> None:
         print_error("cannot predict", str(error))
         raise SystemExit(2) from None
     torch.manual_seed(cfg.seed)
-    runner = task.text_tagger(model, env) or pipeline(
-        task.pipeline_task, model=model, tokenizer=tokenizer, device=env.device, **task.pipeline_kwargs(cfg)
-    )
-    generation = task.generation_kwargs(cfg)
+    predict_batch = task.text_tagger(model, env)  # NER: eval's own words and labels (see NerTask.text_tagger)
+    if predict_batch is None:
+        runner = pipeline(
+            task.pipeline_task, model=model, tokenizer=tokenizer, device=env.device, **task.pipeline_kwargs(cfg)
+        )
+        generation = task.generation_kwargs(cfg)
+
+        def predict_batch(chunk: list[str], batch_size: int) -> list:
+            # A pipeline given a list of one returns that one result unwrapped (fill-mask: its list of fills), so a
+            # lone text goes in as a string, whose result has the same shape as each item of a longer list's.
+            if len(chunk) == 1:
+                return [runner(chunk[0], **generation)]
+            return runner(chunk, batch_size=batch_size, **generation)
+
     texts = [line for line in lines if line.strip()]
     outputs = []
     with Progress(console=error_console, transient=True, disable=not error_console.is_terminal) as progress:
         job = progress.add_task("predicting", total=len(texts))
         for start in range(0, len(texts), cfg.batch_size):
             chunk = texts[start : start + cfg.batch_size]
-            # A pipeline given a list of one returns that one result unwrapped (fill-mask: its list of fills), so a
-            # lone text goes in as a string, whose result has the same shape as each item of a longer list's.
-            if len(chunk) == 1:
-                outputs.append(runner(chunk[0], **generation))
-            else:
-                outputs += runner(chunk, batch_size=cfg.batch_size, **generation)
+            outputs += predict_batch(chunk, cfg.batch_size)
             progress.advance(job, len(chunk))
     results = iter(outputs)
     out = sys.stdout if cfg.output == "-" else open(Path(cfg.output).expanduser(), "w", encoding="utf-8")  # noqa: SIM115
