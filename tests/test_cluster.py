@@ -78,8 +78,9 @@ def test_a_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted
     wait(lambda: summary.exists() and "preempted" in summary.read_text(), "the checkpoint after the signal")
     stopped = json.loads(summary.read_text())["step"]
     wait(lambda: job_state(slurm, job) == "PENDING", "the requeue")
-    # SLURM holds a requeued job for about two minutes; release it now.
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm, check=True)
+    # SLURM holds a requeued job for about two minutes; release it sooner, but not within the second its old
+    # credential was revoked: slurmd would refuse the start ("Job credential revoked") and end the job.
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now+5"], env=slurm, check=True)
     wait(lambda: job_state(slurm, job) == "COMPLETED", "the requeued job")
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert f"SLURM job {job} requeued" in log and "restart count 1" in log
