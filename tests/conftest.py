@@ -87,3 +87,12 @@ def train_losses(run_dir: Path) -> dict[int, float]:
         if record["kind"] == "train":
             losses[record["step"]] = record["loss"]
     return losses
+
+
+def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a tag, as TensorBoard shows it (its own reader, with its purge of orphaned steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DISTRAIN, TINY, run_distrain, train_losses
+from conftest import DISTRAIN, TINY, run_distrain, tensorboard_scalars, train_losses
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.cluster
@@ -68,7 +68,8 @@ def test_the_sbatch_wrapper_trains_with_two_processes(slurm, tmp_path, cache_dir
 
 def test_a_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(slurm, tmp_path, cache_dir):
     steps = 80
-    job = sbatch(slurm, tmp_path, *RUN, f"train.max_steps={steps}", f"data.cache_dir={cache_dir}")
+    job = sbatch(slurm, tmp_path, *RUN, f"train.max_steps={steps}", f"data.cache_dir={cache_dir}",
+                 "logger=[tensorboard,mlflow]")  # fmt: skip
     run = tmp_path / "runs" / "slurm" / job
     metrics = run / "metrics.jsonl"
     wait(lambda: metrics.exists() and metrics.read_text().count('"train"') >= 15, "step 15")
@@ -93,5 +94,14 @@ def test_a_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted
         f"preempted at step {stopped}; final loss {mine[steps]:.6f} (requeued) vs {theirs[steps]:.6f} (uninterrupted)"
     )
     assert sorted(mine) == sorted(theirs) and max(abs(mine[s] - theirs[s]) for s in theirs) <= 1e-6
+    # The trackers saw one run with each step once, at metrics.jsonl's values, across the requeue.
+    board = tensorboard_scalars(run, "train/loss")
+    assert [s for s, _ in board] == sorted(mine) and max(abs(v - mine[s]) for s, v in board) <= 1e-6
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")  # the default store, beside the runs
+    (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(tracked.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == sorted(mine) and all(abs(m.value - mine[m.step]) <= 1e-6 for m in history)
     a, b = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

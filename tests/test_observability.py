@@ -12,21 +12,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_train, run_distrain, train_losses
+from conftest import TINY, compose_train, run_distrain, tensorboard_scalars, train_losses
 from matplotlib.image import imread
 
 from distrain.trainer.loggers import Loggers
 
 STEPS = 10  # +debug=tiny
-
-
-def tensorboard_scalars(run: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a tag, as TensorBoard shows it (its own reader, with its purge of orphaned steps)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run / "tensorboard"))
-    accumulator.Reload()
-    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
 
 
 def train_records(run: Path) -> list[dict]:
