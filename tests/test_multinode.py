@@ -7,7 +7,6 @@ stage of CI."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -15,7 +14,16 @@ from pathlib import Path
 
 import pytest
 from conftest import DISTRAIN
-from test_recovery import RUN, assert_matches, kill_node, same_weights, steps_logged, uninterrupted, wait_for
+from test_recovery import (
+    RUN,
+    assert_matches,
+    kill_and_relaunch,
+    kill_node,
+    same_weights,
+    steps_logged,
+    uninterrupted,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 __all__ = ["uninterrupted"]  # the fixture, shared with test_recovery.py
@@ -68,15 +76,8 @@ def test_a_killed_host_that_is_relaunched_rejoins_and_ends_as_if_nothing_happene
     second = launch_on("dtrn-host2", run, cache_dir)
     wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25", first, timeout=300)
     assert "on dtrn-host2" in (run / "logs" / "rank_1.log").read_text() + (run / "logs" / "rank_0.log").read_text()
-    kill_node(second, run)
-    relaunched_at = time.time()
-    again = launch_on("dtrn-host2", run, cache_dir)
-    logs = lambda: "".join(p.read_text() for p in (run / "logs").glob("rank_*.log"))  # noqa: E731
-    wait_for(lambda: "attempt 1" in logs(), "the group to re-form", first, timeout=300)
-    reformed = time.time() - relaunched_at
-    outputs = [p.communicate(timeout=600)[0] for p in (first, again)]
-    assert first.returncode == 0 and again.returncode == 0, outputs
-    resumed = int(re.search(r"resumed from .*step_(\d+) at step", "".join(outputs)).group(1))
+    relaunch = lambda: launch_on("dtrn-host2", run, cache_dir)  # noqa: E731
+    reformed, resumed = kill_and_relaunch(run, first, second, relaunch, wait_s=300, end_s=600)
     print(f"two namespace hosts: re-formed {reformed:.1f} s after the relaunch, resumed from step {resumed}, "
           f"final weights vs uninterrupted: max |diff| {same_weights(run, uninterrupted):.3g}")  # fmt: skip
     assert_matches(run, uninterrupted)

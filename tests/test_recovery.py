@@ -262,6 +262,23 @@ def kill_node(launcher: subprocess.Popen, run: Path) -> None:
     launcher.wait()
 
 
+def kill_and_relaunch(
+    run: Path, first: subprocess.Popen, second: subprocess.Popen, relaunch, wait_s: float = 180, end_s: float = 300
+) -> tuple[float, int]:
+    """Kill the second node (launcher and worker), start it again with `relaunch()` as a supervisor would, and
+    wait until the group re-forms and both launchers end with 0: (seconds from the relaunch to the re-formed
+    group, the step the run resumed from)."""
+    kill_node(second, run)
+    relaunched_at = time.time()
+    again = relaunch()
+    logs = lambda: "".join(p.read_text() for p in (run / "logs").glob("rank_*.log"))  # noqa: E731
+    wait_for(lambda: "attempt 1" in logs(), "the group to re-form", first, timeout=wait_s)
+    reformed = time.time() - relaunched_at
+    outputs = [p.communicate(timeout=end_s)[0] for p in (first, again)]
+    assert first.returncode == 0 and again.returncode == 0, outputs
+    return reformed, int(re.search(r"resumed from .*step_(\d+) at step", "".join(outputs)).group(1))
+
+
 @pytest.mark.slow
 def test_a_killed_node_that_is_relaunched_rejoins_and_the_run_ends_as_if_nothing_happened(
     uninterrupted, tmp_path, cache_dir
@@ -274,15 +291,7 @@ def test_a_killed_node_that_is_relaunched_rejoins_and_the_run_ends_as_if_nothing
     time.sleep(2)  # the first one hosts the rendezvous
     second = two_node_launch(run, cache_dir, endpoint)
     wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25", first)
-    kill_node(second, run)
-    relaunched_at = time.time()
-    again = two_node_launch(run, cache_dir, endpoint)
-    wait_for(lambda: "attempt 1" in (run / "logs" / "rank_0.log").read_text()
-             + (run / "logs" / "rank_1.log").read_text(), "the group to re-form", first)  # fmt: skip
-    reformed = time.time() - relaunched_at
-    outputs = [p.communicate(timeout=300)[0] for p in (first, again)]
-    assert first.returncode == 0 and again.returncode == 0, outputs
-    resumed = int(re.search(r"resumed from .*step_(\d+) at step", "".join(outputs)).group(1))
+    reformed, resumed = kill_and_relaunch(run, first, second, lambda: two_node_launch(run, cache_dir, endpoint))
     print(f"relaunched node: group re-formed after {reformed:.1f} s, resumed from step {resumed}, "
           f"max |diff| of the final weights vs uninterrupted: {same_weights(run, uninterrupted):.3g}")  # fmt: skip
     assert resumed >= 20
