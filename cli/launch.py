@@ -19,6 +19,7 @@ from distrain.cli.console import console
 from distrain.trainer.preemption import STOP_FILE, signal_number
 
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+LIBC_FATAL = "LIBC_FATAL_STDERR_"
 
 
 class TrainingFailed(RuntimeError):
@@ -69,8 +70,9 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
 
     threads = launcher.threads_per_process or max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)
-    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", SHARED_STORE_OFF)}
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", SHARED_STORE_OFF, LIBC_FATAL)}
     os.environ["OMP_NUM_THREADS"] = str(threads)  # workers inherit it; restored for the next multirun job
+    os.environ[LIBC_FATAL] = "1"  # glibc's fatal messages (heap corruption, ...) on stderr, not only on a tty
     if launcher.nnodes > 1 or launcher.rdzv_endpoint is not None:
         # A fresh workers' store per rendezvous round: torchrun's shared one is set up once per agent, so a node
         # whose launcher was killed and started again never finds it and the group cannot re-form.

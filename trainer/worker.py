@@ -7,6 +7,7 @@ Rank 0 talks to the console; every rank logs to `<run dir>/logs/rank_<r>.log`.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -126,6 +127,9 @@ warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m distrain.trainer.worker <run dir>  (started by `distrain train`)")
+    # A rank killed by a fatal signal (SIGABRT, SIGSEGV: e.g. inside a C++ library at exit) prints its Python
+    # stacks on stderr instead of dying silently.
+    faulthandler.enable(all_threads=True)
     run_dir = Path(sys.argv[1])
     cfg = load_run_config(run_dir / "config.yaml")
     with process_group(cfg.train.device, cfg.parallel.backend, cfg.launcher.collective_timeout_s) as env:
@@ -138,6 +142,9 @@ def main() -> None:
                 (run_dir / "summary.json").write_text(strict_json.dumps(result, indent=1))
             if result["status"] == "diverged":
                 raise Diverged(result["error"])
+            # Leave the group together: a rank that tears down its connections while a peer is still at work
+            # can make the peer's communication threads fail (seen once as a SIGABRT at the end of a tp run).
+            env.barrier()
         except RuntimeError as error:
             fail_if_collective_failed(error)  # exits with the diagnosis when it is one
             raise
