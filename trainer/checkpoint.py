@@ -172,6 +172,14 @@ def _bytes(state: Any) -> int:
     return 0
 
 
+def _state_options(model: torch.nn.Module) -> StateDictOptions:
+    """Adapter runs (a frozen base): checkpoints hold the trainable parameters only; the base is rebuilt from its
+    source. Loading then leaves the frozen parameters as built (strict=False), while DCP still requires every
+    trainable one to be in the checkpoint."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 # --- discovery -------------------------------------------------------------------------------------------------
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under `root`, oldest first."""
@@ -243,7 +251,7 @@ class Checkpointer:
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)
         self.env.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
         payload = {"model": model_sd, "optim": optim_sd, "rng": {f"rank{self.env.rank}": _rng_state(self.env.device)}}
         failure = None
         try:
@@ -288,7 +296,8 @@ class Checkpointer:
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and (when the world size matches) this rank's RNG; return the trainer state."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        options = _state_options(model)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         payload: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         saved_keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata.keys()
         rng_key = f"rank{self.env.rank}"
@@ -297,7 +306,8 @@ class Checkpointer:
         if same_world and f"rng.{rng_key}.cpu" in saved_keys:
             payload["rng"] = {rng_key: _rng_state(self.env.device)}
         _load(payload, path)
-        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+                       options=options)  # fmt: skip
         if "rng" in payload:
             rng = payload["rng"][rng_key]
             torch.set_rng_state(rng["cpu"])
@@ -332,9 +342,10 @@ class Checkpointer:
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint (from any world size or strategy) into `model`."""
-    payload = {"model": get_model_state_dict(model)}
+    options = _state_options(model)
+    payload = {"model": get_model_state_dict(model, options=options)}
     _load(payload, path)
-    set_model_state_dict(model, payload["model"])
+    set_model_state_dict(model, payload["model"], options=options)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
