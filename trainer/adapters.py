@@ -129,6 +129,18 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"trainable_params": trainable, "total_params": total}
 
 
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict; a key it lacks must name a parameter tied to one it has (tied embeddings)."""
+    result = model.load_state_dict(state, strict=False)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(tensors[name]) for name in state if name in tensors}
+    untied = [name for name in result.missing_keys if id(tensors.get(name)) not in loaded]
+    if untied or result.unexpected_keys:
+        unexpected = result.unexpected_keys[:5]
+        raise RuntimeError(f"export: the trained state does not fit the model: missing {untied[:5]}, "
+                           f"unexpected {unexpected}")  # fmt: skip
+
+
 def save_adapter(model: torch.nn.Module, folder: Path, base: dict[str, Any]) -> None:
     """The peft adapter folder of `model` (adapter_config.json + adapter_model.safetensors), and the base's record."""
     model.save_pretrained(folder)

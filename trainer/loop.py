@@ -448,7 +448,7 @@ class Trainer:
         """Rank 0: the adapter folder (peft), and the merged model beside it when adapter.merge_on_export; both
         loadable without distrain (the adapter's with its tokenizer and config, onto the recorded base)."""
         plain = self.adapter.rebuild()
-        plain.load_state_dict(state)
+        adapters.load_full_state(plain, state)
         target = folder / adapters.ADAPTER_DIR if self.cfg.adapter.merge_on_export else folder
         adapters.save_adapter(plain, target, self.adapter.base)
         shutil.copy(self.run_dir / HEAD_FILE, target)  # a new task head's labels (ner, classify)
