@@ -16,7 +16,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
 
-LORA = [*LLAMA_PARITY, "adapter=lora", "adapter.r=4", "optim.lr=1e-2"]  # adapters start at B = 0
+# Tied embeddings (as SmolLM2's): the frozen output layer must stay out of checkpoints under its second name too.
+# A higher lr than the parity runs': the adapters start at B = 0.
+LORA = [*LLAMA_PARITY, "model.architecture.tie_word_embeddings=true", "adapter=lora", "adapter.r=4", "optim.lr=1e-2"]
 STRATEGIES = ["single", "ddp", "fsdp"]
 
 

@@ -180,6 +180,14 @@ def _state_options(model: torch.nn.Module) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
+def _without_frozen(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`ignore_frozen_params` drops a frozen parameter under one name only: a tied one (lm_head = the input
+    embeddings) stays under its second name. Drop every name of a frozen parameter."""
+    frozen = {name.removeprefix("module.") for name, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}  # fmt: skip
+    return {key: value for key, value in state.items() if key not in frozen}
+
+
 # --- discovery -------------------------------------------------------------------------------------------------
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under `root`, oldest first."""
@@ -252,7 +260,8 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
         self.env.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
-        payload = {"model": model_sd, "optim": optim_sd, "rng": {f"rank{self.env.rank}": _rng_state(self.env.device)}}
+        rng = {f"rank{self.env.rank}": _rng_state(self.env.device)}
+        payload = {"model": _without_frozen(model, model_sd), "optim": optim_sd, "rng": rng}
         failure = None
         try:
             # DCP gathers every rank's write result, so a failure on one rank raises on all.
@@ -298,7 +307,7 @@ class Checkpointer:
         """Restore model, optimizer and (when the world size matches) this rank's RNG; return the trainer state."""
         options = _state_options(model)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-        payload: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        payload: dict[str, Any] = {"model": _without_frozen(model, model_sd), "optim": optim_sd}
         saved_keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata.keys()
         rng_key = f"rank{self.env.rank}"
         state = read_trainer_state(path)
@@ -343,7 +352,7 @@ class Checkpointer:
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint (from any world size or strategy) into `model`."""
     options = _state_options(model)
-    payload = {"model": get_model_state_dict(model, options=options)}
+    payload = {"model": _without_frozen(model, get_model_state_dict(model, options=options))}
     _load(payload, path)
     set_model_state_dict(model, payload["model"], options=options)
 
