@@ -56,7 +56,7 @@ def test_checkpoints_hold_the_adapters_and_their_optimizer_state_only(lora_runs,
     summary = json.loads((run / "summary.json").read_text())
     assert stored == memory["trainable_params"] == summary["trainable_params"] and moments == 2 * stored
     assert memory["total_params"] == summary["total_params"]
-    assert stored < 0.1 * summary["total_params"]  # r=4 on the tiny Llama; SmolLM2's share: README
+    assert stored < 0.15 * summary["total_params"]  # r=4 on the tiny Llama (10.5%); SmolLM2 at r=8: 1.8%
     dp = 2 if strategy == "fsdp" else 1  # FSDP shards the adapters' gradients and moments too
     assert sum(memory["grads_bytes"]) == 4 * stored * len(memory["grads_bytes"]) // dp
 
