@@ -107,7 +107,10 @@ class Trainer:
                 logits = forward_logits(self.model, self.task, batch, self.compute_precision, self.env.device)
                 loss_sum = self.task.loss_sum(logits, batch)
                 mark("backward")
-                self.scaler.scale(loss_sum * scale).backward()
+                # 0 * loss is 0, or NaN when this rank's loss is not finite: then its gradients are NaN, and so are
+                # the reduced gradients and the gradient norm on every rank (see _nonfinite). Exact otherwise.
+                poisoned = scale + 0.0 * loss_sum.detach()
+                self.scaler.scale(loss_sum * poisoned).backward()
             step_loss += loss_sum.detach()
         mark("optimizer")
         self.scaler.unscale_(self.optimizer)
@@ -145,12 +148,18 @@ class Trainer:
 
     def _nonfinite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether this step must not be applied: its loss (on any rank) or gradient norm is not finite. Raises
-        Diverged after train.max_nonfinite_steps such steps in a row. Under fp16 an infinite gradient is the
-        loss scaler's business (it skips the step and lowers the scale), so there only the loss counts."""
-        finite = torch.isfinite(step_loss)
-        if not self.scaler.is_enabled():
-            finite &= torch.isfinite(grad_norm)
-        if not self.env.any(not bool(finite)):  # one flag per step, the same decision on every rank
+        Diverged after train.max_nonfinite_steps such steps in a row.
+
+        The decision is the same on every rank without a collective of its own: a rank whose loss is not finite
+        made its gradients NaN (train_step), and the gradient norm is global: computed from the all-reduced
+        gradients (DDP), or from every shard's squares (FSDP, TP); TP peers compute the same loss. Under fp16 an
+        infinite gradient is the loss scaler's business (it skips the step and lowers the scale), so there only
+        the loss counts, and ranks exchange a flag."""
+        if self.scaler.is_enabled():
+            bad = self.env.any(not bool(torch.isfinite(step_loss)))
+        else:
+            bad = not bool(torch.isfinite(grad_norm))
+        if not bad:
             self.nonfinite_in_a_row = 0
             return False
         self.nonfinite_in_a_row += 1
