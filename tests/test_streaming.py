@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,18 @@ def test_a_stream_without_max_steps_is_refused_before_any_worker(corpus, tmp_pat
     assert "train.max_steps: expected a number of steps with data.streaming=true" in result.stderr
     assert "data.mixture[0].weight: expected a number > 0, got 0.0" in result.stderr
     assert not run.exists()
+
+
+def test_bench_streaming_smoke(tmp_path):
+    """scripts/bench_streaming.py on tiny corpora (the RSS part only): it runs, and a 8x bigger corpus streams in
+    the same memory without a cache."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_streaming.py"
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(script), f"--out={out}", "--smoke", "--parts="], capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["big_bytes"] > 6 * bench["small_bytes"] and not bench["cache_written"], bench
+    assert bench["rss_ratio_big_over_small"] < 1.1, bench
+    for run in ("stream_big", "stream_small"):
+        assert 0 < bench[run]["seconds_to_first_step"] < bench[run]["wall_seconds"], bench

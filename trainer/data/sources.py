@@ -187,7 +187,7 @@ def read_splits(data: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, list[
 
 
 def _read_hub(data: DictConfig) -> dict[str, list[Record]]:
-    from datasets import ClassLabel, List, load_dataset
+    from datasets import load_dataset
 
     try:
         hub = load_dataset(data.hub_name, data.hub_config, revision=data.hub_revision)
@@ -202,21 +202,31 @@ def _read_hub(data: DictConfig) -> dict[str, list[Record]]:
         if hub_split not in hub:
             raise DataError(f"data.hub_splits.{split}: {data.hub_name} has no split {hub_split!r} ({list(hub)})")
         rows = hub[hub_split]
-        # Class ids become their names, as in local files.
-        names = {}
-        for column, feature in rows.features.items():
-            if isinstance(feature, ClassLabel):
-                names[column] = feature.names
-            elif isinstance(feature, List) and isinstance(feature.feature, ClassLabel):
-                names[column] = feature.feature.names
-        records = []
-        for number, row in enumerate(rows):
-            for column, labels in names.items():
-                value = row[column]
-                row[column] = [labels[v] for v in value] if isinstance(value, list) else labels[value]
-            records.append(Record(row, f"{data.hub_name}[{hub_split}] row {number}"))
-        out[split] = records
+        names = class_names(rows.features)
+        out[split] = [Record(named(row, names), f"{data.hub_name}[{hub_split}] row {number}")
+                      for number, row in enumerate(rows)]  # fmt: skip
     return out
+
+
+def class_names(features: Any) -> dict[str, list[str]]:
+    """The class names of each ClassLabel column (or list of ClassLabel) of a Hub dataset's features."""
+    from datasets import ClassLabel, List
+
+    names = {}
+    for column, feature in (features or {}).items():
+        if isinstance(feature, ClassLabel):
+            names[column] = feature.names
+        elif isinstance(feature, List) and isinstance(feature.feature, ClassLabel):
+            names[column] = feature.feature.names
+    return names
+
+
+def named(row: dict[str, Any], names: dict[str, list[str]]) -> dict[str, Any]:
+    """A Hub row with class ids replaced by their names, as in local files."""
+    for column, labels in names.items():
+        value = row[column]
+        row[column] = [labels[v] for v in value] if isinstance(value, list) else labels[value]
+    return row
 
 
 def column(record: Record, key: str, name: str) -> Any:

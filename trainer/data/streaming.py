@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distrain.trainer.data.sources import Record, iter_records, matching_paths
+from distrain.trainer.data.sources import Record, class_names, iter_records, matching_paths, named
 from distrain.trainer.errors import DataError
 
 CHUNK = 64  # records tokenized together (LM packing drops each chunk's last partial block, as map mode per batch)
@@ -93,9 +93,10 @@ class SourceReader:
         rows = rows.shuffle(seed=self.seed + self.state["epoch"], buffer_size=1)  # seeded shard order only
         if self.state.get("hub"):
             rows.load_state_dict(self.state["hub"])
+        names = class_names(rows.features)
         for number, row in enumerate(rows):
             self.state["hub"] = rows.state_dict()
-            yield self._mapped(Record(row, f"{cfg.hub_name}[{cfg.hub_splits['train']}] row {number}"))
+            yield self._mapped(Record(named(row, names), f"{cfg.hub_name}[{cfg.hub_splits['train']}] row {number}"))
 
 
 def first_records(data: DictConfig, seed: int, count: int) -> list[Record]:
