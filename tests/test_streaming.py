@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, run_distrain, train_losses
+import yaml
+from conftest import TINY, compose_train, run_distrain, train_losses
 
 STEPS = 8
 WORDS = ["the", "king", "queen", "sword", "crown", "castle", "night", "day", "love", "death", "river", "storm"]
@@ -124,3 +125,25 @@ def test_bench_streaming_smoke(tmp_path):
     assert bench["rss_ratio_big_over_small"] < 1.1, bench
     for run in ("stream_big", "stream_small"):
         assert 0 < bench[run]["seconds_to_first_step"] < bench[run]["wall_seconds"], bench
+
+
+def test_the_model_card_has_the_adapter_settings_when_an_adapter_is_used():
+    """The `adapter` group (LoRA) is another change's; its settings, when present and not `none`, are in the card."""
+    from omegaconf import OmegaConf
+
+    from distrain.trainer.model_card import model_card
+    from distrain.trainer.tasks import task_class
+
+    cfg = compose_train(TINY)
+    task = task_class(cfg.task.name)(cfg, tokenizer=None)
+    without = model_card(cfg, task, None)
+    OmegaConf.set_struct(cfg, False)
+    cfg.adapter = {"name": "none"}
+    assert model_card(cfg, task, None).replace("adapter:\n  name: none\n", "") == without  # only the config lists it
+    cfg.adapter = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
+    card = model_card(cfg, task, {"step": 3, "f1": 0.5})
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert {"peft", "lora"} <= set(front["tags"]) and "peft" not in without
+    adapter = yaml.safe_load(card.split("## Adapter\n\n```yaml\n")[1].split("```")[0])
+    assert adapter == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
+    assert "| f1 | 0.5 |" in card and "(step 3)" in card
