@@ -9,7 +9,6 @@ host only when logging.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -34,7 +33,7 @@ from distrain.trainer.parallel import autocast_precision, clip_grad_norm, no_syn
 from distrain.trainer.precision import grad_scaler
 from distrain.trainer.preemption import StopRequest
 from distrain.trainer.profiling import StepProfiler
-from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, summary_table
+from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, read_metrics, summary_table
 from distrain.trainer.schema import ExportWeights
 from distrain.trainer.tasks import Task, TaskData
 from distrain.trainer.watchdog import mark
@@ -498,8 +497,7 @@ class Trainer:
     def _dev_metrics(self, step: int) -> dict[str, Any] | None:
         """The dev eval record of `step` in metrics.jsonl (also from before a resume), or None."""
         found = None
-        for line in (self.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            record = json.loads(line) if line.strip() else {}
+        for record in read_metrics(self.run_dir / "metrics.jsonl"):
             if record.get("kind") == "eval" and record.get("split") == "dev" and record.get("step") == step:
                 found = {k: v for k, v in record.items() if k not in ("kind", "split")}
         return found
