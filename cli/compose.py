@@ -12,7 +12,7 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import print_error
@@ -134,7 +134,7 @@ def override_problems(overrides: list[str]) -> list[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
-        return [str(error)]
+        return [hydra_message(error)]
     return [problem for override in parsed for problem in _override_problems(override)]
 
 
@@ -148,4 +148,6 @@ def check_overrides_or_exit(overrides: list[str]) -> None:
 def hydra_message(error: HydraException) -> str:
     """Hydra's composition error without its advice to add a key with `+`, which the schema refuses anyway."""
     text = f"{error}\n{error.__cause__ or ''}".strip()
+    if isinstance(error, OverrideParseException):  # name the override (and so its key), not only the grammar
+        text = f"{error.override}: {text} (quote a value with brackets or colons: key='[::1]:29500')"
     return "\n".join(line for line in text.splitlines() if not line.startswith("To append to your config use +"))

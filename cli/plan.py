@@ -22,7 +22,7 @@ from rich.table import Table
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.validate import validate
-from distrain.trainer import strict_json
+from distrain.trainer import adapters, strict_json
 from distrain.trainer.accounting import activation_bytes, flops_per_token, planned_bytes
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError
@@ -57,8 +57,9 @@ def meta_model(cfg: DictConfig) -> torch.nn.Module:
         task = build_task(cfg, tokenizer)
         head = task.head(task.prepare(env))  # the label set sizes the classifier
     with torch.device("meta"):
-        return build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env),
-                           tokenizer, pretrained=False, **head)  # fmt: skip
+        model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env),
+                            tokenizer, pretrained=False, **head)  # fmt: skip
+        return adapters.apply_lora(model, cfg.adapter) if adapters.enabled(cfg) else model
 
 
 def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
@@ -91,8 +92,12 @@ def main() -> None:
     for label, parallel in layouts(cfg, world):
         dims, problems = ParallelDims.resolve(parallel, world)
         row: dict[str, Any] = {"layout": label, "processes": world, "flops_per_token": flops}
+        if adapters.enabled(cfg):
+            row.update(adapters.parameter_counts(model))
         if dims is not None:
             problems += dims.model_problems(model.config)
+            if dims.tp > 1 and adapters.enabled(cfg):
+                problems.append("adapter=lora is not supported with tensor parallelism")
         if dims is None or problems:
             rows.append({**row, "problems": problems})
             continue
@@ -133,6 +138,8 @@ def plan_table(cfg: DictConfig, rows: list[dict[str, Any]], flops: float) -> Tab
         f"{cfg.model.name} / {cfg.task.name}: per-rank memory (MiB, rank 0) for micro-batch "
         f"{cfg.train.micro_batch_size} x {cfg.data.max_length} tokens; {flops / 1e6:,.1f} MFLOP per token"
     )
+    if "trainable_params" in rows[0]:
+        title += f"; adapter=lora trains {rows[0]['trainable_params']:,} of {rows[0]['total_params']:,} parameters"
     table = Table(title=title)
     for column in ("layout", "dp x tp", "params", "grads", "optimizer", "activations (est.)", "total", "notes"):
         table.add_column(column, justify="right" if column not in ("layout", "notes") else "left")

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.trainer.adapters import no_default_targets, target_modules
 from distrain.trainer.data.sources import matching_paths
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.parallel_dims import ParallelDims
@@ -91,6 +92,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _device_problems(cfg)
     problems += _path_problems(cfg)
     problems += _parallel_problems(cfg)
+    problems += _adapter_problems(cfg)
     problems += _model_problems(cfg.model)
     need(data.max_length >= 8, "data.max_length", "an integer >= 8")
     positions = getattr(model_config_if_local(cfg.model), "max_position_embeddings", None)
@@ -187,6 +189,35 @@ def _parallel_problems(cfg: DictConfig) -> list[str]:
     dims, problems = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
     if dims is not None:
         problems += dims.model_problems(model_config_if_local(cfg.model))
+    return problems
+
+
+def _adapter_problems(cfg: DictConfig) -> list[str]:
+    adapter = cfg.adapter
+    if adapter.name == "none":
+        return []
+    problems = []
+    if adapter.r < 1:
+        problems.append(f"adapter.r: expected an integer >= 1 (the adapters' rank), got {adapter.r}")
+    if not (math.isfinite(adapter.alpha) and adapter.alpha > 0):
+        problems.append(f"adapter.alpha: expected a finite number > 0 (the update is scaled by alpha / r), "
+                        f"got {adapter.alpha}")  # fmt: skip
+    if not 0 <= adapter.dropout < 1:
+        problems.append(f"adapter.dropout: expected a number in [0, 1), got {adapter.dropout}")
+    targets = adapter.target_modules
+    if targets is not None and (len(targets) == 0 or not all(isinstance(t, str) and t for t in targets)):
+        problems.append(f"adapter.target_modules: expected null (per model family) or a non-empty list of module "
+                        f"names such as [q_proj, v_proj], got {list(targets)}")  # fmt: skip
+    if cfg.parallel.name in ("tp", "fsdp_tp"):
+        problems.append(
+            f"adapter.name: lora is not supported with parallel={cfg.parallel.name}: the tensor-parallel plan "
+            "shards the base Linear layers, not the LoRA matrices peft wraps around them (their outputs would not "
+            "match). Use parallel=ddp or parallel=fsdp (FSDP shards the frozen base as well)"
+        )
+    architecture = model_config_if_local(cfg.model)
+    model_type = getattr(architecture, "model_type", None)
+    if targets is None and model_type is not None and target_modules(adapter, model_type) is None:
+        problems.append(no_default_targets(model_type))
     return problems
 
 

@@ -53,6 +53,10 @@ def conll_dir(tmp_path_factory) -> Path:
 # reference runs of the CLI, parallelism and checkpoint tests.
 BERT_PARITY = [*TINY, "train.micro_batch_size=8"]
 BERT_STRATEGIES = "[single,ddp,fsdp,tp,fsdp_tp:1x2]"
+# A tiny random-init Llama causal LM on 256 blocks of the bundled Shakespeare (its own 512-token BPE tokenizer).
+LLAMA_PARITY = ["+experiment=shakespeare_clm", "model=llama_tiny", "data.max_length=64", "data.max_train_samples=256",
+                "data.max_eval_samples=16", "train.micro_batch_size=8", "train.log_every=1", "optim.lr=1e-3",
+                "optim.warmup_ratio=0"]  # fmt: skip
 PARITY_STEPS = 5
 
 

@@ -28,6 +28,7 @@ def test_the_tree_has_every_group():
         "model",
         "data",
         "task",
+        "adapter",
         "parallel",
         "precision",
         "optim",
@@ -67,7 +68,7 @@ def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path)
     validate(cfg)
     if group == "experiment":
         assert cfg.run.name == option
-    elif group in ("model", "data", "parallel", "precision"):
+    elif group in ("model", "data", "adapter", "parallel", "precision"):
         assert cfg[group].name == option
     elif group == "logger":
         assert cfg.logger[option] is not None

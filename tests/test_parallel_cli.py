@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BERT_PARITY, BERT_STRATEGIES, PARITY_STEPS, compose_train, run_distrain, train_losses
+from conftest import BERT_PARITY, BERT_STRATEGIES, LLAMA_PARITY, PARITY_STEPS, compose_train, run_distrain, train_losses
 from safetensors.torch import load_file
 
 from distrain.cli.validate import validate
@@ -20,10 +20,8 @@ STRATEGIES = "[single,ddp,fsdp,tp,fsdp_tp:2x1,fsdp_tp:1x2]"  # the full matrix (
 LLAMA_STRATEGIES = "[single,fsdp,tp,fsdp_tp:1x2]"  # the default suite's (DDP and 2x1 are the BERT's)
 MODELS = {
     "bert": BERT_PARITY,
-    "llama": ["+experiment=shakespeare_clm", "model=llama_tiny", "data.max_length=64", "data.max_train_samples=256",
-              "data.max_eval_samples=16", "train.micro_batch_size=8", "train.log_every=1", "optim.lr=1e-3",
-              "optim.warmup_ratio=0"],
-}  # fmt: skip
+    "llama": LLAMA_PARITY,
+}
 
 
 def parity(out: Path, model: str, cache_dir: str, *extra: str, strategies: str = STRATEGIES, check: bool = True):

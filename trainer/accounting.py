@@ -87,11 +87,14 @@ def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
 
 
 def planned_bytes(model: torch.nn.Module, dims: ParallelDims) -> HeldBytes:
-    """What rank 0 will hold under this layout (fp32 weights and gradients, AdamW's two moments plus a step
-    counter per tensor): the figures `held_bytes` measures in the run, computed from shapes (a meta model does)."""
+    """What rank 0 will hold under this layout (fp32 weights; fp32 gradients, AdamW's two moments and a step
+    counter per trainable tensor): the figures `held_bytes` measures in the run, computed from shapes (a meta
+    model does)."""
     numels = rank0_param_numels(model, dims)
-    params = sum(numels) * FP32
-    return HeldBytes(params=params, grads=params, optimizer=ADAM_STATES * params + FP32 * len(numels))
+    # Gradients and optimizer state exist for trainable parameters only (adapter=lora: the adapters).
+    trained = [n for n, p in zip(numels, model.parameters(), strict=True) if p.requires_grad]
+    grads = sum(trained) * FP32
+    return HeldBytes(params=sum(numels) * FP32, grads=grads, optimizer=ADAM_STATES * grads + FP32 * len(trained))
 
 
 def activation_bytes(

@@ -172,6 +172,22 @@ def _bytes(state: Any) -> int:
     return 0
 
 
+def _state_options(model: torch.nn.Module) -> StateDictOptions:
+    """Adapter runs (a frozen base): checkpoints hold the trainable parameters only; the base is rebuilt from its
+    source. Loading then leaves the frozen parameters as built (strict=False), while DCP still requires every
+    trainable one to be in the checkpoint."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
+def _without_frozen(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`ignore_frozen_params` drops a frozen parameter under one name only: a tied one (lm_head = the input
+    embeddings) stays under its second name. Drop every name of a frozen parameter."""
+    frozen = {name.removeprefix("module.") for name, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}  # fmt: skip
+    return {key: value for key, value in state.items() if key not in frozen}
+
+
 # --- discovery -------------------------------------------------------------------------------------------------
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under `root`, oldest first."""
@@ -243,8 +259,9 @@ class Checkpointer:
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)
         self.env.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        payload = {"model": model_sd, "optim": optim_sd, "rng": {f"rank{self.env.rank}": _rng_state(self.env.device)}}
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options(model))
+        rng = {f"rank{self.env.rank}": _rng_state(self.env.device)}
+        payload = {"model": _without_frozen(model, model_sd), "optim": optim_sd, "rng": rng}
         failure = None
         try:
             # DCP gathers every rank's write result, so a failure on one rank raises on all.
@@ -288,8 +305,9 @@ class Checkpointer:
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and (when the world size matches) this rank's RNG; return the trainer state."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        payload: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        options = _state_options(model)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+        payload: dict[str, Any] = {"model": _without_frozen(model, model_sd), "optim": optim_sd}
         saved_keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata.keys()
         rng_key = f"rank{self.env.rank}"
         state = read_trainer_state(path)
@@ -297,7 +315,8 @@ class Checkpointer:
         if same_world and f"rng.{rng_key}.cpu" in saved_keys:
             payload["rng"] = {rng_key: _rng_state(self.env.device)}
         _load(payload, path)
-        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+                       options=options)  # fmt: skip
         if "rng" in payload:
             rng = payload["rng"][rng_key]
             torch.set_rng_state(rng["cpu"])
@@ -332,9 +351,10 @@ class Checkpointer:
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint (from any world size or strategy) into `model`."""
-    payload = {"model": get_model_state_dict(model)}
+    options = _state_options(model)
+    payload = {"model": _without_frozen(model, get_model_state_dict(model, options=options))}
     _load(payload, path)
-    set_model_state_dict(model, payload["model"])
+    set_model_state_dict(model, payload["model"], options=options)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

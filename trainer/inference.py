@@ -15,8 +15,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distrain.trainer import strict_json
-from distrain.trainer.checkpoint import complete_checkpoints, damage, is_checkpoint, load_model_weights
+from distrain.trainer import adapters, strict_json
+from distrain.trainer.checkpoint import (
+    complete_checkpoints,
+    damage,
+    is_checkpoint,
+    load_model_weights,
+    read_trainer_state,
+)
 from distrain.trainer.distributed import DistEnv, pick_device
 from distrain.trainer.errors import DataError, UserError
 from distrain.trainer.forward import predict_split
@@ -33,7 +39,7 @@ class EvalError(UserError):
 
 @dataclass
 class Weights:
-    kind: str  # "checkpoint" or "export"
+    kind: str  # "checkpoint", "export" or "adapter" (a peft adapter folder, loaded onto the run's base)
     path: Path
     config: Path  # the run's resolved config.yaml
 
@@ -50,6 +56,8 @@ def locate(ckpt: Path) -> Weights:
         if problem:
             raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
         return Weights("checkpoint", ckpt, ckpt.parent.parent / "config.yaml")
+    if (ckpt / "adapter_config.json").is_file() and (ckpt / "distrain_config.yaml").is_file():
+        return Weights("adapter", ckpt, ckpt / "distrain_config.yaml")
     if (ckpt / "distrain_config.yaml").is_file():
         return Weights("export", ckpt, ckpt / "distrain_config.yaml")
     if (ckpt / "config.yaml").is_file():
@@ -85,13 +93,26 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
     if weights.kind == "export":
         cfg.model.name_or_path = cfg.model.tokenizer = str(weights.path)
         cfg.model.gguf_file = cfg.model.train_tokenizer_vocab = None
+    if weights.kind == "adapter":  # the base from the run's source; tokenizer and labels from the folder
+        cfg.model.tokenizer, cfg.model.train_tokenizer_vocab = str(weights.path), None
     tokenizer = load_tokenizer(cfg.model, env, run_dir)
     task = build_task(cfg, tokenizer)
     head = {} if weights.kind == "export" else load_head(run_dir)
-    model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env), tokenizer,
-                        pretrained=weights.kind == "export", **head)  # fmt: skip
+    source = model_source(cfg.model, env)
+    lora = adapters.enabled(cfg) and weights.kind != "export"
+    model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer,
+                        pretrained=weights.kind == "export" or lora, **head)  # fmt: skip
+    if lora:  # a checkpoint or adapter folder holds the adapters only: onto the base they were trained on
+        base = adapters.base_record(cfg, source, model)
+        if weights.kind == "adapter":
+            model = adapters.load_adapter(model, weights.path, base)
+        else:
+            adapters.check_base(read_trainer_state(weights.path).get("base_model"), base, f"checkpoint {weights.path}")
+            model = adapters.apply_lora(model, cfg.adapter)
     if weights.kind == "checkpoint":
         load_model_weights(weights.path, model)
+    if lora:
+        model = adapters.merged(model)  # a plain transformers model, for the task's pipeline
     return cfg, env, tokenizer, task, model.to(env.device).eval()
 
 

@@ -18,14 +18,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from distrain.trainer import adapters
 from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_bytes
-from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights
+from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights, read_trainer_state
 from distrain.trainer.data.loaders import train_loader
 from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.data.streaming import TrainStream
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import Diverged, UserError
 from distrain.trainer.forward import forward_logits, predict_split, to_device
+from distrain.trainer.inference import HEAD_FILE
 from distrain.trainer.loggers import Loggers
 from distrain.trainer.model_card import model_card
 from distrain.trainer.optim import build_scheduler
@@ -53,11 +55,14 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         peak_flops: float,
         stop_request: StopRequest,
+        adapter: adapters.AdapterRun | None = None,
     ):
         self.cfg, self.run_dir, self.env, self.task, self.data = cfg, run_dir, env, task, data
         self.model, self.optimizer = model, optimizer
         self.dims = env.dims  # the layout (strategy and degrees), as the launcher checked it
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.adapter = adapter  # adapter=lora: the frozen base's record, and a builder for the export
+        self.parameter_counts = adapters.parameter_counts(model)
         self.compute_precision = autocast_precision(self.dims, cfg.precision.name)  # what autocast runs at
         self.peak_flops = peak_flops  # per process
         self.stop_request = stop_request
@@ -253,7 +258,8 @@ class Trainer:
     def _report_memory(self) -> None:
         """Once, after the first optimizer step: what each rank holds (compare with `distrain plan`)."""
         held = {key: self.env.all_gather_ints(getattr(self.held, key)) for key in ("params", "grads", "optimizer")}
-        self._report({"kind": "memory", "step": self.step + 1, **{f"{k}_bytes": v for k, v in held.items()}})
+        held_bytes = {f"{k}_bytes": v for k, v in held.items()}
+        self._report({"kind": "memory", "step": self.step + 1, **held_bytes, **self.parameter_counts})
 
     def _report(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -291,6 +297,7 @@ class Trainer:
             "strategy": self.cfg.parallel.name.value,
             "dp": self.dims.dp,
             "tp": self.dims.tp,
+            **({"base_model": self.adapter.base} if self.adapter else {}),
             **({"data": self.data_state} if self.stream is not None else {}),
         }
 
@@ -309,6 +316,8 @@ class Trainer:
         latest = self.checkpointer.latest_good(report=self._warn)
         if latest is None:
             return
+        if self.adapter:  # the adapters are only right on the base they were trained on
+            adapters.check_base(read_trainer_state(latest).get("base_model"), self.adapter.base, f"checkpoint {latest}")
         state = self.checkpointer.load(latest, self.model, self.optimizer)
         self.step = state["step"]
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
@@ -421,6 +430,7 @@ class Trainer:
             "best step": self.best_step,
             "train time (s)": round(time.perf_counter() - started, 1),
             "real tokens/s": round(self.real_tokens / max(self.step_seconds, 1e-9), 1),
+            "parameters trained": "{trainable_params:,} of {total_params:,}".format(**self.parameter_counts),
             **(step_times := self._step_times(self.step - first_step)),  # seconds per step
             "checkpoint": str(self.checkpointer.latest()),
             "export": str(export) if export else "-",
@@ -435,6 +445,7 @@ class Trainer:
             "train_seconds": time.perf_counter() - started,  # steps, evaluations and checkpoints of this invocation
             "step_seconds": self.step_seconds,  # optimizer steps only
             "real_tokens": self.real_tokens,
+            **self.parameter_counts,
             **step_times,
             **({"error": str(diverged)} if diverged else {}),
         }
@@ -471,6 +482,19 @@ class Trainer:
         if self.env.any(not all(bool(torch.isfinite(t).all()) for t in local)):
             raise Diverged(f"the weights after step {self.step} are not finite: no {what} written")
 
+    def _export_adapter(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
+        """Rank 0: the adapter folder (peft), and the merged model beside it when adapter.merge_on_export; both
+        loadable without distrain (the adapter's with its tokenizer and config, onto the recorded base)."""
+        plain = self.adapter.rebuild()
+        adapters.load_full_state(plain, state)
+        target = folder / adapters.ADAPTER_DIR if self.cfg.adapter.merge_on_export else folder
+        adapters.save_adapter(plain, target, self.adapter.base)
+        shutil.copy(self.run_dir / HEAD_FILE, target)  # a new task head's labels (ner, classify)
+        if target != folder:
+            self.task.tokenizer.save_pretrained(target)
+            shutil.copy(self.run_dir / "config.yaml", target / "distrain_config.yaml")
+            adapters.merged(plain).save_pretrained(folder)
+
     def export(self) -> Path:
         """A plain Hugging Face folder (weights, tokenizer, label names) that transformers.pipeline loads."""
         model = unwrap(self.model)
@@ -484,7 +508,10 @@ class Trainer:
         if self.env.is_main:
             partial = self.run_dir / "export.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            model.save_pretrained(partial, state_dict=state)
+            if self.adapter:
+                self._export_adapter(partial, state)
+            else:
+                model.save_pretrained(partial, state_dict=state)
             self.task.tokenizer.save_pretrained(partial)
             shutil.copy(self.run_dir / "config.yaml", partial / "distrain_config.yaml")
             card = model_card(self.cfg, self.task, self._dev_metrics(exported_step))

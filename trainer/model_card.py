@@ -61,7 +61,7 @@ def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None) -
             f"|---|---|\n{rows}\n\nTest: `distrain eval ckpt=<this folder> split=test`."
         )
     if adapter:
-        settings = yaml.safe_dump(OmegaConf.to_container(adapter, resolve=True), sort_keys=False)
+        settings = yaml.safe_dump(OmegaConf.to_container(adapter, resolve=True, enum_to_str=True), sort_keys=False)
         parts.append(f"## Adapter\n\n```yaml\n{settings}```")
     parts.append("## Use it\n\n" + task.card_usage())
     config = OmegaConf.to_yaml(cfg, resolve=True)

@@ -89,6 +89,11 @@ class Backend(Choice):
     nccl = "nccl"
 
 
+class AdapterName(Choice):
+    none = "none"  # every weight is trained
+    lora = "lora"  # the base is frozen; low-rank adapters (peft) are trained
+
+
 class Device(Choice):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
@@ -165,6 +170,16 @@ class TaskConfig:
     name: TaskName = TaskName.ner
     metric: str = "f1"  # dev metric for the best checkpoint and early stopping; one of the task's metrics
     mask_probability: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
+
+
+@dataclass
+class AdapterConfig:
+    name: AdapterName = AdapterName.none
+    r: int = 8  # rank of the low-rank update B @ A
+    alpha: float = 16  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (0 keeps runs comparable across strategies)
+    target_modules: list[str] | None = None  # Linear layers to adapt; null = attention and MLP projections per family
+    merge_on_export: bool = True  # export/ holds the merged model; the adapter folder is always in export/adapter
 
 
 @dataclass
@@ -270,6 +285,7 @@ class DistrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
-from distrain.trainer import strict_json
+from distrain.trainer import adapters, strict_json
 from distrain.trainer.accounting import measure_peak_flops
 from distrain.trainer.distributed import DistEnv, process_group
 from distrain.trainer.errors import ConfigError, Diverged, UserError
@@ -90,6 +90,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
         save_head(run_dir, head)  # weights load later without the data
     source = model_source(cfg.model, env)
     model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer, **head)
+    adapter = None
+    if adapters.enabled(cfg):  # before parallelism: DDP and FSDP see the frozen base and the trainable adapters
+        base = adapters.base_record(cfg, source, model)
+
+        def rebuild() -> torch.nn.Module:
+            plain = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer,
+                                pretrained=False, **head)  # fmt: skip
+            return adapters.apply_lora(plain, cfg.adapter)
+
+        adapter = adapters.AdapterRun(base, rebuild)
+        model = adapters.apply_lora(model, cfg.adapter)
     model.to(env.device)
     dims, problems = ParallelDims.resolve(cfg.parallel, env.world_size)
     problems += dims.model_problems(model.config) if dims else []
@@ -104,7 +115,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     optimizer = build_optimizer(model, cfg.optim)
     peak = record_peak_flops(run_dir, env)
     stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
-    return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop)
+    return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop, adapter)
 
 
 def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
