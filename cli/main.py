@@ -14,6 +14,7 @@ COMMANDS = {
     "parity": ("distrain.cli.parity", "train N steps under each strategy; compare losses (strategies=[...] steps=N)"),
     "plan": ("distrain.cli.plan", "per-rank memory and FLOPs of a layout and its alternatives, without training"),
     "report": ("distrain.cli.report", "rank the runs of a sweep (or a run) by dev metric; write report.csv (DIR)"),
+    "bench": ("distrain.cli.bench", "throughput vs Hugging Face Trainer on CoNLL-2003, and start-up (--help)"),
 }
 
 USAGE = """usage: distrain <command> [key=value ...] [hydra flags]
@@ -30,6 +31,7 @@ examples:
   distrain parity model=bert_tiny strategies=[single,ddp,fsdp,tp,fsdp_tp:1x2] steps=5
   distrain plan +experiment=conll_ner parallel=fsdp launcher.nproc_per_node=2
   distrain train +experiment=wnut_ner hparams_search=ner_optuna && distrain report runs/wnut_ner/<sweep>
+  distrain bench --data-dir /data/conll2003 --repeats 3 --steps 60
 
 `distrain <command> --help` lists the config groups and keys; `--cfg job` prints the composed config."""
 

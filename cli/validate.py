@@ -100,6 +100,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("max_train_samples", "max_eval_samples"):
         need(data[key] is None or data[key] >= 1, f"data.{key}", "null or an integer >= 1")
     problems += _data_problems(data)
+    problems += _stream_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -251,8 +252,9 @@ def _data_problems(data: DictConfig) -> list[str]:
             problems.append(
                 f"data.split: expected fractions for train, dev and test that sum to 1, got {dict(data.split)}"
             )
-    elif not {"train", "dev"} <= splits or not splits <= {"train", "dev", "test"}:
-        problems.append(f"data.files: expected files for train and dev (and optionally test), got {sorted(splits)}")
+    elif not ({"dev"} if data.mixture else {"train", "dev"}) <= splits or not splits <= {"train", "dev", "test"}:
+        needed = "dev (data.mixture supplies train)" if data.mixture else "train and dev"
+        problems.append(f"data.files: expected files for {needed} (and optionally test), got {sorted(splits)}")
     for split, name in data.files.items():
         if not matching_paths(data, name):
             kind = "a folder of class folders" if data.format == "folders" else "a file"
@@ -271,3 +273,56 @@ def hub_dataset_unreachable(name: str) -> str | None:
     except Exception as error:  # network errors, unknown repo, gated repo: all mean "not usable from here"
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return None
+
+
+STREAM_FORMATS = ("jsonl", "csv", "text")
+
+
+def _stream_problems(cfg: DictConfig) -> list[str]:
+    """data.streaming and data.mixture: what an unsized, sequential stream of training data needs."""
+    data, problems = cfg.data, []
+    if not data.streaming:
+        if data.mixture:
+            problems.append("data.mixture: expected data.streaming=true (sources are mixed as they stream), got false")
+        return problems
+    if cfg.train.max_steps is None:
+        problems.append("train.max_steps: expected a number of steps with data.streaming=true (a stream has no "
+                        "length, so train.epochs cannot set the schedule), got None")  # fmt: skip
+    if data.split is not None:
+        problems.append("data.split: expected null with data.streaming=true (cutting one file into splits needs the "
+                        "whole file); give data.files.train, .dev (and .test)")  # fmt: skip
+    if data.dir is not None and data.format not in STREAM_FORMATS:
+        problems.append(f"data.format: expected one of {list(STREAM_FORMATS)} with data.streaming=true, "
+                        f"got {data.format!r}")  # fmt: skip
+    if data.group_by_length:
+        problems.append("data.group_by_length: expected false with data.streaming=true (a stream is not sorted)")
+    if data.max_train_samples is not None:
+        problems.append("data.max_train_samples: expected null with data.streaming=true (train.max_steps bounds a "
+                        f"stream), got {data.max_train_samples}")  # fmt: skip
+    if data.num_workers > 1:
+        problems.append(f"data.num_workers: expected 0 or 1 with data.streaming=true (one worker reads, tokenizes "
+                        f"and packs the sequential stream), got {data.num_workers}")  # fmt: skip
+    if data.shuffle_buffer < 1:
+        problems.append(f"data.shuffle_buffer: expected an integer >= 1, got {data.shuffle_buffer}")
+    if not task_class(cfg.task.name).language_model and data.labels is None:
+        problems.append(f"data.labels: expected the label list with data.streaming=true for task {cfg.task.name} "
+                        "(the label set cannot be read from an unbounded stream), got None")  # fmt: skip
+    for i, source in enumerate(data.mixture):
+        key = f"data.mixture[{i}]"
+        if not (math.isfinite(source.weight) and source.weight > 0):
+            problems.append(f"{key}.weight: expected a number > 0, got {source.weight!r}")
+        if source.dir is None:
+            if source.hub_name is None:
+                problems.append(f"{key}.dir: expected a folder with files (or hub_name for a Hub dataset), got None")
+            continue
+        fmt = source.format or data.format
+        if fmt not in STREAM_FORMATS:
+            problems.append(f"{key}.format: expected one of {list(STREAM_FORMATS)}, got {str(fmt)!r}")
+        elif source.files is None:
+            problems.append(f"{key}.files: expected the source's training files (a glob inside its dir), got None")
+        elif not matching_paths(OmegaConf.create({"dir": source.dir, "format": str(fmt)}), source.files):
+            problems.append(f"{key}.files: expected a file, '{resolve_path(source.dir) / source.files}' does not exist")
+    names = [source.name for source in data.mixture]
+    if len(set(names)) != len(names):
+        problems.append(f"data.mixture: expected distinct source names, got {names}")
+    return problems

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import run_distrain, train_losses
 
 STEPS = 4
@@ -100,6 +101,23 @@ def test_the_export_loads_into_its_pipeline(task_runs, task):
     runner = pipeline(pipeline_task, model=str(task_runs[task] / "export"))
     kwargs = {"max_new_tokens": 5} if task == "clm" else {}
     assert runner(text, **kwargs)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_the_export_has_a_model_card_with_front_matter_metrics_and_config(task_runs, task):
+    run = task_runs[task]
+    card = (run / "export" / "README.md").read_text()
+    _, front_matter, body = card.split("---\n", 2)
+    front = yaml.safe_load(front_matter)
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == TASKS[task][1], front
+    assert {"distrain", task} <= set(front["tags"]) and "base_model" not in front  # random init: no base model
+    (dev,) = [r for r in records(run) if r["kind"] == "eval" and r["step"] == STEPS]
+    for metric in METRICS[task]:
+        assert f"| {metric} | {dev[metric]:.6g} |" in body
+    config = yaml.safe_load(body.split("```yaml\n")[-1].split("```")[0])
+    assert config == yaml.safe_load((run / "config.yaml").read_text())
+    if task == "ner":  # the task's own advice
+        assert 'aggregation_strategy="first"' in body
 
 
 @pytest.mark.parametrize("task", list(TASKS))

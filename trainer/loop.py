@@ -22,16 +22,18 @@ from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_
 from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights
 from distrain.trainer.data.loaders import train_loader
 from distrain.trainer.data.sampler import GlobalBatchSampler
+from distrain.trainer.data.streaming import TrainStream
 from distrain.trainer.distributed import DistEnv
-from distrain.trainer.errors import Diverged
+from distrain.trainer.errors import Diverged, UserError
 from distrain.trainer.forward import forward_logits, predict_split, to_device
 from distrain.trainer.loggers import Loggers
+from distrain.trainer.model_card import model_card
 from distrain.trainer.optim import build_scheduler
 from distrain.trainer.parallel import autocast_precision, clip_grad_norm, no_sync, unwrap
 from distrain.trainer.precision import grad_scaler
 from distrain.trainer.preemption import StopRequest
 from distrain.trainer.profiling import StepProfiler
-from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, summary_table
+from distrain.trainer.reporting import MetricsWriter, RunProgress, console, format_record, read_metrics, summary_table
 from distrain.trainer.schema import ExportWeights
 from distrain.trainer.tasks import Task, TaskData
 from distrain.trainer.watchdog import mark
@@ -60,20 +62,28 @@ class Trainer:
         self.peak_flops = peak_flops  # per process
         self.stop_request = stop_request
         t = cfg.train
-        self.sampler = GlobalBatchSampler(
-            data.splits["train"]["length"],
-            micro_batch_size=t.micro_batch_size,
-            grad_accum_steps=t.grad_accum_steps,
-            dp_rank=env.dp_rank,
-            dp_size=env.dp_size,
-            seed=t.seed,
-            group_by_length=cfg.data.group_by_length,
-        )
         self.collate = task.collator(train=True)
-        self.loader = train_loader(
-            data.splits["train"], self.collate, list(task.loader_columns), self.sampler, cfg.data.num_workers
-        )
-        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.stream: TrainStream | None = None  # data.streaming: the training stream, its position in data_state
+        self.data_state: dict[str, Any] | None = None
+        if cfg.data.streaming:
+            self.stream = TrainStream(task, t.micro_batch_size, t.grad_accum_steps, env.dp_rank, env.dp_size,
+                                      self.collate)  # fmt: skip
+            self.data_state = self.stream.state
+            self.steps_per_epoch = None  # unsized: epochs are counted when the stream wraps
+        else:
+            self.sampler = GlobalBatchSampler(
+                data.splits["train"]["length"],
+                micro_batch_size=t.micro_batch_size,
+                grad_accum_steps=t.grad_accum_steps,
+                dp_rank=env.dp_rank,
+                dp_size=env.dp_size,
+                seed=t.seed,
+                group_by_length=cfg.data.group_by_length,
+            )
+            self.loader = train_loader(
+                data.splits["train"], self.collate, list(task.loader_columns), self.sampler, cfg.data.num_workers
+            )
+            self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.scaler = grad_scaler(cfg.precision.name, env.device)
@@ -107,7 +117,10 @@ class Trainer:
                 logits = forward_logits(self.model, self.task, batch, self.compute_precision, self.env.device)
                 loss_sum = self.task.loss_sum(logits, batch)
                 mark("backward")
-                self.scaler.scale(loss_sum * scale).backward()
+                # 0 * loss is 0, or NaN when this rank's loss is not finite: then its gradients are NaN, and so are
+                # the reduced gradients and the gradient norm on every rank (see _nonfinite). Exact otherwise.
+                poisoned = scale + 0.0 * loss_sum.detach()
+                self.scaler.scale(loss_sum * poisoned).backward()
             step_loss += loss_sum.detach()
         mark("optimizer")
         self.scaler.unscale_(self.optimizer)
@@ -145,12 +158,18 @@ class Trainer:
 
     def _nonfinite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether this step must not be applied: its loss (on any rank) or gradient norm is not finite. Raises
-        Diverged after train.max_nonfinite_steps such steps in a row. Under fp16 an infinite gradient is the
-        loss scaler's business (it skips the step and lowers the scale), so there only the loss counts."""
-        finite = torch.isfinite(step_loss)
-        if not self.scaler.is_enabled():
-            finite &= torch.isfinite(grad_norm)
-        if not self.env.any(not bool(finite)):  # one flag per step, the same decision on every rank
+        Diverged after train.max_nonfinite_steps such steps in a row.
+
+        The decision is the same on every rank without a collective of its own: a rank whose loss is not finite
+        made its gradients NaN (train_step), and the gradient norm is global: computed from the all-reduced
+        gradients (DDP), or from every shard's squares (FSDP, TP); TP peers compute the same loss. Under fp16 an
+        infinite gradient is the loss scaler's business (it skips the step and lowers the scale), so there only
+        the loss counts, and ranks exchange a flag."""
+        if self.scaler.is_enabled():
+            bad = self.env.any(not bool(torch.isfinite(step_loss)))
+        else:
+            bad = not bool(torch.isfinite(grad_norm))
+        if not bad:
             self.nonfinite_in_a_row = 0
             return False
         self.nonfinite_in_a_row += 1
@@ -207,7 +226,7 @@ class Trainer:
         record = {
             "kind": "train",
             "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
+            "epoch": self.epoch(),
             "loss": totals[0] / float(w["targets"]) if w["targets"] > 0 else None,  # None: every step skipped
             "lr": w["lr"],
             "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -223,6 +242,8 @@ class Trainer:
             "step_time_min": min(r[0] for r in per_rank),
             "data_wait_max": max(r[1] for r in per_rank),
         }
+        if self.stream is not None:  # the samples each source gave so far (the same global stream on every rank)
+            record["samples_by_source"] = self.stream.counts(self.data_state)
         if w["profiled"]:
             record["profiled"] = True  # the profiler slowed these steps: their throughput is not comparable
         self._report(record)
@@ -258,7 +279,7 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "epoch": self.step / self.steps_per_epoch,
+            "epoch": self.epoch(),
             "total_steps": self.total_steps,
             "metric": self.cfg.task.metric,
             "best_metric": self.best_metric,
@@ -270,7 +291,14 @@ class Trainer:
             "strategy": self.cfg.parallel.name.value,
             "dp": self.dims.dp,
             "tp": self.dims.tp,
+            **({"data": self.data_state} if self.stream is not None else {}),
         }
+
+    def epoch(self) -> float:
+        """Epochs done: fractional in map mode; completed passes when streaming."""
+        if self.stream is not None:
+            return self.stream.epoch(self.data_state)
+        return self.step / self.steps_per_epoch
 
     def save(self) -> Path:
         mark("checkpoint")
@@ -288,6 +316,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+        if self.stream is not None:
+            if "data" not in state:
+                raise UserError(f"{latest} holds no stream position: it was written by a run without data.streaming")
+            self.stream.load_state_dict(state["data"])
+            self.data_state = state["data"]
         if self.env.is_main:
             message = f"resumed from {latest} at step {self.step}"
             log.info(message)
@@ -301,6 +334,11 @@ class Trainer:
     # --- the schedule --------------------------------------------------------------------------------------
     def _step_batches(self):
         """Micro-batches of each step from the current position on, epoch after epoch."""
+        if self.stream is not None:
+            for item in self.stream.loader(self.cfg.data.num_workers):
+                self.data_state = item["state"]  # the position after this step: what its checkpoint stores
+                yield item["micro_batches"]
+            return
         while True:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, start)
@@ -347,7 +385,7 @@ class Trainer:
                 preempted = not last and self.env.any(self.stop_request.requested())
                 if self._due(t.log_every) or last or self.step == stop_at or preempted:
                     self._log_train()
-                epoch_end = self.step % self.steps_per_epoch == 0
+                epoch_end = self.stream is None and self.step % self.steps_per_epoch == 0
                 improved = False
                 due_eval = self._due(t.eval_every) or (t.eval_every == 0 and epoch_end) or last
                 if due_eval and not preempted:  # when preempted, time is short: checkpoint first
@@ -378,7 +416,7 @@ class Trainer:
         summary = {
             "status": status,
             "steps": f"{self.step} / {self.total_steps}",
-            "epochs": round(self.step / self.steps_per_epoch, 2),
+            "epochs": round(self.epoch(), 2),
             f"best dev {self.cfg.task.metric}": self.best_metric,
             "best step": self.best_step,
             "train time (s)": round(time.perf_counter() - started, 1),
@@ -436,8 +474,10 @@ class Trainer:
     def export(self) -> Path:
         """A plain Hugging Face folder (weights, tokenizer, label names) that transformers.pipeline loads."""
         model = unwrap(self.model)
+        exported_step = self.step
         if self.cfg.train.export_weights == ExportWeights.best and self.best_step not in (None, self.step):
             load_model_weights(self.checkpointer.root / f"step_{self.best_step}", model)
+            exported_step = self.best_step
         self._check_weights_finite("export")
         state = full_model_state(self.model)
         target = self.run_dir / "export"
@@ -447,10 +487,17 @@ class Trainer:
             model.save_pretrained(partial, state_dict=state)
             self.task.tokenizer.save_pretrained(partial)
             shutil.copy(self.run_dir / "config.yaml", partial / "distrain_config.yaml")
-            card = self.task.model_card()
-            if card:
-                (partial / "README.md").write_text(card, encoding="utf-8")
+            card = model_card(self.cfg, self.task, self._dev_metrics(exported_step))
+            (partial / "README.md").write_text(card, encoding="utf-8")
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         self.env.barrier()
         return target
+
+    def _dev_metrics(self, step: int) -> dict[str, Any] | None:
+        """The dev eval record of `step` in metrics.jsonl (also from before a resume), or None."""
+        found = None
+        for record in read_metrics(self.run_dir / "metrics.jsonl"):
+            if record.get("kind") == "eval" and record.get("split") == "dev" and record.get("step") == step:
+                found = {k: v for k, v in record.items() if k not in ("kind", "split")}
+        return found

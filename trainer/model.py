@@ -96,6 +96,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
     wrapped.save_pretrained(folder)
 
 
+TOKENIZER_SAMPLE_RECORDS = 10_000  # data.streaming: the tokenizer learns from this many records of each source
+
+
 def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
     """Train the run's tokenizer on its training split once (model.train_tokenizer_vocab), into the run dir."""
     if cfg.model.train_tokenizer_vocab is None:
@@ -103,7 +106,12 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
     from distrain.trainer.data.sources import column, read_splits
 
     def train(partial: Path) -> None:
-        records = read_splits(cfg.data)["train"]
+        if cfg.data.streaming:  # an unbounded stream: the first records of each source
+            from distrain.trainer.data.streaming import first_records
+
+            records = first_records(cfg.data, cfg.train.seed, TOKENIZER_SAMPLE_RECORDS)
+        else:
+            records = read_splits(cfg.data)["train"]
         texts = [str(column(r, "text_column", cfg.data.text_column)) for r in records]
         log.info("training a %d-token BPE tokenizer on %d training texts", cfg.model.train_tokenizer_vocab, len(texts))
         train_tokenizer(texts, cfg.model.train_tokenizer_vocab, partial)

@@ -18,11 +18,15 @@ def build_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.Ad
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # Tensor parallelism leaves some parameters plain tensors beside DTensors; the multi-tensor (foreach) kernels
-    # cannot mix the two, so such a model takes the per-parameter implementation.
+    # Plain parameters (single process, DDP) take the fused kernel (Hugging Face Trainer's default too): one pass
+    # per parameter; on CPU, 15 ms of CPU a step for MiniLM against 96 ms for the multi-tensor (foreach) one and
+    # its temporaries, with the same losses. DTensor parameters (FSDP, TP) keep torch's default: a resumed
+    # optimizer state can hold plain tensors that the fused kernel refuses to mix with DTensors. Tensor
+    # parallelism leaves some parameters plain beside DTensors, which no multi-tensor kernel can mix: such a model
+    # takes the per-parameter implementation.
     kinds = {isinstance(p, DTensor) for p in decay + no_decay}
-    foreach = False if len(kinds) > 1 else None
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=foreach)
+    kernel = {"fused": True} if kinds == {False} else {"foreach": False if len(kinds) > 1 else None}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, **kernel)
 
 
 def build_scheduler(

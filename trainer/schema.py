@@ -109,6 +109,26 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of a weighted mixture of training data (data.mixture); unset fields come from data.*."""
+
+    name: str = MISSING  # how metrics name it (samples_by_source)
+    weight: float = 1.0  # relative: a sample comes from this source with probability weight / sum of weights
+    dir: str | None = None  # folder of its files; null with hub_name: a Hub dataset
+    files: str | None = None  # its training files (glob) inside dir
+    format: DataFormat | None = None
+    text_unit: TextUnit | None = None
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_revision: str | None = None
+    hub_split: str = "train"
+    text_column: str | None = None  # its column names, mapped onto data.text_column etc.
+    label_column: str | None = None
+    tokens_column: str | None = None
+    tags_column: str | None = None
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     format: DataFormat = DataFormat.conll
@@ -135,6 +155,9 @@ class DataConfig:
     group_by_length: bool = False  # batches of similar length: less padding, same samples per epoch
     cache_dir: str = "~/.cache/distrain"  # tokenized datasets, keyed by file contents and settings
     num_workers: int = 0  # DataLoader worker processes per rank
+    streaming: bool = False  # read, tokenize and pack the training data on the fly: no cache (train.max_steps needed)
+    shuffle_buffer: int = 1000  # streaming: samples in the seeded shuffle buffer (part of each checkpoint)
+    mixture: list[MixtureSource] = field(default_factory=list)  # weighted training sources instead of files.train
 
 
 @dataclass

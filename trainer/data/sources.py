@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from distrain.trainer.data.conll import read_conll
 from distrain.trainer.errors import DataError
 from distrain.trainer.paths import resolve_path
+from distrain.trainer.schema import TextUnit
 
 log = logging.getLogger(__name__)
 FORMATS = ("conll", "jsonl", "csv", "text", "folders")
@@ -42,10 +44,12 @@ def matching_paths(data: DictConfig, pattern: str) -> list[Path]:
     return sorted(p for p in map(Path, glob.glob(str(target))) if p.is_file())
 
 
-def source_files(data: DictConfig) -> dict[str, list[Path]]:
-    """The files of each split key in data.files (globs allowed), relative to data.dir."""
+def source_files(data: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, list[Path]]:
+    """The files of each split key in data.files (globs allowed, `skip`ped splits left out), relative to data.dir."""
     out = {}
     for split, pattern in data.files.items():
+        if split in skip:
+            continue
         out[split] = matching_paths(data, pattern)
         if not out[split]:
             raise DataError(f"data.files.{split}: nothing matches {resolve_path(data.dir) / pattern}")
@@ -62,50 +66,76 @@ def read_text_file(path: Path) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-        records.append(Record(row, f"{path}:{number}"))
-    return records
+def _decode(raw: bytes, path: Path, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        log.warning("%s:%d is not UTF-8; read as Windows-1252", path, number)
+        return raw.decode("cp1252", errors="replace")
 
 
-def _read_csv(path: Path) -> list[Record]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        records = []
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise DataError(
-                    f"{path}:{reader.line_num}: more values than the {len(reader.fieldnames)} header columns"
-                )
-            records.append(Record(dict(row), f"{path}:{reader.line_num}"))
-    return records
+def iter_records(
+    path: Path, data: DictConfig, start: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[Record, tuple[int, int]]]:
+    """The records of a jsonl, csv or text file from `start` (byte offset, lines read) on, each with the position
+    just after it: what streaming stores in a checkpoint to continue from that record without re-reading."""
+    if data.format == "text" and data.text_unit == TextUnit.file:
+        text = read_text_file(path) if start[0] == 0 else ""
+        if text.strip():
+            yield Record({"text": text}, str(path)), (path.stat().st_size, 0)
+        return
+    with open(path, "rb") as f:
+        offset, number = start
+        if data.format == "csv":
+            header_line = f.readline()
+            header = next(csv.reader([_decode(header_line, path, 1)]), [])
+            if offset == 0:
+                offset, number = f.tell(), 1
+        f.seek(offset)
+
+        def lines() -> Iterator[str]:
+            nonlocal number
+            while raw := f.readline():
+                number += 1
+                yield _decode(raw, path, number)
+
+        if data.format == "csv":
+            for row in csv.reader(lines()):
+                if not row:
+                    continue
+                if len(row) > len(header):
+                    raise DataError(f"{path}:{number}: more values than the {len(header)} header columns")
+                fields = {name: row[i] if i < len(row) else None for i, name in enumerate(header)}
+                yield Record(fields, f"{path}:{number}"), (f.tell(), number)
+            return
+        paragraph: list[str] = []
+        first = 0
+        for line in lines():
+            line = line.rstrip("\r\n")
+            if data.format == "jsonl":
+                if line.strip():
+                    yield _jsonl_record(path, number, line), (f.tell(), number)
+            elif data.text_unit == TextUnit.line:
+                if line.strip():
+                    yield Record({"text": line}, f"{path}:{number}"), (f.tell(), number)
+            elif line.strip():  # paragraphs: blank-line separated
+                first = first if paragraph else number
+                paragraph.append(line)
+            elif paragraph:
+                yield Record({"text": "\n".join(paragraph)}, f"{path}:{first}"), (f.tell(), number)
+                paragraph = []
+        if paragraph:
+            yield Record({"text": "\n".join(paragraph)}, f"{path}:{first}"), (f.tell(), number)
 
 
-def _read_text(path: Path, unit: str) -> list[Record]:
-    text = read_text_file(path)
-    if unit == "file":
-        return [Record({"text": text}, str(path))] if text.strip() else []
-    if unit == "line":
-        return [Record({"text": line}, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    records, lines, start = [], [], 1
-    for number, line in enumerate([*text.splitlines(), ""], start=1):
-        if line.strip():
-            if not lines:
-                start = number
-            lines.append(line)
-        elif lines:
-            records.append(Record({"text": "\n".join(lines)}, f"{path}:{start}"))
-            lines = []
-    return records
+def _jsonl_record(path: Path, number: int, line: str) -> Record:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+    return Record(row, f"{path}:{number}")
 
 
 def _read_folders(folder: Path) -> list[Record]:
@@ -124,14 +154,10 @@ def read_file(path: Path, data: DictConfig) -> list[Record]:
     if data.format == "conll":
         return [Record({"tokens": s.tokens, "tags": s.tags, "lines": s.lines}, f"{path}:{s.lines[0]}")
                 for s in read_conll(path)]  # fmt: skip
-    if data.format == "jsonl":
-        records = _read_jsonl(path)
-    elif data.format == "csv":
-        records = _read_csv(path)
-    elif data.format == "text":
-        records = _read_text(path, data.text_unit)
-    else:
+    if data.format == "folders":
         records = _read_folders(path)
+    else:
+        records = [record for record, _ in iter_records(path, data)]
     if not records:
         raise DataError(f"{path}: no records (empty file?)")
     return records
@@ -146,11 +172,11 @@ def _split(records: list[Record], fractions: DictConfig, seed: int) -> dict[str,
     return {split: [records[i] for i in idx] for split, idx in cuts.items()}
 
 
-def read_splits(data: DictConfig) -> dict[str, list[Record]]:
-    """Records of every split, from local files or (with data.dir null) the Hub."""
+def read_splits(data: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, list[Record]]:
+    """Records of every split (but the `skip`ped ones), from local files or (with data.dir null) the Hub."""
     if data.dir is None:
-        return _read_hub(data)
-    files = source_files(data)
+        return {split: records for split, records in _read_hub(data).items() if split not in skip}
+    files = source_files(data, skip)
     splits = {split: [r for path in paths for r in read_file(path, data)] for split, paths in files.items()}
     if data.split is not None:
         splits = _split(splits["all"], data.split, data.split_seed)
@@ -161,7 +187,7 @@ def read_splits(data: DictConfig) -> dict[str, list[Record]]:
 
 
 def _read_hub(data: DictConfig) -> dict[str, list[Record]]:
-    from datasets import ClassLabel, List, load_dataset
+    from datasets import load_dataset
 
     try:
         hub = load_dataset(data.hub_name, data.hub_config, revision=data.hub_revision)
@@ -176,21 +202,31 @@ def _read_hub(data: DictConfig) -> dict[str, list[Record]]:
         if hub_split not in hub:
             raise DataError(f"data.hub_splits.{split}: {data.hub_name} has no split {hub_split!r} ({list(hub)})")
         rows = hub[hub_split]
-        # Class ids become their names, as in local files.
-        names = {}
-        for column, feature in rows.features.items():
-            if isinstance(feature, ClassLabel):
-                names[column] = feature.names
-            elif isinstance(feature, List) and isinstance(feature.feature, ClassLabel):
-                names[column] = feature.feature.names
-        records = []
-        for number, row in enumerate(rows):
-            for column, labels in names.items():
-                value = row[column]
-                row[column] = [labels[v] for v in value] if isinstance(value, list) else labels[value]
-            records.append(Record(row, f"{data.hub_name}[{hub_split}] row {number}"))
-        out[split] = records
+        names = class_names(rows.features)
+        out[split] = [Record(named(row, names), f"{data.hub_name}[{hub_split}] row {number}")
+                      for number, row in enumerate(rows)]  # fmt: skip
     return out
+
+
+def class_names(features: Any) -> dict[str, list[str]]:
+    """The class names of each ClassLabel column (or list of ClassLabel) of a Hub dataset's features."""
+    from datasets import ClassLabel, List
+
+    names = {}
+    for column, feature in (features or {}).items():
+        if isinstance(feature, ClassLabel):
+            names[column] = feature.names
+        elif isinstance(feature, List) and isinstance(feature.feature, ClassLabel):
+            names[column] = feature.feature.names
+    return names
+
+
+def named(row: dict[str, Any], names: dict[str, list[str]]) -> dict[str, Any]:
+    """A Hub row with class ids replaced by their names, as in local files."""
+    for column, labels in names.items():
+        value = row[column]
+        row[column] = [labels[v] for v in value] if isinstance(value, list) else labels[value]
+    return row
 
 
 def column(record: Record, key: str, name: str) -> Any:

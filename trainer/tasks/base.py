@@ -97,6 +97,9 @@ class Task:
     # --- data ----------------------------------------------------------------------------------------------
     def prepare(self, env: DistEnv) -> TaskData:
         data = self.cfg.data
+        if data.streaming:  # the training data streams (trainer/data/streaming.py); dev/test are tokenized here
+            splits = {split: self.in_memory(records) for split, records in read_splits(data, skip=("train",)).items()}
+            return TaskData(splits=self._limited(splits), labels=self.labels_of({"train": splits["dev"]}))
         key = {
             "task": self.name,
             "source": source_key(data),
@@ -104,12 +107,27 @@ class Task:
             "settings": self.cache_settings(),
         }
         splits = cached_splits(data.cache_dir, self.name, key, self._build, env)
-        labels = self.labels_of(splits)
+        return TaskData(splits=self._limited(splits), labels=self.labels_of(splits))
+
+    def _limited(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
+        """data.max_train_samples / max_eval_samples: the first N of each split."""
         for split, dataset in splits.items():
-            limit = data.max_train_samples if split == "train" else data.max_eval_samples
+            limit = self.cfg.data.max_train_samples if split == "train" else self.cfg.data.max_eval_samples
             if limit is not None and limit < len(dataset):
                 splits[split] = dataset.select(range(limit))
-        return TaskData(splits=splits, labels=labels)
+        return splits
+
+    def in_memory(self, records: list[Record]) -> Dataset:
+        """Records tokenized in memory, nothing written to disk (streaming's dev/test)."""
+        (raw,) = self.to_datasets({"split": records}).values()
+        return raw.map(self.tokenize, batched=True, remove_columns=self.drop_columns(raw), keep_in_memory=True)
+
+    def stream_samples(self, records: list[Record]) -> list[dict[str, Any]]:
+        """Tokenized samples (dicts of lists) from a chunk of streamed training records; LM tasks pack them."""
+        (raw,) = self.to_datasets({"train": records}).values()
+        out = self.tokenize(raw.to_dict())
+        keys = list(out.keys())
+        return [dict(zip(keys, values, strict=True)) for values in zip(*(out[k] for k in keys), strict=True)]
 
     def cache_settings(self) -> dict[str, Any]:
         """Every setting besides the source and tokenizer that changes the tokenized data."""
@@ -196,9 +214,13 @@ class Task:
         """Scores of the raw-text path (predict, the export's pipeline) that `distrain eval` adds to its report."""
         return {}
 
-    def model_card(self) -> str | None:
-        """The export's README.md: how to use the exported model (None: no card)."""
-        return None
+    card_example: ClassVar[str] = "Paris is the capital of France."  # the model card's example input
+
+    def card_usage(self) -> str:
+        """The model card's "Use it" section (trainer/model_card.py writes the rest)."""
+        return (f'```python\nfrom transformers import pipeline\n\nrunner = pipeline("{self.pipeline_task}", '
+                f'model="<this folder>")\nrunner({self.card_example!r})\n```\n\nOr `distrain predict '
+                "ckpt=<this folder> input=FILE`: one JSON line per input line.")  # fmt: skip
 
     def pipeline_kwargs(self, options: DictConfig) -> dict[str, Any]:
         """Arguments of transformers.pipeline(...) for `distrain predict`."""

@@ -197,6 +197,10 @@ class MaskedLMTask(LanguageModelTask):
     def collator(self, train: bool) -> Any:
         return MaskingCollator(self.tokenizer, self.cfg.task.mask_probability, self.cfg.train.seed, train)
 
+    @property
+    def card_example(self) -> str:
+        return f"Paris is the {self.tokenizer.mask_token} of France."
+
     def check_input(self, line: str) -> str | None:
         mask = self.tokenizer.mask_token
         return None if line.count(mask) == 1 else f"a fill-mask input needs one {mask}"

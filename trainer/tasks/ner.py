@@ -242,16 +242,14 @@ class NerTask(Task):
     def format_prediction(self, text: str, output: Any) -> dict[str, Any]:
         return {"entities": output}
 
-    def model_card(self) -> str:
+    def card_usage(self) -> str:
         subwords = self.cfg.data.label_subwords
         trained = (
             "every sub-word of a word (continuation pieces of a `B-X` word learned `I-X`)"
             if subwords == LabelSubwords.all
             else "only the first sub-word of each word (the model's outputs on the other pieces are untrained)"
         )
-        return MODEL_CARD.format(
-            name=self.cfg.run.name, trained=trained, subwords=subwords, aggregation=self.pipeline_aggregation
-        )
+        return CARD_USAGE.format(trained=trained, subwords=subwords, aggregation=self.pipeline_aggregation)
 
     def raw_text_report(
         self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: Any, aggregation: str | None
@@ -286,11 +284,7 @@ class NerTask(Task):
         }
 
 
-MODEL_CARD = """# {name}: token classification (NER) trained with distrain
-
-Trained with `data.label_subwords={subwords}`: {trained}.
-
-## Use it
+CARD_USAGE = """Trained with `data.label_subwords={subwords}`: {trained}.
 
 ```python
 from transformers import pipeline

@@ -1,0 +1,243 @@
+"""`distrain bench`: distrain vs Hugging Face Trainer on the same cores, data, model, batch and learning rate.
+
+    distrain bench [--data-dir DIR] [--repeats 3] [--steps 60 | --samples N | --full] [--out DIR] [overrides ...]
+
+Training throughput: CoNLL-2003 NER, 2 processes (gloo), length-grouped batches of --batch per rank, fp32. Each
+repetition runs `distrain train +experiment=conll_ner` and the HF Trainer peer (cli/bench_hf.py under torchrun),
+one after the other (interleaved, so that the machine's load hits both), over the same window: --steps optimizer
+steps, or one epoch of the first --samples training sentences, or with --full 3 epochs and then each one's test
+F1. Both count real (non-padding) tokens of every rank over the time of the training steps, data loading
+included, logging, evaluation and checkpoints excluded. Trailing overrides go to `distrain train` (e.g.
+train.num_threads=2).
+Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export) vs a bare torchrun of a
+trivial gloo job, interleaved (--startup-repeats, default --repeats; 0 skips it).
+Prints medians, min-max and ratios; writes <out>/bench.json with the machine and every repetition's figures.
+The data folder (train.txt, dev.txt, test.txt): --data-dir, else $DISTRAIN_CONLL2003_DIR, else
+../shared/data/conll2003.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distrain.cli.console import console, print_error
+
+BIN = Path(sys.executable).parent
+SPLITS = ("train.txt", "dev.txt", "test.txt")
+BARE_JOB = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="distrain bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", default=os.environ.get("DISTRAIN_CONLL2003_DIR", "../shared/data/conll2003"))
+    parser.add_argument("--out", default=None, help="default: runs/bench/<time>")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side (default 3)")
+    window = parser.add_mutually_exclusive_group()
+    window.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60)")
+    window.add_argument("--samples", type=int, default=None, help="one epoch of the first N training sentences")
+    window.add_argument("--full", action="store_true", help="3 epochs on all the data, then the test F1 of each")
+    parser.add_argument("--model", default="minilm", help="a distrain model config (default minilm)")
+    parser.add_argument("--batch", type=int, default=16, help="per rank (default 16)")
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--nproc", type=int, default=2, help="processes of each run (default 2)")
+    parser.add_argument("--startup-repeats", type=int, default=None, help="default: --repeats")
+    parser.add_argument("overrides", nargs="*", help="passed to distrain train")
+    args = parser.parse_args(argv)
+    if args.steps is None and args.samples is None and not args.full:
+        args.steps = 60
+    counts = {k: getattr(args, k) for k in ("repeats", "steps", "samples", "batch", "nproc")}
+    problems = [f"--{k}: expected a positive number, got {v}" for k, v in counts.items() if v is not None and v < 1]
+    data = Path(args.data_dir).expanduser().resolve()
+    missing = [name for name in SPLITS if not (data / name).is_file()]
+    if missing:
+        problems.append(
+            f"--data-dir: {data} lacks {', '.join(missing)} (expected CoNLL-2003's {', '.join(SPLITS)}); pass "
+            "--data-dir or set DISTRAIN_CONLL2003_DIR"
+        )
+    if problems:
+        print_error("invalid argument", "\n".join(problems))
+        raise SystemExit(2)
+    args.data_dir = data
+    return args
+
+
+def run(command: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+    """Run to completion with its output in `log`; the wall seconds. Exit 1 with the log's tail if it fails."""
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        print_error("benchmark run failed", f"{' '.join(command)} exited {code}; its output: {log}\n{tail}")
+        raise SystemExit(1)
+    return time.perf_counter() - started
+
+
+def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
+    command = [str(BIN / "distrain"), "train", "+experiment=conll_ner", f"data.dir={args.data_dir}",
+               f"model={args.model}", f"launcher.nproc_per_node={args.nproc}", f"train.micro_batch_size={args.batch}",
+               f"optim.lr={args.lr}", "data.label_subwords=first", "logger=[]", f"run.dir={run_dir}",
+               "train.export_weights=last"]  # fmt: skip
+    # data.label_subwords=first: labelled as the HF peer is (first sub-words only), so the F1s compare
+    if args.steps:
+        command += [f"train.max_steps={args.steps}", "data.max_eval_samples=64"]
+    elif args.samples:
+        command += [f"data.max_train_samples={args.samples}", "train.epochs=1", "data.max_eval_samples=64"]
+    wall = run(command + args.overrides, run_dir.with_suffix(".log"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = {
+        "real_tokens": summary["real_tokens"],
+        "step_seconds": summary["step_seconds"],
+        "real_tokens_per_s": summary["real_tokens"] / summary["step_seconds"],
+        "steps": summary["step"],
+        "wall_seconds": wall,
+    }
+    if args.full:
+        run(
+            [str(BIN / "distrain"), "eval", f"ckpt={run_dir / 'export'}", "split=test"],
+            run_dir.with_suffix(".eval.log"),
+        )
+        report = json.loads((run_dir / "export" / "eval_test.json").read_text())
+        result["test_f1"], result["test_accuracy"] = report["f1"], report["accuracy"]
+    return result
+
+
+def threads(nproc: int) -> str:
+    return str(max(1, (os.cpu_count() or 1) // nproc))  # as `distrain train` sets it (launcher.threads_per_process)
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
+
+
+def run_hf(args: argparse.Namespace, out: Path) -> dict:
+    command = [*torchrun(args.nproc), "-m", "distrain.cli.bench_hf", f"--data-dir={args.data_dir}", f"--out={out}",
+               f"--model={args.model}", f"--batch={args.batch}", f"--lr={args.lr}"]  # fmt: skip
+    if args.steps:
+        command.append(f"--steps={args.steps}")
+    elif args.samples:
+        command += [f"--max-train-samples={args.samples}", "--epochs=1"]
+    else:
+        command += ["--epochs=3", "--test"]
+    wall = run(command, out.with_suffix(".log"), env={**os.environ, "OMP_NUM_THREADS": threads(args.nproc)})
+    return {**json.loads((out / "result.json").read_text()), "wall_seconds": wall}
+
+
+def run_tiny(args: argparse.Namespace, run_dir: Path) -> dict:
+    command = [str(BIN / "distrain"), "train", "+debug=tiny", "parallel=ddp", f"launcher.nproc_per_node={args.nproc}",
+               "train.max_steps=1", "data.max_eval_samples=16", "logger=[]", f"run.dir={run_dir}"]  # fmt: skip
+    return {"seconds": run(command, run_dir.with_suffix(".log"))}
+
+
+def run_bare(args: argparse.Namespace, out: Path) -> dict:
+    command = [*torchrun(args.nproc), "--no-python", sys.executable, "-c", BARE_JOB]
+    return {"seconds": run(command, out.with_suffix(".log"))}
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.exists() else []  # fmt: skip
+    return {
+        "cpu_model": models[0] if models else platform.processor(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def interleaved(pairs: dict, repeats: int, out: Path, key: str) -> dict[str, list[dict]]:
+    """Each side once per round, round after round; progress on the console."""
+    results: dict[str, list[dict]] = {name: [] for name in pairs}
+    for i in range(repeats):
+        for name, fn in pairs.items():
+            console.print(f"[{i + 1}/{repeats}] {name} ...", end=" ", highlight=False)
+            result = fn(out / f"{name}_{i + 1}")
+            results[name].append(result)
+            figure = f"{result[key]:.1f} tokens/s" if key == "real_tokens_per_s" else f"{result[key]:.1f} s"
+            console.print(figure, highlight=False)
+    return results
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
+    out = Path(args.out or f"runs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    window = "full (3 epochs)" if args.full else f"{args.steps} steps" if args.steps else f"{args.samples} samples"
+    report: dict = {
+        "machine": machine(),
+        "settings": {"data_dir": str(args.data_dir), "model": args.model, "nproc": args.nproc, "batch": args.batch,
+                     "lr": args.lr, "window": window, "repeats": args.repeats, "overrides": args.overrides},
+        "load_average_start": os.getloadavg(),
+    }  # fmt: skip
+    console.print(f"training throughput: CoNLL-2003, {args.model}, {args.nproc} processes, {window}, "
+                  f"{args.batch}/rank, {args.repeats} runs each, interleaved", highlight=False)  # fmt: skip
+    sides = {"distrain": lambda d: run_distrain(args, d), "hf_trainer": lambda d: run_hf(args, d)}
+    runs = interleaved(sides, args.repeats, out, "real_tokens_per_s")
+    throughput = {name: {**stats([r["real_tokens_per_s"] for r in rs]), "runs": rs} for name, rs in runs.items()}
+    throughput["ratio"] = throughput["distrain"]["median"] / throughput["hf_trainer"]["median"]
+    report["throughput"] = throughput
+    startup_repeats = args.repeats if args.startup_repeats is None else args.startup_repeats
+    if startup_repeats:
+        console.print("start-up: a tiny 2-rank distrain run vs a bare torchrun of a trivial gloo job", highlight=False)
+        sides = {"distrain_tiny": lambda d: run_tiny(args, d), "torchrun_bare": lambda d: run_bare(args, d)}
+        runs = interleaved(sides, startup_repeats, out, "seconds")
+        startup = {name: {**stats([r["seconds"] for r in rs]), "runs": rs} for name, rs in runs.items()}
+        startup["difference_seconds"] = startup["distrain_tiny"]["median"] - startup["torchrun_bare"]["median"]
+        report["startup"] = startup
+    report["load_average_end"] = os.getloadavg()
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    print_report(report, out)
+
+
+def print_report(report: dict, out: Path) -> None:
+    from rich.table import Table
+
+    t = report["throughput"]
+    table = Table(title=f"real tokens/s over the training steps ({report['settings']['window']})")
+    for column in ("", "median", "min - max", "runs"):
+        table.add_column(column, justify="right")
+    for name in ("distrain", "hf_trainer"):
+        s = t[name]
+        table.add_row(name, f"{s['median']:.1f}", f"{s['min']:.1f} - {s['max']:.1f}", str(s["n"]))
+    table.add_row("distrain / HF", f"{t['ratio']:.3f}", "", "")
+    console.print(table)
+    if "test_f1" in t["distrain"]["runs"][0]:
+        for name in ("distrain", "hf_trainer"):
+            f1s = ", ".join(f"{r['test_f1']:.4f}" for r in t[name]["runs"])
+            console.print(f"test F1 {name}: {f1s}", highlight=False)
+    if "startup" in report:
+        s = report["startup"]
+        table = Table(title="start-up: wall seconds")
+        for column in ("", "median", "min - max", "runs"):
+            table.add_column(column, justify="right")
+        for name in ("distrain_tiny", "torchrun_bare"):
+            table.add_row(name, f"{s[name]['median']:.2f}", f"{s[name]['min']:.2f} - {s[name]['max']:.2f}",
+                          str(s[name]["n"]))  # fmt: skip
+        table.add_row("difference", f"{s['difference_seconds']:.2f}", "", "")
+        console.print(table)
+    console.print(f"load average (1, 5, 15 min): start {report['load_average_start']}, end "
+                  f"{report['load_average_end']}; written: {out / 'bench.json'}", highlight=False)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""`distrain bench` end to end on the tiny BERT and a tiny CoNLL-shaped folder: both sides train for real (one
+run each, 2 steps), the start-up pair runs, and the JSON holds their figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import pytest
+from conftest import DISTRAIN
+
+
+def bench(*args: str, home) -> subprocess.CompletedProcess:
+    # HOME: `distrain train` caches tokenized data under ~/.cache/distrain; the test keeps its own.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HOME": str(home)}
+    return subprocess.run([DISTRAIN, "bench", *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory, conll_dir):
+    root = tmp_path_factory.mktemp("bench")
+    result = bench(f"--data-dir={conll_dir}", "--model=bert_tiny", "--batch=1", "--steps=2", "--repeats=1",
+                   f"--out={root / 'out'}", home=root / "home")  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result, json.loads((root / "out" / "bench.json").read_text())
+
+
+def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
+    result, report = tiny_bench
+    assert report["machine"]["cores"] == os.cpu_count() and report["machine"]["cpu_model"]
+    assert report["machine"]["torch"].startswith("2.")
+    throughput = report["throughput"]
+    for side in ("distrain", "hf_trainer"):
+        (run,) = throughput[side]["runs"]
+        assert run["steps"] == 2, run
+        assert run["real_tokens"] > 0 and run["step_seconds"] > 0, run
+        assert math.isclose(run["real_tokens_per_s"], run["real_tokens"] / run["step_seconds"]), run
+        assert throughput[side]["median"] == run["real_tokens_per_s"]
+    assert throughput["ratio"] == throughput["distrain"]["median"] / throughput["hf_trainer"]["median"]
+    startup = report["startup"]
+    assert startup["distrain_tiny"]["median"] > startup["torchrun_bare"]["median"] > 0
+    assert startup["difference_seconds"] == startup["distrain_tiny"]["median"] - startup["torchrun_bare"]["median"]
+    assert "distrain / HF" in result.stdout and f"{throughput['ratio']:.3f}" in result.stdout
+
+
+def test_bench_without_the_data_names_the_option_and_the_files(tmp_path):
+    result = bench(f"--data-dir={tmp_path}", home=tmp_path)
+    assert result.returncode == 2
+    assert "--data-dir" in result.stderr and "train.txt" in result.stderr and "DISTRAIN_CONLL2003_DIR" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,149 @@
+"""Streaming training data (data.streaming=true) and weighted mixtures (data.mixture), end to end through the CLI:
+a tiny Llama on a generated two-source jsonl corpus. One uninterrupted run is shared by the tests; a run stopped on
+2 processes and resumed on 1 must give its losses (the stream's position and shuffle buffer are in the checkpoint,
+and the samples of a step do not depend on the number of processes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY, compose_train, run_distrain, train_losses
+
+STEPS = 8
+WORDS = ["the", "king", "queen", "sword", "crown", "castle", "night", "day", "love", "death", "river", "storm"]
+
+
+def write_corpus(folder: Path, seed: int = 0) -> Path:
+    """Source a (column `text`), source b (column `body`, upper case) and a dev file."""
+    rng = random.Random(seed)
+
+    def doc() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) + "."
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, column, count, upper in (("a.jsonl", "text", 300, False), ("b.jsonl", "body", 200, True),
+                                       ("dev.jsonl", "text", 20, False)):  # fmt: skip
+        lines = [json.dumps({column: doc().upper() if upper else doc()}) for _ in range(count)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def stream_overrides(corpus: Path, cache: Path, weight_a: float = 0.7) -> list[str]:
+    return [*TINY, "model=llama_tiny", "task=clm", "task.metric=perplexity", "data=custom", f"data.dir={corpus}",
+            "~data.files.test", "~data.files.train", "data.files.dev=dev.jsonl", "data.max_train_samples=null",
+            "data.max_eval_samples=null", "data.packing=true", "data.max_length=32", "data.streaming=true",
+            "data.shuffle_buffer=64", "data.num_workers=1", f"train.max_steps={STEPS}", f"data.cache_dir={cache}",
+            f"data.mixture=[{{name: a, weight: {weight_a}, dir: {corpus}, files: a.jsonl}},"
+            f"{{name: b, weight: 0.3, dir: {corpus}, files: b.jsonl, text_column: body}}]",
+            "logger=[]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("stream-corpus"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("stream-run")
+    run, cache = root / "run", root / "cache"
+    run_distrain("train", *stream_overrides(corpus, cache), "train.micro_batch_size=8", f"run.dir={run}")
+    return run, cache
+
+
+def train_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r["kind"] == "train"]
+
+
+def test_a_streaming_run_trains_and_writes_no_cache(uninterrupted):
+    run, cache = uninterrupted
+    losses = train_losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses.values()), losses
+    assert losses[STEPS] < losses[1], losses
+    assert not cache.exists()  # nothing tokenized ahead
+    assert (run / "export" / "model.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / f"step_{STEPS}" / "trainer_state.json").read_text())
+    assert len(state["data"]["buffer"]) == 64 and len(state["data"]["sources"]) == 2
+
+
+def test_the_mixture_counts_are_recorded_and_near_the_weights(uninterrupted):
+    run, _ = uninterrupted
+    records = train_records(run)
+    counts = [r["samples_by_source"] for r in records]
+    assert all(sum(c.values()) == 8 * r["step"] for c, r in zip(counts, records, strict=True)), counts
+    share = counts[-1]["a"] / (counts[-1]["a"] + counts[-1]["b"])
+    # 64 samples drawn with p = 0.7: a standard deviation of 0.057
+    assert 0.55 < share < 0.85, counts[-1]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_2_processes_and_resumed_on_1_gives_the_uninterrupted_losses(uninterrupted, corpus, tmp_path):
+    reference, cache = uninterrupted
+    run = tmp_path / "resumed"
+    overrides = stream_overrides(corpus, cache)
+    run_distrain("train", *overrides, "parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=4",
+                 "train.stop_at_step=3", f"run.dir={run}")  # fmt: skip
+    assert sorted(train_losses(run)) == [1, 2, 3]
+    rerun = run_distrain("train", *overrides, "train.micro_batch_size=8", f"run.dir={run}")
+    assert "at step 3" in rerun.stdout
+    expected, resumed = train_losses(reference), train_losses(run)
+    assert sorted(resumed) == sorted(expected)
+    assert max(abs(resumed[s] - expected[s]) for s in expected) < 1e-5, (resumed, expected)
+    assert train_records(run)[-1]["samples_by_source"] == train_records(reference)[-1]["samples_by_source"]
+    assert not cache.exists()
+
+
+def test_a_stream_without_max_steps_is_refused_before_any_worker(corpus, tmp_path):
+    run = tmp_path / "never"
+    overrides = stream_overrides(corpus, tmp_path / "cache", weight_a=0)
+    result = run_distrain("train", *overrides, "train.max_steps=null", f"run.dir={run}", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "train.max_steps: expected a number of steps with data.streaming=true" in result.stderr
+    assert "data.mixture[0].weight: expected a number > 0, got 0.0" in result.stderr
+    assert not run.exists()
+
+
+def test_bench_streaming_smoke(tmp_path):
+    """scripts/bench_streaming.py on tiny corpora (the RSS part only): it runs, and a 8x bigger corpus streams in
+    the same memory without a cache."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_streaming.py"
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(script), f"--out={out}", "--smoke", "--parts="], capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["big_bytes"] > 6 * bench["small_bytes"] and not bench["cache_written"], bench
+    assert bench["rss_ratio_big_over_small"] < 1.1, bench
+    for run in ("stream_big", "stream_small"):
+        assert 0 < bench[run]["seconds_to_first_step"] < bench[run]["wall_seconds"], bench
+
+
+def test_the_model_card_has_the_adapter_settings_when_an_adapter_is_used():
+    """The `adapter` group (LoRA) is another change's; its settings, when present and not `none`, are in the card."""
+    from omegaconf import OmegaConf
+
+    from distrain.trainer.model_card import model_card
+    from distrain.trainer.tasks import task_class
+
+    cfg = compose_train(TINY)
+    task = task_class(cfg.task.name)(cfg, tokenizer=None)
+    without = model_card(cfg, task, None)
+    OmegaConf.set_struct(cfg, False)
+    cfg.adapter = {"name": "none"}
+    assert model_card(cfg, task, None).replace("adapter:\n  name: none\n", "") == without  # only the config lists it
+    cfg.adapter = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
+    card = model_card(cfg, task, {"step": 3, "f1": 0.5})
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert {"peft", "lora"} <= set(front["tags"]) and "peft" not in without
+    adapter = yaml.safe_load(card.split("## Adapter\n\n```yaml\n")[1].split("```")[0])
+    assert adapter == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
+    assert "| f1 | 0.5 |" in card and "(step 3)" in card
