@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from distrain.trainer.exit import exit_now
+
 COMMANDS = {
     "train": ("distrain.cli.train", "compose + validate a config, write a run dir, train with torchrun workers"),
     "eval": ("distrain.cli.eval", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
@@ -46,6 +48,7 @@ def main() -> None:
     # Hydra reads sys.argv: hand it the command's own arguments.
     sys.argv = [f"distrain {args[0]}", *args[1:]]
     importlib.import_module(module).main()
+    exit_now()  # skip the teardown of what the command loaded (torch, transformers: seconds)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ from omegaconf import DictConfig
 
 from distrain.cli.compose import check_overrides_or_exit, compose_train
 from distrain.cli.console import console, print_error
-from distrain.cli.launch import TrainingFailed, launch, rdzv_id
-from distrain.cli.rundir import RunDirBusy, absolutize, run_dir_lock, write_run_dir
-from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.schema import register_configs
 
@@ -30,6 +27,11 @@ register_configs()
 
 def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
     """Validate, write the run dir, train with torchrun workers. Raises ConfigError or TrainingFailed."""
+    # Imported here: `--cfg job`, `--help` and a config Hydra rejects need neither torch nor the checks.
+    from distrain.cli.launch import launch, rdzv_id
+    from distrain.cli.rundir import absolutize, run_dir_lock, write_run_dir
+    from distrain.cli.validate import validate
+
     validate(cfg)
     absolutize(cfg)
     run_dir = Path(cfg.run.dir)
@@ -44,6 +46,9 @@ def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -
     """start_run for a command line: a clear message, then exit 2 (bad config) or 1 (failed workers). In a
     multirun the error is re-raised instead, so that Hydra records the job as failed and the sweep goes on
     (the Optuna sweeper marks the trial failed)."""
+    from distrain.cli.launch import TrainingFailed
+    from distrain.cli.rundir import RunDirBusy
+
     try:
         return start_run(cfg, overrides)
     except ConfigError as error:

@@ -27,6 +27,7 @@ def tiny_bench(tmp_path_factory, conll_dir):
     return result, json.loads((root / "out" / "bench.json").read_text())
 
 
+@pytest.mark.slow  # a benchmark's smoke run: second stage, like the other scripts'
 def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
     result, report = tiny_bench
     assert report["machine"]["cores"] == os.cpu_count() and report["machine"]["cpu_model"]

@@ -112,6 +112,7 @@ def test_a_stream_without_max_steps_is_refused_before_any_worker(corpus, tmp_pat
     assert not run.exists()
 
 
+@pytest.mark.slow  # a benchmark's smoke run: second stage, like the other scripts'
 def test_bench_streaming_smoke(tmp_path):
     """scripts/bench_streaming.py on tiny corpora (the RSS part only): it runs, and a 8x bigger corpus streams in
     the same memory without a cache."""

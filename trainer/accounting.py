@@ -7,10 +7,15 @@ count the same way (the tests compare the two).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import resource
+import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from distrain.trainer.parallel import tp_plan
 from distrain.trainer.parallel_dims import ParallelDims
 
+log = logging.getLogger(__name__)
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter (plus a scalar step per parameter)
 FP32 = 4
 
@@ -125,6 +131,35 @@ def measure_peak_flops(device: torch.device, size: int = 1024, repeats: int = 5)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def peak_key(device: torch.device) -> str:
+    """What the measured peak depends on: the machine, the device, this process's threads and torch's kernels."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cpus"
+    return f"{socket.gethostname()} {device.type} {name} threads={torch.get_num_threads()} torch={torch.__version__}"
+
+
+def cached_peak_flops(device: torch.device, cache_file: Path) -> float:
+    """measure_peak_flops, measured once per machine, device, thread count and torch version: later runs read it
+    from `cache_file` (JSON, one entry per key; delete the file to measure again)."""
+    key = peak_key(device)
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    value = cached.get(key) if isinstance(cached, dict) else None
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value)
+    peak = measure_peak_flops(device)
+    cached = {**(cached if isinstance(cached, dict) else {}), key: peak}
+    partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(cached, indent=1))
+        partial.replace(cache_file)  # whole or not at all, also for a concurrent run
+    except OSError as error:
+        log.warning("could not cache the GEMM peak in %s: %s", cache_file, error)
+    return peak
 
 
 def max_memory_bytes(device: torch.device) -> int:

@@ -110,7 +110,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # run model code shipped with a Hub repo: only for repos you trust
     gguf_file: str | None = None  # a GGUF file inside name_or_path: dequantized once into cache_dir
     train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
-    cache_dir: str = "~/.cache/distrain"  # converted GGUF models
+    cache_dir: str = "~/.cache/distrain"  # converted GGUF models; the measured GEMM peak (peak_flops.json)
 
 
 @dataclass
@@ -217,7 +217,7 @@ class LauncherConfig:
     rdzv_id: str | None = None  # same on every node of one job; null = derived from run.dir
     max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
     join_timeout_s: float = 600  # multi-node: seconds for every node to join (at start, after a failure)
-    monitor_interval: float = 0.5  # seconds between the agent's health checks of its workers
+    monitor_interval: float = 0.1  # seconds between the agent's checks of its workers (torchrun's default)
     collective_timeout_s: float = 600  # a rank with no progress (or a collective) for this long fails the run
     threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node
     preempt_signal: str = "USR1"  # asks for a checkpoint and a stop (e.g. #SBATCH --signal=USR1@120); so does TERM

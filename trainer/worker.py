@@ -7,6 +7,10 @@ Rank 0 talks to the console; every rank logs to `<run dir>/logs/rank_<r>.log`.
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # before the heavy imports below: the start-up phases are timed from here
+
 import faulthandler
 import json
 import logging
@@ -20,15 +24,17 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from distrain.trainer import adapters, strict_json
-from distrain.trainer.accounting import measure_peak_flops
+from distrain.trainer.accounting import cached_peak_flops
 from distrain.trainer.distributed import DistEnv, process_group
 from distrain.trainer.errors import ConfigError, Diverged, UserError
+from distrain.trainer.exit import exit_now
 from distrain.trainer.inference import save_head
 from distrain.trainer.loop import Trainer
 from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
 from distrain.trainer.optim import build_optimizer
 from distrain.trainer.parallel import parallelize
 from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.paths import resolve_path
 from distrain.trainer.preemption import StopRequest
 from distrain.trainer.reporting import make_console
 from distrain.trainer.schema import load_run_config
@@ -79,13 +85,26 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         datasets.disable_progress_bars()  # tqdm bars are for terminals, not log files
 
 
+def phase(name: str) -> None:
+    """Log the end of a start-up phase: its own seconds and those since the process started (rank logs)."""
+    global _last
+    now = time.perf_counter()
+    logging.getLogger("distrain").info("start-up: %s %.3f s (%.3f s since start)", name, now - _last, now - STARTED)
+    _last = now
+
+
+_last = STARTED
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     """Everything the loop needs, in order: data -> model -> layout and parallelism -> optimizer."""
     ensure_run_tokenizer(cfg, run_dir, env)
     tokenizer = load_tokenizer(cfg.model, env, run_dir)
+    phase("tokenizer")
     task = build_task(cfg, tokenizer)
     data = task.prepare(env)
     head = task.head(data)
+    phase("data")
     if env.is_main:
         save_head(run_dir, head)  # weights load later without the data
     source = model_source(cfg.model, env)
@@ -102,6 +121,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
         adapter = adapters.AdapterRun(base, rebuild)
         model = adapters.apply_lora(model, cfg.adapter)
     model.to(env.device)
+    phase("model")
     dims, problems = ParallelDims.resolve(cfg.parallel, env.world_size)
     problems += dims.model_problems(model.config) if dims else []
     if problems:
@@ -113,21 +133,27 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     # stream (tensor-parallel peers share theirs: they must drop the same activations).
     torch.manual_seed(cfg.train.seed + env.dp_rank)
     optimizer = build_optimizer(model, cfg.optim)
-    peak = record_peak_flops(run_dir, env)
+    phase("parallelize and optimizer")
+    peak = record_peak_flops(cfg, run_dir, env)
+    phase("peak FLOP/s")
     stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
     return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop, adapter)
 
 
-def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
-    """Measure a GEMM's FLOP/s with this process's threads (the CPU's stand-in for a device's peak, for MFU);
-    rank 0 adds it to env.json."""
-    peak = measure_peak_flops(env.device)
+def record_peak_flops(cfg: DictConfig, run_dir: Path, env: DistEnv) -> float:
+    """A GEMM's FLOP/s with this process's threads (the CPU's stand-in for a device's peak, for MFU): rank 0
+    measures it once per machine (cached in model.cache_dir) and tells the others; it adds it to env.json."""
+    cache_file = resolve_path(cfg.model.cache_dir) / PEAK_FLOPS_FILE
+    peak = env.broadcast_object(cached_peak_flops(env.device, cache_file) if env.is_main else None)
     if env.is_main:
         path = run_dir / "env.json"
         info = json.loads(path.read_text()) if path.exists() else {}
         info["peak_flops_per_process"] = peak
         path.write_text(strict_json.dumps(info, indent=1))
     return peak
+
+
+PEAK_FLOPS_FILE = "peak_flops.json"
 
 
 # FSDP2 warns that HF models return views of their outputs; the loop does no in-place op on them.
@@ -143,12 +169,19 @@ def main() -> None:
     faulthandler.enable(all_threads=True)
     run_dir = Path(sys.argv[1])
     cfg = load_run_config(run_dir / "config.yaml")
+    imported = time.perf_counter()
     with process_group(cfg.train.device, cfg.parallel.backend, cfg.launcher.collective_timeout_s) as env:
+        joined = time.perf_counter()
         setup_logging(run_dir, env.rank)
+        logging.getLogger("distrain").info(
+            "start-up: imports and config %.3f s, process group %.3f s", imported - STARTED, joined - imported
+        )
+        phase("logging")
         log_file = run_dir / "logs" / f"rank_{env.rank}.log"
         watchdog = start_watchdog(env.rank, env.world_size, cfg.launcher.collective_timeout_s, log_file)
         try:
             result = build_trainer(cfg, run_dir, env).fit()
+            phase("training, evaluation, checkpoint and export")
             if env.is_main:
                 (run_dir / "summary.json").write_text(strict_json.dumps(result, indent=1))
             if result["status"] == "diverged":
@@ -156,6 +189,7 @@ def main() -> None:
             # Leave the group together: a rank that tears down its connections while a peer is still at work
             # can make the peer's communication threads fail (seen once as a SIGABRT at the end of a tp run).
             env.barrier()
+            phase("final barrier")
         except RuntimeError as error:
             fail_if_collective_failed(error)  # exits with the diagnosis when it is one
             raise
@@ -171,3 +205,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()
