@@ -5,6 +5,7 @@ their values with Hydra's override grammar."""
 from __future__ import annotations
 
 import difflib
+import re
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -14,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from distrain.cli.console import print_error
 from distrain.trainer.schema import DistrainConfig, register_configs
@@ -55,6 +57,15 @@ def compose_train(overrides: list[str]) -> DictConfig:
         cfg = compose_config(overrides)
     except HydraException as error:
         print_error("invalid override", hydra_message(error))
+        raise SystemExit(2) from None
+    except (OmegaConfBaseException, AttributeError) as error:
+        # OmegaConf's own failures, e.g. a mapping merged into a section that is off (logger.mlflow={a: 1} while
+        # logger.mlflow is null): an AttributeError that OmegaConf tagged with the key.
+        key = re.search(r"full_key: (\S+)", str(error))
+        if key is None:
+            raise
+        first_line = str(error).splitlines()[0]
+        print_error("invalid override", f"{key[1]}: this value does not fit the schema there ({first_line})")
         raise SystemExit(2) from None
     # compose() leaves ${now:...} unresolved; a run started from here resolves it like `distrain train`.
     OmegaConf.resolve(cfg)

@@ -110,7 +110,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # run model code shipped with a Hub repo: only for repos you trust
     gguf_file: str | None = None  # a GGUF file inside name_or_path: dequantized once into cache_dir
     train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
-    cache_dir: str = "~/.cache/distrain"  # converted GGUF models; the measured GEMM peak (peak_flops.json)
+    cache_dir: str = "~/.cache/distrain"  # converted GGUF models
 
 
 @dataclass

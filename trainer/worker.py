@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from distrain.trainer import adapters, strict_json
-from distrain.trainer.accounting import cached_peak_flops
+from distrain.trainer.accounting import measure_peak_flops
 from distrain.trainer.distributed import DistEnv, process_group
 from distrain.trainer.errors import ConfigError, Diverged, UserError
 from distrain.trainer.exit import exit_now
@@ -34,7 +34,6 @@ from distrain.trainer.model import build_model, ensure_run_tokenizer, load_token
 from distrain.trainer.optim import build_optimizer
 from distrain.trainer.parallel import parallelize
 from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.paths import resolve_path
 from distrain.trainer.preemption import StopRequest
 from distrain.trainer.reporting import make_console
 from distrain.trainer.schema import load_run_config
@@ -134,26 +133,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     torch.manual_seed(cfg.train.seed + env.dp_rank)
     optimizer = build_optimizer(model, cfg.optim)
     phase("parallelize and optimizer")
-    peak = record_peak_flops(cfg, run_dir, env)
+    peak = record_peak_flops(run_dir, env)
     phase("peak FLOP/s")
     stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
     return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop, adapter)
 
 
-def record_peak_flops(cfg: DictConfig, run_dir: Path, env: DistEnv) -> float:
+def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
     """A GEMM's FLOP/s with this process's threads (the CPU's stand-in for a device's peak, for MFU): rank 0
-    measures it once per machine (cached in model.cache_dir) and tells the others; it adds it to env.json."""
-    cache_file = resolve_path(cfg.model.cache_dir) / PEAK_FLOPS_FILE
-    peak = env.broadcast_object(cached_peak_flops(env.device, cache_file) if env.is_main else None)
+    measures it at every start, under the machine's present load (a value cached from a loaded moment once made
+    MFU read 1.9), tells the others and adds it to env.json."""
+    peak = env.broadcast_object(measure_peak_flops(env.device) if env.is_main else None)
     if env.is_main:
         path = run_dir / "env.json"
         info = json.loads(path.read_text()) if path.exists() else {}
         info["peak_flops_per_process"] = peak
         path.write_text(strict_json.dumps(info, indent=1))
     return peak
-
-
-PEAK_FLOPS_FILE = "peak_flops.json"
 
 
 # FSDP2 warns that HF models return views of their outputs; the loop does no in-place op on them.
