@@ -60,11 +60,16 @@ LLAMA_PARITY = ["+experiment=shakespeare_clm", "model=llama_tiny", "data.max_len
 PARITY_STEPS = 5
 
 
+def run_parity(out: Path, cache_dir: str, strategies: str, *overrides: str, check: bool = True):
+    """`distrain parity` over `strategies` for PARITY_STEPS steps into `out`; the CompletedProcess."""
+    return run_distrain("parity", *overrides, f"data.cache_dir={cache_dir}", f"strategies={strategies}",
+                        f"steps={PARITY_STEPS}", f"out={out}", check=check)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def bert_parity(tmp_path_factory, cache_dir) -> Path:
     out = tmp_path_factory.mktemp("bert-parity")
-    run_distrain("parity", *BERT_PARITY, f"data.cache_dir={cache_dir}", f"strategies={BERT_STRATEGIES}",
-                 f"steps={PARITY_STEPS}", f"out={out}")  # fmt: skip
+    run_parity(out, cache_dir, BERT_STRATEGIES, *BERT_PARITY)
     return out
 
 

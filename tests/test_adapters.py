@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LLAMA_PARITY, PARITY_STEPS, compose_train, run_distrain, train_losses
+from conftest import LLAMA_PARITY, PARITY_STEPS, compose_train, run_distrain, run_parity, train_losses
 from torch.distributed.checkpoint import FileSystemReader
 
 from distrain.cli.validate import validate
@@ -25,8 +25,7 @@ STRATEGIES = ["single", "ddp", "fsdp"]
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory, cache_dir) -> Path:
     out = tmp_path_factory.mktemp("lora-parity")
-    run_distrain("parity", *LORA, f"data.cache_dir={cache_dir}", f"strategies=[{','.join(STRATEGIES)}]",
-                 f"steps={PARITY_STEPS}", f"out={out}")  # fmt: skip
+    run_parity(out, cache_dir, f"[{','.join(STRATEGIES)}]", *LORA)
     return out
 
 
@@ -168,6 +167,5 @@ def test_a_resumed_lora_run_matches_an_uninterrupted_one_and_refuses_another_bas
 
 @pytest.mark.slow
 def test_lora_with_activation_checkpointing_gives_the_same_losses(lora_runs, tmp_path, cache_dir):
-    run_distrain("parity", *LORA, f"data.cache_dir={cache_dir}", "train.activation_checkpointing=true",
-                 "strategies=[fsdp]", f"steps={PARITY_STEPS}", f"out={tmp_path}")  # fmt: skip
+    run_parity(tmp_path, cache_dir, "[fsdp]", *LORA, "train.activation_checkpointing=true")
     assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(lora_runs / "fsdp"), abs=1e-6)

@@ -9,7 +9,16 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BERT_PARITY, BERT_STRATEGIES, LLAMA_PARITY, PARITY_STEPS, compose_train, run_distrain, train_losses
+from conftest import (
+    BERT_PARITY,
+    BERT_STRATEGIES,
+    LLAMA_PARITY,
+    PARITY_STEPS,
+    compose_train,
+    run_distrain,
+    run_parity,
+    train_losses,
+)
 from safetensors.torch import load_file
 
 from distrain.cli.validate import validate
@@ -24,8 +33,7 @@ MODELS = {
 
 
 def parity(out: Path, model: str, cache_dir: str, *extra: str, strategies: str = STRATEGIES, check: bool = True):
-    return run_distrain("parity", *MODELS[model], f"data.cache_dir={cache_dir}", f"strategies={strategies}",
-                        f"steps={STEPS}", f"out={out}", *extra, check=check)  # fmt: skip
+    return run_parity(out, cache_dir, strategies, *MODELS[model], *extra, check=check)
 
 
 @pytest.fixture(scope="module")
