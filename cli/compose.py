@@ -53,6 +53,12 @@ def compose_config(overrides: list[str], return_hydra_config: bool = False) -> D
 def compose_train(overrides: list[str]) -> DictConfig:
     """compose_config for a command line: exit 2 naming the key on a bad override; `${now:}` resolved."""
     check_overrides_or_exit(overrides)
+    return compose_checked(overrides)
+
+
+def compose_checked(overrides: list[str]) -> DictConfig:
+    """compose_train for overrides that check_overrides_or_exit has passed: exit 2 naming the key on a value that
+    does not fit the schema."""
     try:
         cfg = compose_config(overrides)
     except HydraException as error:

@@ -95,9 +95,7 @@ def main() -> None:
         if adapters.enabled(cfg):
             row.update(adapters.parameter_counts(model))
         if dims is not None:
-            problems += dims.model_problems(model.config)
-            if dims.tp > 1 and adapters.enabled(cfg):
-                problems.append("adapter=lora is not supported with tensor parallelism")
+            problems += dims.model_problems(model.config) + adapters.layout_problems(cfg, dims)
         if dims is None or problems:
             rows.append({**row, "problems": problems})
             continue
@@ -109,7 +107,7 @@ def main() -> None:
         )  # fmt: skip
         total = sum(held.values()) + activations
         tied_output = model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False)
-        if dims.tp > 1 and tied_output:
+        if dims.tp_enabled and tied_output:
             problems.append("tied input/output embeddings stay whole on every rank")
         if available and total > available:
             problems.append(f"needs {total / 2**30:.1f} GiB per rank, {available / 2**30:.1f} GiB available")

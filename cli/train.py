@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from distrain.cli.compose import check_overrides_or_exit, compose_train
+from distrain.cli.compose import check_overrides_or_exit, compose_checked
 from distrain.cli.console import console, print_error
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.schema import register_configs
@@ -94,7 +94,7 @@ def check_command_line(args: list[str]) -> DictConfig | None:
     swept = any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(parsed.overrides))
     if parsed.multirun or swept:
         return None  # each job's values are checked when Hydra composes it
-    return compose_train(parsed.overrides)  # the types; Hydra composes again for the run (a few hundred ms)
+    return compose_checked(parsed.overrides)  # the types; Hydra composes again for the run (a few hundred ms)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.trainer import adapters
 from distrain.trainer.adapters import no_default_targets, target_modules
 from distrain.trainer.data.sources import matching_paths
 from distrain.trainer.errors import ConfigError
@@ -188,13 +189,13 @@ def _parallel_problems(cfg: DictConfig) -> list[str]:
         return []  # reported with their keys already
     dims, problems = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
     if dims is not None:
-        problems += dims.model_problems(model_config_if_local(cfg.model))
+        problems += dims.model_problems(model_config_if_local(cfg.model)) + adapters.layout_problems(cfg, dims)
     return problems
 
 
 def _adapter_problems(cfg: DictConfig) -> list[str]:
     adapter = cfg.adapter
-    if adapter.name == "none":
+    if not adapters.enabled(cfg):
         return []
     problems = []
     if adapter.r < 1:
@@ -208,12 +209,6 @@ def _adapter_problems(cfg: DictConfig) -> list[str]:
     if targets is not None and (len(targets) == 0 or not all(isinstance(t, str) and t for t in targets)):
         problems.append(f"adapter.target_modules: expected null (per model family) or a non-empty list of module "
                         f"names such as [q_proj, v_proj], got {list(targets)}")  # fmt: skip
-    if cfg.parallel.name in ("tp", "fsdp_tp"):
-        problems.append(
-            f"adapter.name: lora is not supported with parallel={cfg.parallel.name}: the tensor-parallel plan "
-            "shards the base Linear layers, not the LoRA matrices peft wraps around them (their outputs would not "
-            "match). Use parallel=ddp or parallel=fsdp (FSDP shards the frozen base as well)"
-        )
     architecture = model_config_if_local(cfg.model)
     model_type = getattr(architecture, "model_type", None)
     if targets is None and model_type is not None and target_modules(adapter, model_type) is None:

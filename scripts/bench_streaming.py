@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from distrain.trainer.reporting import read_metrics
+
 DISTRAIN = str(Path(sys.executable).parent / "distrain")
 WORDS = [
     "the",
@@ -94,7 +96,7 @@ def train(args: list[str], run: Path) -> dict:
             time.sleep(0.1)
     if process.returncode != 0:
         raise SystemExit(f"distrain train {' '.join(args)} exited {process.returncode}: see {log.name}")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics)
     train_records = [r for r in records if r["kind"] == "train"]
     return {
         "seconds_to_first_step": first_step,

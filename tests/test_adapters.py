@@ -126,7 +126,7 @@ def test_plan_counts_gradients_and_optimizer_state_of_the_adapters_only(lora_run
         for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
             assert rows[strategy][key] == memory[key][0], (strategy, key)
         assert rows[strategy]["trainable_params"] == memory["trainable_params"]
-    assert any("not supported with tensor parallelism" in p for p in rows["tp"]["problems"])
+    assert any("adapter.name: lora is not supported with parallel=tp" in p for p in rows["tp"]["problems"])
 
 
 def test_mfu_counts_no_weight_gradients_for_the_frozen_base(tmp_path):

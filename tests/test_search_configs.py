@@ -7,13 +7,12 @@ import importlib.resources
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import DictConfig
 
-from distrain.trainer.schema import register_configs
+from distrain.cli.compose import compose_config
 
 SEARCHES = sorted(
     p.name.removesuffix(".yaml")
@@ -35,10 +34,7 @@ SAMPLERS = {
 
 
 def compose_search(search: str, *overrides: str) -> DictConfig:
-    register_configs()
-    with initialize_config_module(config_module="distrain.configs", version_base=None):
-        return compose(config_name="train", overrides=[f"hparams_search={search}", *EXPECTED[search][3], *overrides],
-                       return_hydra_config=True)  # fmt: skip
+    return compose_config([f"hparams_search={search}", *EXPECTED[search][3], *overrides], return_hydra_config=True)
 
 
 def test_both_tasks_have_a_search():

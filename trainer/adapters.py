@@ -18,13 +18,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.trainer.errors import ConfigError, UserError
 from distrain.trainer.schema import AdapterName
+
+if TYPE_CHECKING:
+    from distrain.trainer.parallel_dims import ParallelDims
 
 log = logging.getLogger(__name__)
 BASE_FILE = "base_model.json"  # in an adapter folder: the base's source, revision and fingerprint
@@ -56,6 +59,17 @@ class BaseModelMismatch(UserError):
 
 def enabled(cfg: DictConfig) -> bool:
     return cfg.adapter.name == AdapterName.lora
+
+
+def layout_problems(cfg: DictConfig, dims: ParallelDims) -> list[str]:
+    """Adapters and the layout: tensor parallelism is refused (validation and `distrain plan` ask here)."""
+    if not enabled(cfg) or not dims.tp_enabled:
+        return []
+    return [
+        f"adapter.name: lora is not supported with parallel={dims.strategy.value}: the tensor-parallel plan shards "
+        "the base Linear layers, not the LoRA matrices peft wraps around them (their outputs would not match). Use "
+        "parallel=ddp or parallel=fsdp (FSDP shards the frozen base as well)"
+    ]
 
 
 def target_modules(adapter: DictConfig, model_type: str) -> list[str] | None:

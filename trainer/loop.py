@@ -294,7 +294,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),
             "world_size": self.env.world_size,
-            "strategy": self.cfg.parallel.name.value,
+            "strategy": self.dims.strategy.value,
             "dp": self.dims.dp,
             "tp": self.dims.tp,
             **({"base_model": self.adapter.base} if self.adapter else {}),
