@@ -129,6 +129,19 @@ def test_plan_counts_gradients_and_optimizer_state_of_the_adapters_only(lora_run
     assert any("not supported with tensor parallelism" in p for p in rows["tp"]["problems"])
 
 
+def test_mfu_counts_no_weight_gradients_for_the_frozen_base(tmp_path):
+    """A frozen weight still costs its forward and its input's gradient (4 FLOPs per weight and token) but not its
+    own gradient (2 more): MFU of a LoRA run must not count a full fine-tune's 6 per weight."""
+    from distrain.cli.plan import meta_model
+    from distrain.trainer.accounting import flops_per_token
+
+    full, lora = (meta_model(compose_train([*LORA, f"run.dir={tmp_path}", *extra])) for extra in (["adapter=none"], []))
+    matmul = lambda m: sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n)  # noqa: E731
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert 0 < adapters == matmul(lora) - matmul(full)  # the adapters are all that trains
+    assert flops_per_token(lora, 64) - flops_per_token(full, 64) == 6 * adapters - 2 * matmul(full)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

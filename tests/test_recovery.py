@@ -279,6 +279,17 @@ def kill_and_relaunch(
     return reformed, int(re.search(r"resumed from .*step_(\d+) at step", "".join(outputs)).group(1))
 
 
+def kill_and_wait_for_the_survivor(
+    run: Path, survivor: subprocess.Popen, killed: subprocess.Popen
+) -> tuple[str, float]:
+    """Kill one node (launcher and worker) and do not relaunch it: (the survivor's output, seconds from the kill
+    until the survivor's launcher ended)."""
+    kill_node(killed, run)
+    killed_at = time.time()
+    output, _ = survivor.communicate(timeout=300)
+    return output, time.time() - killed_at
+
+
 @pytest.mark.slow
 def test_a_killed_node_that_is_relaunched_rejoins_and_the_run_ends_as_if_nothing_happened(
     uninterrupted, tmp_path, cache_dir
@@ -353,10 +364,7 @@ def test_without_a_relaunch_the_surviving_node_stops_in_bounded_time_naming_the_
     time.sleep(2)
     second = two_node_launch(run, cache_dir, endpoint, "launcher.join_timeout_s=20")
     wait_for(lambda: max(steps_logged(run), default=0) >= 25, "step 25", first)
-    kill_node(second, run)
-    killed_at = time.time()
-    output, _ = first.communicate(timeout=300)
-    seconds = time.time() - killed_at
+    output, seconds = kill_and_wait_for_the_survivor(run, first, second)
     print(f"the surviving launcher stopped {seconds:.1f} s after the other node died:\n{output[-1200:]}")
     assert first.returncode == 1
     assert "did not (re-)form" in output and "launcher.join_timeout_s=20" in output

@@ -26,14 +26,18 @@ FP32 = 4
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
-    """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention scores, as in the
-    PaLM paper's MFU: 6 N + 12 L H T, where N excludes embedding tables (lookups, not matmuls)."""
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    total = sum(_full_numel(p) for p in model.parameters())
+    """Training FLOPs per token (forward + backward), as in the PaLM paper's MFU: per matmul weight 2 forward,
+    2 for the gradient of its input and 2 for its own gradient when it is trained, plus attention scores: 6 N +
+    12 L H T for a full fine-tune, 4 N + 2 N_trained + 12 L H T with frozen base weights (LoRA). N excludes
+    embedding tables (lookups, not matmuls)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    weights = [p for p in model.parameters() if id(p) not in embeddings]
+    matmul = sum(_full_numel(p) for p in weights)
+    trained = sum(_full_numel(p) for p in weights if p.requires_grad)
     config = model.config
     layers = getattr(config, "num_hidden_layers", 0)
     hidden = getattr(config, "hidden_size", 0)
-    return 6 * (total - embedding) + 12 * layers * hidden * seq_len
+    return 4 * matmul + 2 * trained + 12 * layers * hidden * seq_len
 
 
 def _full_numel(param: torch.Tensor) -> int:
