@@ -104,6 +104,7 @@ def validate(cfg: DictConfig) -> None:
         need(data[key] is None or data[key] >= 1, f"data.{key}", "null or an integer >= 1")
     problems += _data_problems(data)
     problems += _stream_problems(cfg)
+    problems += _mixture_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -305,11 +306,9 @@ STREAM_FORMATS = ("jsonl", "csv", "text")
 
 
 def _stream_problems(cfg: DictConfig) -> list[str]:
-    """data.streaming and data.mixture: what an unsized, sequential stream of training data needs."""
+    """data.streaming: what an unsized, sequential stream of training data needs."""
     data, problems = cfg.data, []
     if not data.streaming:
-        if data.mixture:
-            problems.append("data.mixture: expected data.streaming=true (sources are mixed as they stream), got false")
         return problems
     if cfg.train.max_steps is None:
         problems.append("train.max_steps: expected a number of steps with data.streaming=true (a stream has no "
@@ -333,6 +332,22 @@ def _stream_problems(cfg: DictConfig) -> list[str]:
     if not task_class(cfg.task.name).language_model and data.labels is None:
         problems.append(f"data.labels: expected the label list with data.streaming=true for task {cfg.task.name} "
                         "(the label set cannot be read from an unbounded stream), got None")  # fmt: skip
+    return problems
+
+
+def _mixture_problems(cfg: DictConfig) -> list[str]:
+    """data.mixture, streaming or map mode: each source's weight, files and format."""
+    data, problems = cfg.data, []
+    if not data.mixture:
+        return problems
+    task = task_class(cfg.task.name)
+    formats = STREAM_FORMATS if data.streaming else tuple(str(f) for f in task.formats)
+    if data.split is not None and not data.streaming:  # (streaming says it for itself)
+        problems.append("data.split: expected null with data.mixture (its sources are the training data); give "
+                        "data.files.dev (and .test)")  # fmt: skip
+    if not data.streaming and not task.language_model and data.labels is None:
+        problems.append(f"data.labels: expected the label list with data.mixture for task {cfg.task.name} (every "
+                        "source must map labels to the same ids), got None")  # fmt: skip
     for i, source in enumerate(data.mixture):
         key = f"data.mixture[{i}]"
         if not (math.isfinite(source.weight) and source.weight > 0):
@@ -342,8 +357,8 @@ def _stream_problems(cfg: DictConfig) -> list[str]:
                 problems.append(f"{key}.dir: expected a folder with files (or hub_name for a Hub dataset), got None")
             continue
         fmt = source.format or data.format
-        if fmt not in STREAM_FORMATS:
-            problems.append(f"{key}.format: expected one of {list(STREAM_FORMATS)}, got {str(fmt)!r}")
+        if fmt not in formats:
+            problems.append(f"{key}.format: expected one of {list(formats)}, got {str(fmt)!r}")
         elif source.files is None:
             problems.append(f"{key}.files: expected the source's training files (a glob inside its dir), got None")
         elif not matching_paths(OmegaConf.create({"dir": source.dir, "format": str(fmt)}), source.files):

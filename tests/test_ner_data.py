@@ -129,3 +129,21 @@ def test_tokenized_splits_are_cached_by_content(cache_dir, conll_dir, tmp_path):
     assert len(after - before) == 1
     (new,) = after - before
     assert sorted(p.name for p in new.glob("*.arrow")) == ["dev.arrow", "test.arrow", "train.arrow"]
+
+
+def test_a_map_mode_mixture_of_two_conll_sources_keeps_every_sentence_with_its_source(cache_dir, conll_dir, tmp_path):
+    """A labelled task mixes in map mode when data.labels fixes the ids (refused without, naming the key); both
+    sources are used whole (all_exhausted) and each sentence keeps its source's index."""
+    from distrain.cli.validate import validate
+    from distrain.trainer.errors import ConfigError
+
+    (tmp_path / "other.txt").write_text((conll_dir / "train.txt").read_text().replace("EU", "UN"))
+    mixture = (f"data.mixture=[{{name: a, weight: 0.5, dir: {conll_dir}, files: train.txt}},"
+               f"{{name: b, weight: 0.5, dir: {tmp_path}, files: other.txt}}]")  # fmt: skip
+    data = ["data=conll2003", f"data.dir={conll_dir}", mixture]
+    with pytest.raises(ConfigError, match="data.labels: expected the label list with data.mixture for task ner"):
+        validate(compose_train(["model=bert_tiny", *data]))
+    labels = "data.labels=[O,B-ORG,I-ORG,B-MISC,I-MISC,B-PER,I-PER,B-LOC,I-LOC]"
+    train = ner_task(cache_dir, *data, labels).prepare(DistEnv()).splits["train"]
+    firsts = {(row["source"], row["tokens"][0]) for row in train}
+    assert firsts == {(0, "EU"), (0, "Peter"), (0, "BRUSSELS"), (1, "UN"), (1, "Peter"), (1, "BRUSSELS")}

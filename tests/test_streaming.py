@@ -1,7 +1,8 @@
-"""Streaming training data (data.streaming=true) and weighted mixtures (data.mixture), end to end through the CLI:
-a tiny Llama on a generated two-source jsonl corpus. One uninterrupted run is shared by the tests; a run stopped on
-2 processes and resumed on 1 must give its losses (the stream's position and shuffle buffer are in the checkpoint,
-and the samples of a step do not depend on the number of processes)."""
+"""Streaming training data (data.streaming=true) and weighted mixtures (data.mixture, streaming and map mode), end
+to end through the CLI: a tiny Llama on a generated two-source jsonl corpus. One uninterrupted run per mode is
+shared by the tests; a run stopped on 2 processes and resumed on 1 must give its losses (the stream's position and
+shuffle buffer are in the checkpoint, map mode's position is the step; the samples of a step do not depend on the
+number of processes)."""
 
 from __future__ import annotations
 
@@ -35,14 +36,19 @@ def write_corpus(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def stream_overrides(corpus: Path, cache: Path, weight_a: float = 0.7) -> list[str]:
+def mixture_overrides(corpus: Path, cache: Path, weight_a: float = 0.7) -> list[str]:
+    """Sources a and b of `write_corpus` mixed weight_a / 0.3, in map mode (the default)."""
     return [*TINY, "model=llama_tiny", "task=clm", "task.metric=perplexity", "data=custom", f"data.dir={corpus}",
             "~data.files.test", "~data.files.train", "data.files.dev=dev.jsonl", "data.max_train_samples=null",
-            "data.max_eval_samples=null", "data.packing=true", "data.max_length=32", "data.streaming=true",
-            "data.shuffle_buffer=64", "data.num_workers=1", f"train.max_steps={STEPS}", f"data.cache_dir={cache}",
+            "data.max_eval_samples=null", "data.packing=true", "data.max_length=32", f"data.cache_dir={cache}",
             f"data.mixture=[{{name: a, weight: {weight_a}, dir: {corpus}, files: a.jsonl}},"
             f"{{name: b, weight: 0.3, dir: {corpus}, files: b.jsonl, text_column: body}}]",
             "logger=[]"]  # fmt: skip
+
+
+def stream_overrides(corpus: Path, cache: Path, weight_a: float = 0.7) -> list[str]:
+    return [*mixture_overrides(corpus, cache, weight_a), "data.streaming=true", "data.shuffle_buffer=64",
+            "data.num_workers=1", f"train.max_steps={STEPS}"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +151,93 @@ def test_the_model_card_has_the_adapter_settings_when_an_adapter_is_used():
     assert adapter == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"],
                        "merge_on_export": True}  # fmt: skip
     assert "| f1 | 0.5 |" in card and "(step 3)" in card
+
+
+# Map mode: 100 steps of global batches of 10 = 1,000 samples; a record every 10 steps.
+MAP_STEPS, MAP_BATCH = 100, 10
+
+
+def share_bound(p: float, n: int) -> float:
+    """4 standard deviations of the share of n draws with probability p."""
+    return 4 * math.sqrt(p * (1 - p) / n)
+
+
+def test_a_map_mode_mixture_tags_each_block_with_its_source_and_draws_by_weight(corpus, tmp_path):
+    """In process, the worker's own data path: each source tokenized and packed on its own, then mixed 0.7/0.3;
+    over the 1,000 samples of 100 global batches of 10 each source's share is within 4 sigma of its weight."""
+    from distrain.trainer.data.mixture import SourceCounts
+    from distrain.trainer.data.sampler import GlobalBatchSampler
+    from distrain.trainer.distributed import DistEnv
+    from distrain.trainer.model import ensure_run_tokenizer, load_tokenizer
+    from distrain.trainer.tasks import build_task
+
+    cfg = compose_train(mixture_overrides(corpus, tmp_path / "cache"))
+    env = DistEnv()
+    ensure_run_tokenizer(cfg, tmp_path, env)
+    task = build_task(cfg, load_tokenizer(cfg.model, env, tmp_path))
+    train = task.prepare(env).splits["train"]
+    # b is upper case, a lower case: a block holds the text of its tagged source only (packed per source)
+    for row in train.select(range(200)):
+        text = task.tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+        letters = [c for c in text if c.isalpha()]
+        assert all(c.isupper() for c in letters) if row["source"] == 1 else all(c.islower() for c in letters), row
+    sampler = GlobalBatchSampler(train["length"], MAP_BATCH, 1, 0, 1, seed=cfg.train.seed)
+    counts = SourceCounts(["a", "b"], train["source"], sampler).at(MAP_STEPS)
+    n = MAP_STEPS * MAP_BATCH
+    assert sum(counts.values()) == n and len(train) < n  # the 1,000 samples span more than one epoch
+    assert abs(counts["a"] / n - 0.7) < share_bound(0.7, n), counts
+
+
+def test_a_map_mode_mixture_names_its_bad_sources(corpus, tmp_path):
+    from distrain.cli.validate import validate
+    from distrain.trainer.errors import ConfigError
+
+    overrides = mixture_overrides(corpus, tmp_path / "cache", weight_a=0)
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train([*overrides, "data.mixture.1.files=missing.jsonl", "data.mixture.1.format=conll"]))
+    message = str(error.value)
+    assert "data.mixture[0].weight: expected a number > 0, got 0.0" in message
+    assert "data.mixture[1].format: expected one of ['text', 'jsonl', 'csv'], got 'conll'" in message
+    assert "data.streaming" not in message  # map mode mixes
+    validate(compose_train(mixture_overrides(corpus, tmp_path / "cache")))
+
+
+@pytest.fixture(scope="module")
+def map_uninterrupted(tmp_path_factory, corpus) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("map-run")
+    run, cache = root / "run", root / "cache"
+    run_distrain("train", *mixture_overrides(corpus, cache), f"train.max_steps={MAP_STEPS}",
+                 f"train.micro_batch_size={MAP_BATCH}", "train.log_every=10", f"run.dir={run}")  # fmt: skip
+    return run, cache
+
+
+@pytest.mark.slow
+def test_a_map_mode_mixture_records_samples_by_source_near_the_weights(map_uninterrupted):
+    run, cache = map_uninterrupted
+    records = train_records(run)
+    assert [r["step"] for r in records] == list(range(10, MAP_STEPS + 1, 10))
+    assert all(sum(r["samples_by_source"].values()) == MAP_BATCH * r["step"] for r in records), records
+    last = records[-1]["samples_by_source"]
+    n = MAP_STEPS * MAP_BATCH
+    assert abs(last["a"] / n - 0.7) < share_bound(0.7, n), last
+    assert records[-1]["epoch"] > 1  # the counts go on across epochs
+    assert len(list((cache / "clm").iterdir())) == 3  # one cache entry per source, one for dev
+
+
+@pytest.mark.slow
+def test_a_map_mode_mixture_stopped_on_2_processes_and_resumed_on_1_gives_the_uninterrupted_run(
+    map_uninterrupted, corpus, tmp_path
+):
+    reference, cache = map_uninterrupted
+    run = tmp_path / "resumed"
+    overrides = [*mixture_overrides(corpus, cache), f"train.max_steps={MAP_STEPS}", "train.log_every=10"]
+    run_distrain("train", *overrides, "parallel=ddp", "launcher.nproc_per_node=2",
+                 f"train.micro_batch_size={MAP_BATCH // 2}", "train.stop_at_step=40", f"run.dir={run}")  # fmt: skip
+    assert sorted(train_losses(run)) == [10, 20, 30, 40]
+    rerun = run_distrain("train", *overrides, f"train.micro_batch_size={MAP_BATCH}", f"run.dir={run}")
+    assert "at step 40" in rerun.stdout
+    expected, resumed = train_losses(reference), train_losses(run)
+    assert sorted(resumed) == sorted(expected)
+    assert max(abs(resumed[s] - expected[s]) for s in expected) < 1e-5, (resumed, expected)
+    by_step = {r["step"]: r["samples_by_source"] for r in train_records(reference)}
+    assert {r["step"]: r["samples_by_source"] for r in train_records(run)} == by_step

@@ -22,6 +22,7 @@ from distrain.trainer import adapters
 from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_bytes
 from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights, read_trainer_state
 from distrain.trainer.data.loaders import train_loader
+from distrain.trainer.data.mixture import SOURCE_COLUMN, SourceCounts, train_sources
 from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.data.streaming import TrainStream
 from distrain.trainer.distributed import DistEnv
@@ -70,6 +71,7 @@ class Trainer:
         self.collate = task.collator(train=True)
         self.stream: TrainStream | None = None  # data.streaming: the training stream, its position in data_state
         self.data_state: dict[str, Any] | None = None
+        self.source_counts: SourceCounts | None = None  # map mode with data.mixture
         if cfg.data.streaming:
             self.stream = TrainStream(task, t.micro_batch_size, t.grad_accum_steps, env.dp_rank, env.dp_size,
                                       self.collate)  # fmt: skip
@@ -89,6 +91,9 @@ class Trainer:
                 data.splits["train"], self.collate, list(task.loader_columns), self.sampler, cfg.data.num_workers
             )
             self.steps_per_epoch = self.sampler.steps_per_epoch
+            if cfg.data.mixture:
+                names = [name for name, _, _ in train_sources(cfg.data)]
+                self.source_counts = SourceCounts(names, data.splits["train"][SOURCE_COLUMN], self.sampler)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.scaler = grad_scaler(cfg.precision.name, env.device)
@@ -249,6 +254,8 @@ class Trainer:
         }
         if self.stream is not None:  # the samples each source gave so far (the same global stream on every rank)
             record["samples_by_source"] = self.stream.counts(self.data_state)
+        elif self.source_counts is not None:  # the same, from the global batches of map mode
+            record["samples_by_source"] = self.source_counts.at(self.step)
         if w["profiled"]:
             record["profiled"] = True  # the profiler slowed these steps: their throughput is not comparable
         self._report(record)

@@ -96,7 +96,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
     wrapped.save_pretrained(folder)
 
 
-TOKENIZER_SAMPLE_RECORDS = 10_000  # data.streaming: the tokenizer learns from this many records of each source
+TOKENIZER_SAMPLE_RECORDS = 10_000  # streaming or a mixture: the tokenizer learns from this many records of each source
 
 
 def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
@@ -106,7 +106,7 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
     from distrain.trainer.data.sources import column, read_splits
 
     def train(partial: Path) -> None:
-        if cfg.data.streaming:  # an unbounded stream: the first records of each source
+        if cfg.data.streaming or cfg.data.mixture:  # the first records of each source
             from distrain.trainer.data.streaming import first_records
 
             records = first_records(cfg.data, cfg.train.seed, TOKENIZER_SAMPLE_RECORDS)

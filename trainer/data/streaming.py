@@ -24,31 +24,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.trainer.data.mixture import renamed, train_sources
 from distrain.trainer.data.sources import Record, class_names, iter_records, matching_paths, named
 from distrain.trainer.errors import DataError
 
 CHUNK = 64  # records tokenized together (LM packing drops each chunk's last partial block, as map mode per batch)
-COLUMNS = ("text_column", "label_column", "tokens_column", "tags_column")
-
-
-def stream_sources(data: DictConfig) -> list[tuple[str, float, DictConfig]]:
-    """(name, weight, data config of the source) of each training source: data.mixture, else data itself."""
-    if not data.mixture:
-        return [("train", 1.0, data)]
-    base = OmegaConf.to_container(data, resolve=True)
-    base.pop("mixture")
-    out = []
-    for source in data.mixture:
-        own = {k: v for k, v in OmegaConf.to_container(source, resolve=True).items() if v is not None}
-        cfg = OmegaConf.create({**base, "files": {"train": own.get("files")}})
-        cfg.hub_splits = {"train": source.hub_split}
-        for key in ("dir", "format", "text_unit", "hub_name", "hub_config", "hub_revision"):
-            cfg[key] = own.get(key)
-        cfg.columns = {own[key]: data[key] for key in COLUMNS if key in own}  # the source's name -> data.*'s
-        cfg.format = cfg.format or data.format
-        cfg.text_unit = cfg.text_unit or data.text_unit
-        out.append((source.name, float(source.weight), cfg))
-    return out
 
 
 class SourceReader:
@@ -72,16 +52,11 @@ class SourceReader:
                     for record, position in iter_records(path, self.cfg, (self.state["offset"], self.state["line"])):
                         self.state["offset"], self.state["line"] = position
                         read_any = True
-                        yield self._mapped(record)
+                        yield renamed(record, self.columns)
                     self.state.update(file=self.state["file"] + 1, offset=0, line=0)
             if not read_any:
                 raise DataError(f"data.files.train: no records in {[str(p) for p in self.paths]} (empty files?)")
             self.state.update(epoch=self.state["epoch"] + 1, file=0, offset=0, line=0, hub=None)
-
-    def _mapped(self, record: Record) -> Record:
-        if not self.columns:
-            return record
-        return Record({self.columns.get(k, k): v for k, v in record.fields.items()}, record.where)
 
     def _hub(self) -> Iterator[Record]:
         """A Hub dataset through datasets' streaming, its position by its own state_dict (shard and row)."""
@@ -96,13 +71,14 @@ class SourceReader:
         names = class_names(rows.features)
         for number, row in enumerate(rows):
             self.state["hub"] = rows.state_dict()
-            yield self._mapped(Record(named(row, names), f"{cfg.hub_name}[{cfg.hub_splits['train']}] row {number}"))
+            where = f"{cfg.hub_name}[{cfg.hub_splits['train']}] row {number}"
+            yield renamed(Record(named(row, names), where), self.columns)
 
 
 def first_records(data: DictConfig, seed: int, count: int) -> list[Record]:
     """The first `count` records of each training source, in the stream's order (a tokenizer's training sample)."""
     out = []
-    for i, (_, _, cfg) in enumerate(stream_sources(data)):
+    for i, (_, _, cfg) in enumerate(train_sources(data)):
         reader = SourceReader(cfg, source_seed(seed, i), {"epoch": 0, "file": 0, "offset": 0, "line": 0, "hub": None})
         records = reader.records()
         out += [record for _, record in zip(range(count), records, strict=False)]
@@ -127,7 +103,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.task, self.collate = task, collate
         self.micro, self.accum, self.dp_rank, self.dp_size = micro, accum, dp_rank, dp_size
         self.seed, self.buffer_size = task.cfg.train.seed, data.shuffle_buffer
-        self.sources = stream_sources(data)
+        self.sources = train_sources(data)
         self.columns = list(task.loader_columns)
         self.state = self.initial_state()
 

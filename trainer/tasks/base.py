@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
+from distrain.trainer.data.mixture import mix, renamed, train_sources
 from distrain.trainer.data.sources import Record, read_splits, source_files
 from distrain.trainer.distributed import DistEnv
 from distrain.trainer.paths import resolve_path
@@ -100,14 +101,38 @@ class Task:
         if data.streaming:  # the training data streams (trainer/data/streaming.py); dev/test are tokenized here
             splits = {split: self.in_memory(records) for split, records in read_splits(data, skip=("train",)).items()}
             return TaskData(splits=self._limited(splits), labels=self.labels_of({"train": splits["dev"]}))
+        skip = ("train",) if data.mixture else ()  # a mixture's sources are the training data
+        splits = self.cached(data, env, skip)
+        if data.mixture:
+            sources = train_sources(data)
+            parts = [self.cached(cfg, env)["train"] for _, _, cfg in sources]
+            splits["train"] = mix(parts, [weight for _, weight, _ in sources], self.cfg.train.seed)
+        return TaskData(splits=self._limited(splits), labels=self.labels_of(splits))
+
+    def cached(self, data: DictConfig, env: DistEnv, skip: tuple[str, ...] = ()) -> dict[str, Dataset]:
+        """The tokenized splits of `data` (the run's data, or one source of a mixture), built once per node."""
         key = {
             "task": self.name,
-            "source": source_key(data),
+            "source": source_key(data, skip),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "settings": self.cache_settings(),
         }
-        splits = cached_splits(data.cache_dir, self.name, key, self._build, env)
-        return TaskData(splits=self._limited(splits), labels=self.labels_of(splits))
+        columns = dict(OmegaConf.select(data, "columns", default=None) or {})
+        if columns:  # a mixture's source: its own column names
+            key["columns"] = columns
+
+        def build(folder: Path) -> None:
+            records = {split: [renamed(r, columns) for r in recs] for split, recs in read_splits(data, skip).items()}
+            for split, raw in self.to_datasets(records).items():
+                raw.map(
+                    self.tokenize,
+                    batched=True,
+                    remove_columns=self.drop_columns(raw),
+                    cache_file_name=str(folder / f"{split}.arrow"),
+                    desc=f"Tokenizing {split}",
+                )
+
+        return cached_splits(data.cache_dir, self.name, key, build, env)
 
     def _limited(self, splits: dict[str, Dataset]) -> dict[str, Dataset]:
         """data.max_train_samples / max_eval_samples: the first N of each split."""
@@ -132,17 +157,6 @@ class Task:
     def cache_settings(self) -> dict[str, Any]:
         """Every setting besides the source and tokenizer that changes the tokenized data."""
         return {"max_length": self.cfg.data.max_length}
-
-    def _build(self, folder: Path) -> None:
-        datasets = self.to_datasets(read_splits(self.cfg.data))
-        for split, raw in datasets.items():
-            raw.map(
-                self.tokenize,
-                batched=True,
-                remove_columns=self.drop_columns(raw),
-                cache_file_name=str(folder / f"{split}.arrow"),
-                desc=f"Tokenizing {split}",
-            )
 
     def to_datasets(self, records: dict[str, list[Record]]) -> dict[str, Dataset]:
         """Typed datasets from raw records, with every record checked (labels known, columns present)."""
@@ -234,13 +248,13 @@ class Task:
         raise NotImplementedError
 
 
-def source_key(data: DictConfig) -> dict[str, Any]:
+def source_key(data: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """What identifies the raw data: the contents of its files, or the Hub dataset and revision."""
     if data.dir is None:
         return {"hub": data.hub_name, "config": data.hub_config, "revision": data.hub_revision,
                 "splits": dict(data.hub_splits)}  # fmt: skip
     digests = {}
-    for split, paths in source_files(data).items():
+    for split, paths in source_files(data, skip).items():
         files = [f for p in paths for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
         root = resolve_path(data.dir)
         listing = [(str(f.relative_to(root)), file_digest(f)) for f in files]
