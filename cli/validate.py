@@ -232,8 +232,14 @@ def _model_problems(model: DictConfig) -> list[str]:
                         f"got {model.train_tokenizer_vocab}")  # fmt: skip
     for key in ("name_or_path", "tokenizer"):
         value = model[key]
-        if value is not None and is_local(value) and not resolve_path(value).is_dir():
-            problems.append(f"model.{key}: expected an existing folder, got {value!r}")
+        if value is None:
+            continue
+        if is_local(value):
+            if not resolve_path(value).is_dir():
+                problems.append(f"model.{key}: expected an existing folder, got {value!r}")
+        elif reason := hub_unreachable(value, "model"):  # else the workers retry the Hub, then fail
+            problems.append(f"model.{key}: expected an existing folder or a Hub model id reachable from here, got "
+                            f"{value!r}, which is not a folder and not on the Hub ({reason})")  # fmt: skip
     if model.gguf_file is not None and model.name_or_path is not None and is_local(model.name_or_path):
         gguf = resolve_path(model.name_or_path) / model.gguf_file
         if not gguf.is_file():
@@ -257,7 +263,7 @@ def _data_problems(data: DictConfig) -> list[str]:
     if data.dir is None:
         if data.hub_name is None:
             return ["data.dir: expected a folder with the data files (or data.hub_name for a Hub dataset), got None"]
-        reason = hub_dataset_unreachable(data.hub_name)
+        reason = hub_unreachable(data.hub_name, "dataset")
         if reason:
             return [
                 f"data.dir: expected a folder with the {data.name} files ({', '.join(data.files.values())}), got None;"
@@ -289,14 +295,19 @@ def _data_problems(data: DictConfig) -> list[str]:
     return problems
 
 
-def hub_dataset_unreachable(name: str) -> str | None:
-    """Why the Hub dataset cannot be fetched, or None when it can (or when offline mode defers to the cache)."""
+def hub_unreachable(name: str, repo_type: str) -> str | None:
+    """Why the Hub repo (a model or a dataset) cannot be fetched, or None when it can, when offline mode defers
+    to the local cache, or when the cache holds it (transformers falls back to it)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return None  # offline mode: `datasets` will look in its local cache, and say so if it is not there
-    from huggingface_hub import HfApi
+        return None  # offline mode: the libraries look in their local cache, and say so if it is not there
+    from huggingface_hub import HfApi, try_to_load_from_cache
 
+    if repo_type == "model" and any(
+        isinstance(try_to_load_from_cache(name, file), str) for file in ("config.json", "tokenizer_config.json")
+    ):
+        return None
     try:
-        HfApi().dataset_info(name, timeout=10)
+        HfApi().repo_info(name, repo_type=repo_type, timeout=10)
     except Exception as error:  # network errors, unknown repo, gated repo: all mean "not usable from here"
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return None

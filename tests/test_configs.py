@@ -9,7 +9,7 @@ from conftest import compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from distrain.cli.validate import hub_dataset_unreachable, validate
+from distrain.cli.validate import hub_unreachable, validate
 from distrain.trainer.errors import ConfigError
 
 CONFIGS = importlib.resources.files("distrain.configs")
@@ -128,6 +128,10 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_with_their_key(overrid
         (["train.max_steps=10", "train.stop_at_step=20"], "train.stop_at_step: expected <= train.max_steps (10)"),
         (["data.dir=/nonexistent/folder"], "data.dir: expected an existing folder, got '/nonexistent/folder'"),
         (["model.name_or_path=/nonexistent/model"], "model.name_or_path: expected an existing folder"),
+        (
+            ["model.tokenizer=distrain-tests/no-such-tokenizer"],  # a Hub id that is not there (or no network)
+            "model.tokenizer: expected an existing folder or a Hub model id reachable from here",
+        ),
         (["data.max_length=2"], "data.max_length: expected an integer >= 8"),
         (["train.profile_steps=[8,5]"], "train.profile_steps: expected null or [first, last] with 1 <= first <= last"),
     ],
@@ -152,7 +156,7 @@ def test_conll_data_dir_needs_the_expected_files(tmp_path):
 
 
 def test_conll_without_data_dir_or_hub_names_both_and_the_bundled_experiment():
-    if hub_dataset_unreachable("eriktks/conll2003") is None:
+    if hub_unreachable("eriktks/conll2003", "dataset") is None:
         pytest.skip("the Hub is reachable from here: conll_ner would download CoNLL-2003")
     with pytest.raises(ConfigError) as error:
         validate(compose_train(["+experiment=conll_ner"]))

@@ -104,6 +104,7 @@ class Trainer:
         self.best_step: int | None = None
         self.evals_without_improvement = 0
         self.nonfinite_in_a_row = 0  # steps skipped for a non-finite loss or gradient norm, since the last good one
+        self.divergence: str | None = None  # set by the step that makes the run diverge
         self.held = None  # bytes of parameters, gradients and optimizer state on this rank
         self.real_tokens = 0.0  # all data shards, this invocation (for the summary's throughput)
         self.step_seconds = 0.0
@@ -167,8 +168,8 @@ class Trainer:
         w["grad_norm"], w["lr"] = grad_norm, lr
 
     def _nonfinite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether this step must not be applied: its loss (on any rank) or gradient norm is not finite. Raises
-        Diverged after train.max_nonfinite_steps such steps in a row.
+        """Whether this step must not be applied: its loss (on any rank) or gradient norm is not finite. After
+        train.max_nonfinite_steps such steps in a row, self.divergence says why the run stops.
 
         The decision is the same on every rank without a collective of its own: a rank whose loss is not finite
         made its gradients NaN (train_step), and the gradient norm is global: computed from the all-reduced
@@ -194,8 +195,8 @@ class Trainer:
             extra={"file_only": True},
         )  # fmt: skip (the console got it from progress.print)
         self.progress.print(f"step {step} skipped: {what} is not finite ({self.nonfinite_in_a_row} in a row)")
-        if self.nonfinite_in_a_row >= limit:
-            raise Diverged(
+        if self.nonfinite_in_a_row >= limit:  # fit() logs this step's record like the skipped ones', then stops
+            self.divergence = (
                 f"training diverged at step {step}: {what}; {limit} steps in a row were not finite "
                 f"(train.max_nonfinite_steps={limit}) and none was applied: the weights, and every checkpoint "
                 f"since, are those of step {step - self.nonfinite_in_a_row}. No export was written. Lower optim.lr "
@@ -396,6 +397,9 @@ class Trainer:
                 self.window["profiled"] |= self.profiler.active
                 self.profiler.after_step(self.step)
                 self.progress.step(self.step)
+                if self.divergence:  # every rank alike: the gradient norm is global
+                    self._log_train()
+                    raise Diverged(self.divergence)
                 last = self.step == self.total_steps
                 # A stop request on any rank (signal or STOP file) stops every rank after this same step.
                 preempted = not last and self.env.any(self.stop_request.requested())
