@@ -28,6 +28,7 @@ from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import build_model, load_tokenizer, model_source
 from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.schema import Strategy
 from distrain.trainer.tasks import build_task, task_class
 
 OWN = {"output": None}
@@ -66,10 +67,11 @@ def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
     """The chosen layout first, then the alternatives for the same number of processes."""
     chosen = cfg.parallel
     out = [(f"{chosen.name.value} (chosen)", chosen)]
-    candidates = ["single"] if world == 1 else ["ddp", "fsdp", "tp", "fsdp_tp"]
-    for name in candidates:
-        if name != chosen.name.value:
-            out.append((name, DictConfig({"name": name, "dp": None, "tp": 2 if name == "fsdp_tp" else None})))
+    candidates = [Strategy.single] if world == 1 else [s for s in Strategy if s != Strategy.single]
+    for strategy in candidates:
+        if strategy != chosen.name:
+            tp = 2 if strategy == Strategy.fsdp_tp else None  # fsdp_tp needs its split: the smallest 2-D one
+            out.append((strategy.value, DictConfig({"name": strategy.value, "dp": None, "tp": tp})))
     return out
 
 

@@ -121,6 +121,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
         model = adapters.apply_lora(model, cfg.adapter)
     model.to(env.device)
     phase("model")
+    # The launcher validated the layout; here it becomes the mesh, and the model's real config (a Hub model's,
+    # which the launcher could not read) is checked against it.
     dims, problems = ParallelDims.resolve(cfg.parallel, env.world_size)
     problems += dims.model_problems(model.config) if dims else []
     if problems:
