@@ -69,6 +69,14 @@ def as_numbers(values: list[str]) -> list[float] | None:
         return None
 
 
+def short(value: str) -> str:
+    """A swept value for a legend: numbers to 4 significant digits (a random search draws 0.0004598786090752841)."""
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
 def log_axis(ax: Any, xs: list[float]) -> None:
     """Learning rates and the like: searched on a log scale, shown on one, with plain tick labels."""
     from matplotlib import ticker
@@ -167,7 +175,7 @@ def plot_run(plt: Any, run: Path, metric: str, direction: str, path: Path) -> Pa
             profiled = [(s, r[key]) for s, r in data["train"].items() if r.get("profiled")]
             if profiled:
                 ax.scatter(*zip(*profiled, strict=True), marker="x", color="black", zorder=3,
-                           label="profiled steps (slower)")  # fmt: skip
+                           label="profiled steps (not comparable)")  # fmt: skip
         ax.set_ylabel(label)
     if data["train"] and max(series_of(data["train"], "lr")[1] or [0]) > 0:
         axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -185,7 +193,7 @@ def plot_run(plt: Any, run: Path, metric: str, direction: str, path: Path) -> Pa
         ax.legend(loc="best", fontsize=8)
     for ax in axes[1]:
         ax.set_xlabel("optimizer step")
-    fig.suptitle(f"run {run.name}")
+    fig.suptitle(f"run {run.parent.name}/{run.name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -194,7 +202,7 @@ def plot_run(plt: Any, run: Path, metric: str, direction: str, path: Path) -> Pa
 
 def plot_runs_overlaid(plt: Any, rows: list[dict], labels: list[str], metric: str, direction: str, path: Path) -> Path:
     """The train loss and dev metric of every run against step, one colour per run, named by its overrides."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     for row, label in zip(rows, labels, strict=True):
         data = curves(row["run"])
         (line,) = left.plot(*series_of(data["train"], "loss"), label=label)
@@ -256,7 +264,7 @@ def main() -> None:
     if runs == [folder]:
         plots.append(plot_run(pyplot(), folder, metric, direction, folder / "report" / "training.png"))
     else:
-        labels = [f"{row['run'].name}: " + (" ".join(f"{k}={over[k]}" for k in keys if k in over) or "-")
+        labels = [f"{row['run'].name}: " + (" ".join(f"{k}={short(over[k])}" for k in keys if k in over) or "-")
                   for row, over in zip(rows, seen, strict=True)]  # fmt: skip
         plots.append(plot_runs_overlaid(pyplot(), rows, labels, metric, direction, folder / "report" / "curves.png"))
     for path in plots:
