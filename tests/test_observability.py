@@ -8,6 +8,7 @@ by a stopped, torn and resumed 2-process run with all three trackers (slow: two 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def test_profiled_steps_leave_a_trace_per_rank_the_top_operators_and_a_mark(prof
         assert "aten::addmm" in names or "aten::mm" in names  # the model's matrix products were recorded
         log = (run / "logs" / f"rank_{rank}.log").read_text()
         assert "profile of steps 3-4, top operators by self time" in log and "Self CPU" in log
+        # DDP's gradient all-reduce runs on gloo's threads, outside the table: named with its calls and seconds
+        assert re.search(r"collectives on the backend's own threads .*gloo:all_reduce \d+ calls [\d.]+ s", log), log
     assert [r["step"] for r in train_records(run) if r.get("profiled")] == [3, 4]
 
 

@@ -8,7 +8,9 @@ logs its top operators by self time into `logs/rank_<r>.log`. The train records 
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -46,4 +48,20 @@ class StepProfiler:
         table = self.profiler.key_averages().table(sort_by=by, row_limit=15, max_name_column_width=70)
         log.info("profile of steps %d-%d, top operators by self time (trace: %s)\n%s", self.first, step, self.trace,
                  table)  # fmt: skip
+        log.info("profile of steps %d-%d, collectives on the backend's own threads (not in the table above; they "
+                 "overlap with it, waiting for peers included): %s", self.first, step,
+                 collectives(self.trace) or "none")  # fmt: skip
         self.profiler = None
+
+
+def collectives(trace: Path) -> str:
+    """Calls and seconds per collective (gloo:all_reduce, nccl:...) in a Chrome trace, on any thread."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    calls: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()
+    for event in events:
+        name = event.get("name", "")
+        if name.startswith(("gloo:", "nccl:")) and "dur" in event:
+            calls[name] += 1
+            seconds[name] += event["dur"] / 1e6  # microseconds in the trace
+    return ", ".join(f"{name} {calls[name]} calls {seconds[name]:.3f} s" for name, _ in seconds.most_common())
