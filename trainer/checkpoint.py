@@ -297,6 +297,9 @@ class Checkpointer:
             needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
         free = shutil.disk_usage(self.root).free
         cause = _root_cause(error) if error else "another rank's write failed (see its log)"
+        if free < needed and "No space left" not in cause:
+            # torch.save's zip writer reports a full disk as "unexpected pos ..." (a RuntimeError), not ENOSPC
+            cause = f"No space left on the device ({cause})"
         raise CheckpointWriteFailed(
             f"writing checkpoint {partial} failed: {cause}. It needs about {needed / 1e6:.1f} MB "
             f"({free / 1e6:.1f} MB free in {self.root}); the partial folder was removed and the previous "
