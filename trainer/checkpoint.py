@@ -153,11 +153,10 @@ def set_aside(folder: Path) -> Path:
     return target
 
 
-def _root_cause(error: BaseException) -> str:
+def _root_cause(error: BaseException) -> BaseException:
     """The first OSError (ENOSPC, EACCES, ...) behind a failed write, without DCP's per-rank tracebacks."""
     causes = [exc for exc, _ in error.failures.values()] if isinstance(error, CheckpointException) else [error]
-    cause = next((exc for exc in causes if isinstance(exc, OSError)), causes[0])
-    return f"{type(cause).__name__}: {cause}"
+    return next((exc for exc in causes if isinstance(exc, OSError)), causes[0])
 
 
 def _bytes(state: Any) -> int:
@@ -296,8 +295,9 @@ class Checkpointer:
         if previous is not None:  # what a checkpoint of this run takes on disk, exactly
             needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
         free = shutil.disk_usage(self.root).free
-        cause = _root_cause(error) if error else "another rank's write failed (see its log)"
-        if free < needed and "No space left" not in cause:
+        root = _root_cause(error) if error else None
+        cause = f"{type(root).__name__}: {root}" if root else "another rank's write failed (see its log)"
+        if free < needed and root is not None and not isinstance(root, OSError):
             # torch.save's zip writer reports a full disk as "unexpected pos ..." (a RuntimeError), not ENOSPC
             cause = f"No space left on the device ({cause})"
         raise CheckpointWriteFailed(
