@@ -22,7 +22,7 @@ from distrain.trainer import adapters
 from distrain.trainer.accounting import flops_per_token, held_bytes, max_memory_bytes
 from distrain.trainer.checkpoint import Checkpointer, full_model_state, load_model_weights, read_trainer_state
 from distrain.trainer.data.loaders import train_loader
-from distrain.trainer.data.mixture import SOURCE_COLUMN, SourceCounts, train_sources
+from distrain.trainer.data.mixture import SOURCE_COLUMN, SourceCounts
 from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.data.streaming import TrainStream
 from distrain.trainer.distributed import DistEnv
@@ -92,7 +92,7 @@ class Trainer:
             )
             self.steps_per_epoch = self.sampler.steps_per_epoch
             if cfg.data.mixture:
-                names = [name for name, _, _ in train_sources(cfg.data)]
+                names = [source.name for source in cfg.data.mixture]
                 self.source_counts = SourceCounts(names, data.splits["train"][SOURCE_COLUMN], self.sampler)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
