@@ -8,6 +8,8 @@ for the same global batch; a run stopped and resumed gives the losses and weight
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -27,6 +29,9 @@ ACCUMULATING = {
     "single_2x4": ["parallel=single", "train.micro_batch_size=2", "train.grad_accum_steps=4"],
 }
 
+# Its workers are fresh interpreters; every other run's are forked from the launcher: the same losses either way.
+EXEC_RUN = "ddp2_2x2"
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir, bert_parity) -> dict[str, Path]:
@@ -35,7 +40,8 @@ def runs(tmp_path_factory, cache_dir, bert_parity) -> dict[str, Path]:
     out = {"single_8": bert_parity / "single", "ddp2_4": bert_parity / "ddp"}
     for name, overrides in ACCUMULATING.items():
         out[name] = root / name
-        run_distrain("train", *SAME_AS_PARITY, f"data.cache_dir={cache_dir}", *overrides, f"run.dir={out[name]}")
+        run_distrain("train", *SAME_AS_PARITY, f"data.cache_dir={cache_dir}", *overrides, f"run.dir={out[name]}",
+                     *(["launcher.start_method=exec"] if name == EXEC_RUN else []))  # fmt: skip
     return out
 
 
@@ -56,6 +62,14 @@ def test_final_weights_match_across_strategies(runs):
         weights = load_file(runs[name] / "export" / "model.safetensors")
         assert weights.keys() == reference.keys()
         assert max((weights[k] - reference[k]).abs().max().item() for k in reference) < 1e-5
+
+
+def test_workers_are_forked_or_fresh_interpreters_with_the_threads_the_launcher_gives(runs):
+    threads = max(1, (os.cpu_count() or 1) // 2)  # launcher.threads_per_process's default for 2 processes
+    for name, how in (("ddp2_4", "forked from the launcher"), (EXEC_RUN, "a fresh interpreter")):
+        for rank in (0, 1):
+            log = (runs[name] / "logs" / f"rank_{rank}.log").read_text()
+            assert re.search(rf"rank {rank}: pid \d+ on \S+, attempt 0, {how}, {threads} threads", log), (name, log)
 
 
 def test_run_dir_layout_and_metrics_records(runs):

@@ -84,6 +84,11 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
+class StartMethod(Choice):
+    fork = "fork"
+    exec = "exec"
+
+
 class Backend(Choice):
     gloo = "gloo"
     nccl = "nccl"
@@ -217,6 +222,9 @@ class LauncherConfig:
     rdzv_id: str | None = None  # same on every node of one job; null = derived from run.dir
     max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
     join_timeout_s: float = 600  # multi-node: seconds for every node to join (at start, after a failure)
+    # fork: workers are forked from the launcher, which imported torch and transformers once (seconds faster
+    # per start); exec: each worker is a fresh `python -m distrain.trainer.worker` (torchrun's --module)
+    start_method: StartMethod = StartMethod.fork
     monitor_interval: float = 0.1  # seconds between the agent's checks of its workers (torchrun's default)
     collective_timeout_s: float = 600  # a rank with no progress (or a collective) for this long fails the run
     threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node

@@ -1,4 +1,6 @@
-"""A worker process: `python -m distrain.trainer.worker <run dir>`, started by torchrun through `distrain train`.
+"""A worker process, started by torchrun through `distrain train`: forked from the launcher, which imported this
+module (and so torch, transformers and datasets) once for all its workers (launcher.start_method=fork, torchrun's
+`--run-path`), or a fresh `python -m distrain.trainer.worker <run dir>` (exec).
 
 It reads the resolved `config.yaml` of the run dir (no Hydra here: every rank sees exactly the same values),
 joins the process group, and runs: data -> model -> parallelize -> optimizer -> resume -> train -> export.
@@ -9,17 +11,21 @@ from __future__ import annotations
 
 import time
 
-STARTED = time.perf_counter()  # before the heavy imports below: the start-up phases are timed from here
+STARTED = time.perf_counter()  # before the heavy imports below (forked: already done): start-up phases count from here
 
 import faulthandler
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
+import datasets
 import torch
+import transformers
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
@@ -69,14 +75,11 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     handlers[0].setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    logging.getLogger("distrain").info(
-        "rank %d: pid %d on %s, attempt %s", rank, os.getpid(), os.uname().nodename, attempt
-    )
+    how = "forked from the launcher" if forked() else "a fresh interpreter"
+    logging.getLogger("distrain").info("rank %d: pid %d on %s, attempt %s, %s, %d threads", rank, os.getpid(),
+                                       os.uname().nodename, attempt, how, torch.get_num_threads())  # fmt: skip
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import datasets
-    import transformers
-
     transformers.utils.logging.disable_default_handler()  # its records reach our handlers instead
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" for a single file
@@ -165,6 +168,10 @@ def main() -> None:
     # A rank killed by a fatal signal (SIGABRT, SIGSEGV: e.g. inside a C++ library at exit) prints its Python
     # stacks on stderr instead of dying silently.
     faulthandler.enable(all_threads=True)
+    if forked():
+        become_a_fresh_process()
+    # The launcher sets OMP_NUM_THREADS for its workers; a forked one's OpenMP read it before it was set.
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     run_dir = Path(sys.argv[1])
     cfg = load_run_config(run_dir / "config.yaml")
     imported = time.perf_counter()
@@ -201,6 +208,22 @@ def main() -> None:
             watchdog.stop()
 
 
+def forked() -> bool:
+    """Forked by torchrun from the launcher (launcher.start_method=fork), not a fresh interpreter."""
+    return multiprocessing.parent_process() is not None
+
+
+def become_a_fresh_process() -> None:
+    """What an exec'd worker starts with: its own session, as torchrun gives its subprocesses (a Ctrl-C in the
+    terminal reaches the launcher only, which asks the workers to checkpoint), and the default signal handlers
+    instead of the launcher's and torchrun's agent's."""
+    os.setsid()
+    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 if __name__ == "__main__":
     main()
-    exit_now()
+    if not forked():  # a forked worker returns to torchrun's wrapper, which reports back and exits without teardown
+        exit_now()
