@@ -34,7 +34,16 @@ def rdzv_id(launcher: DictConfig, run_dir: Path) -> str | None:
     return launcher.rdzv_id or os.environ.get("SLURM_JOB_ID") or hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
 
 
-def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
+def forks_workers(launcher: DictConfig, device: str) -> bool:
+    """Whether the workers are forked from this process (launcher.start_method; auto: CPU workers are)."""
+    if launcher.start_method == "auto":
+        import torch
+
+        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return launcher.start_method == "fork"
+
+
+def torchrun_args(launcher: DictConfig, run_dir: Path, fork: bool) -> list[str]:
     args = [
         f"--nproc-per-node={launcher.nproc_per_node}",
         f"--nnodes={launcher.nnodes}",
@@ -50,7 +59,7 @@ def torchrun_args(launcher: DictConfig, run_dir: Path) -> list[str]:
                  f"--rdzv-conf=join_timeout={launcher.join_timeout_s:g}"]  # fmt: skip
         if launcher.node_rank is not None:
             args.append(f"--node-rank={launcher.node_rank}")
-    if launcher.start_method == "fork":
+    if fork:
         # Workers forked from this process, which has imported the worker's modules (torch, transformers,
         # datasets: ~3 s per process on a CPU core) once, before torchrun starts them.
         return [*args, "--start-method=fork", "--run-path", worker_file(), str(run_dir)]
@@ -68,7 +77,7 @@ def _message(failure: ProcessFailure) -> str:
     return message.strip() or "no error recorded (killed by a signal?)"
 
 
-def launch(launcher: DictConfig, run_dir: Path) -> None:
+def launch(launcher: DictConfig, run_dir: Path, device: str) -> None:
     """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
     torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued.
     Ctrl-C (SIGINT) is a stop request too (never requeued); a second Ctrl-C kills the workers at once."""
@@ -104,7 +113,7 @@ def launch(launcher: DictConfig, run_dir: Path) -> None:
 
     previous_interrupt = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        run(parse_args(torchrun_args(launcher, run_dir)))
+        run(parse_args(torchrun_args(launcher, run_dir, forks_workers(launcher, device))))
     except RendezvousTimeoutError:
         raise TrainingFailed(_missing_nodes(launcher, run_dir)) from None
     except SignalException as error:

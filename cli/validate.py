@@ -152,6 +152,10 @@ def _device_problems(cfg: DictConfig) -> list[str]:
         if cfg.launcher.nproc_per_node > count and cfg.train.device != "cpu":
             return [f"launcher.nproc_per_node: expected at most {count} (the CUDA devices here, one per process) "
                     f"with train.device={cfg.train.device}, got {cfg.launcher.nproc_per_node}"]  # fmt: skip
+        if cfg.launcher.start_method == "fork" and cfg.train.device != "cpu":
+            # This check has asked CUDA about its devices: a process forked from here could not use CUDA.
+            return ["launcher.start_method: expected auto or exec for CUDA workers, got 'fork' (a worker forked "
+                    "from the launcher cannot use CUDA)"]  # fmt: skip
         return []
     problems = []
     if cfg.train.device == "cuda":

@@ -85,6 +85,7 @@ class WandbMode(Choice):
 
 
 class StartMethod(Choice):
+    auto = "auto"  # fork for CPU workers, exec for CUDA ones
     fork = "fork"
     exec = "exec"
 
@@ -223,8 +224,9 @@ class LauncherConfig:
     max_restarts: int = 0  # restarts of the worker group after a failure (resumes from the last checkpoint)
     join_timeout_s: float = 600  # multi-node: seconds for every node to join (at start, after a failure)
     # fork: workers are forked from the launcher, which imported torch and transformers once (seconds faster
-    # per start); exec: each worker is a fresh `python -m distrain.trainer.worker` (torchrun's --module)
-    start_method: StartMethod = StartMethod.fork
+    # per start); exec: each worker is a fresh `python -m distrain.trainer.worker` (torchrun's --module);
+    # auto: fork, unless the workers use CUDA (a process forked after the launcher queried CUDA cannot use it)
+    start_method: StartMethod = StartMethod.auto
     monitor_interval: float = 0.1  # seconds between the agent's checks of its workers (torchrun's default)
     collective_timeout_s: float = 600  # a rank with no progress (or a collective) for this long fails the run
     threads_per_process: int | None = None  # torch threads per worker; null = CPU cores / nproc_per_node
