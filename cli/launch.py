@@ -37,9 +37,9 @@ def rdzv_id(launcher: DictConfig, run_dir: Path) -> str | None:
 def forks_workers(launcher: DictConfig, device: str) -> bool:
     """Whether the workers are forked from this process (launcher.start_method; auto: CPU workers are)."""
     if launcher.start_method == "auto":
-        import torch
+        from distrain.trainer.distributed import uses_cuda
 
-        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        return not uses_cuda(device)
     return launcher.start_method == "fork"
 
 

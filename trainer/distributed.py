@@ -105,8 +105,13 @@ class DistEnv:
         return out
 
 
+def uses_cuda(choice: str) -> bool:
+    """Whether train.device=`choice` trains on CUDA here (auto: when CUDA is available)."""
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+    if uses_cuda(choice):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but CUDA is not available on this machine")
         torch.cuda.set_device(local_rank)
