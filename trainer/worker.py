@@ -1,6 +1,6 @@
 """A worker process, started by torchrun through `distrain train`: forked from the launcher, which imported this
-module (and so torch, transformers and datasets) once for all its workers (launcher.start_method=fork, torchrun's
-`--run-path`), or a fresh `python -m distrain.trainer.worker <run dir>` (exec).
+module (and so torch, transformers and datasets) once for all its workers (launcher.start_method fork, or auto
+for CPU workers; torchrun's `--run-path`), or a fresh `python -m distrain.trainer.worker <run dir>` (exec).
 
 It reads the resolved `config.yaml` of the run dir (no Hydra here: every rank sees exactly the same values),
 joins the process group, and runs: data -> model -> parallelize -> optimizer -> resume -> train -> export.
@@ -209,18 +209,20 @@ def main() -> None:
 
 
 def forked() -> bool:
-    """Forked by torchrun from the launcher (launcher.start_method=fork), not a fresh interpreter."""
+    """Forked by torchrun from the launcher (launcher.start_method fork, or auto for CPU workers), not a fresh
+    interpreter."""
     return multiprocessing.parent_process() is not None
 
 
 def become_a_fresh_process() -> None:
     """What an exec'd worker starts with: its own session, as torchrun gives its subprocesses (a Ctrl-C in the
     terminal reaches the launcher only, which asks the workers to checkpoint), and the default signal handlers
-    instead of the launcher's and torchrun's agent's."""
+    instead of every Python handler inherited from the launcher (its preempt_signal, Ctrl-C) and torchrun's agent."""
     os.setsid()
-    for number in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(number, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in signal.valid_signals():
+        if callable(signal.getsignal(number)):
+            signal.signal(number, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it up in a new interpreter
 
 
 if __name__ == "__main__":
