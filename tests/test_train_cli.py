@@ -24,13 +24,18 @@ from distrain.trainer.checkpoint import SafeFileSystemReader, complete_checkpoin
 STEPS = PARITY_STEPS
 # Every run trains on global batches of 8 samples, with the settings `distrain parity` uses.
 SAME_AS_PARITY = [*BERT_PARITY, f"train.max_steps={STEPS}", "train.save_every=0", "data.max_eval_samples=16"]
-ACCUMULATING = {
-    "ddp2_2x2": ["parallel=ddp", "launcher.nproc_per_node=2", "train.micro_batch_size=2", "train.grad_accum_steps=2"],
-    "single_2x4": ["parallel=single", "train.micro_batch_size=2", "train.grad_accum_steps=4"],
-}
-
 # Its workers are fresh interpreters; every other run's are forked from the launcher: the same losses either way.
 EXEC_RUN = "ddp2_2x2"
+ACCUMULATING = {
+    EXEC_RUN: [
+        "parallel=ddp",
+        "launcher.nproc_per_node=2",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "launcher.start_method=exec",
+    ],
+    "single_2x4": ["parallel=single", "train.micro_batch_size=2", "train.grad_accum_steps=4"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +45,7 @@ def runs(tmp_path_factory, cache_dir, bert_parity) -> dict[str, Path]:
     out = {"single_8": bert_parity / "single", "ddp2_4": bert_parity / "ddp"}
     for name, overrides in ACCUMULATING.items():
         out[name] = root / name
-        run_distrain("train", *SAME_AS_PARITY, f"data.cache_dir={cache_dir}", *overrides, f"run.dir={out[name]}",
-                     *(["launcher.start_method=exec"] if name == EXEC_RUN else []))  # fmt: skip
+        run_distrain("train", *SAME_AS_PARITY, f"data.cache_dir={cache_dir}", *overrides, f"run.dir={out[name]}")
     return out
 
 
