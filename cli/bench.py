@@ -113,7 +113,9 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
 
 
 def threads(nproc: int) -> str:
-    return str(max(1, (os.cpu_count() or 1) // nproc))  # as `distrain train` sets it (launcher.threads_per_process)
+    from distrain.cli.launch import default_threads  # imports torch: not at `distrain bench --help`
+
+    return str(default_threads(nproc))  # what `distrain train` gives each worker
 
 
 def torchrun(nproc: int) -> list[str]:

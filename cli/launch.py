@@ -72,6 +72,11 @@ def worker_file() -> str:
     return worker.__file__
 
 
+def default_threads(nproc_per_node: int) -> int:
+    """launcher.threads_per_process when null: this node's CPU cores, shared by its worker processes."""
+    return max(1, (os.cpu_count() or 1) // nproc_per_node)
+
+
 def _message(failure: ProcessFailure) -> str:
     message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
     return message.strip() or "no error recorded (killed by a signal?)"
@@ -88,7 +93,7 @@ def launch(launcher: DictConfig, run_dir: Path, device: str) -> None:
     # Its one-line "failed (exitcode ...)" duplicates the report below.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
 
-    threads = launcher.threads_per_process or max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)
+    threads = launcher.threads_per_process or default_threads(launcher.nproc_per_node)
     saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", SHARED_STORE_OFF, LIBC_FATAL)}
     os.environ["OMP_NUM_THREADS"] = str(threads)  # workers inherit it; restored for the next multirun job
     os.environ[LIBC_FATAL] = "1"  # glibc's fatal messages (heap corruption, ...) on stderr, not only on a tty
