@@ -8,7 +8,7 @@ one after the other (interleaved, so that the machine's load hits both), over th
 steps, or one epoch of the first --samples training sentences, or with --full 3 epochs and then each one's test
 F1. Both count real (non-padding) tokens of every rank over the time of the training steps, data loading
 included, logging, evaluation and checkpoints excluded. Trailing overrides go to `distrain train` (e.g.
-train.num_threads=2).
+launcher.threads_per_process=2).
 Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export) vs a bare torchrun of a
 trivial gloo job, interleaved (--startup-repeats, default --repeats; 0 skips it).
 Prints medians, min-max and ratios; writes <out>/bench.json with the machine and every repetition's figures.
