@@ -43,7 +43,8 @@ def forks_workers(launcher: DictConfig, device: str) -> bool:
     return launcher.start_method == "fork"
 
 
-def torchrun_args(launcher: DictConfig, run_dir: Path, fork: bool) -> list[str]:
+def torchrun_args(launcher: DictConfig, run_dir: Path, forked_worker: str | None) -> list[str]:
+    """torchrun's command line; `forked_worker`: the worker's file when the workers are forked from this process."""
     args = [
         f"--nproc-per-node={launcher.nproc_per_node}",
         f"--nnodes={launcher.nnodes}",
@@ -59,16 +60,21 @@ def torchrun_args(launcher: DictConfig, run_dir: Path, fork: bool) -> list[str]:
                  f"--rdzv-conf=join_timeout={launcher.join_timeout_s:g}"]  # fmt: skip
         if launcher.node_rank is not None:
             args.append(f"--node-rank={launcher.node_rank}")
-    if fork:
-        # Workers forked from this process, which has imported the worker's modules (torch, transformers,
-        # datasets: ~3 s per process on a CPU core) once, before torchrun starts them.
-        return [*args, "--start-method=fork", "--run-path", worker_file(), str(run_dir)]
+    if forked_worker is not None:
+        return [*args, "--start-method=fork", "--run-path", forked_worker, str(run_dir)]
     return [*args, "--module", "distrain.trainer.worker", str(run_dir)]  # a fresh interpreter per worker
 
 
-def worker_file() -> str:
-    from distrain.trainer import worker  # the imports every worker needs, once, in the process they fork from
+def import_worker(task: str) -> str:
+    """Import what every worker needs (torch, transformers, datasets: ~3 s per process on a CPU core) and the
+    task's metric modules, once, in this process, which the workers fork from; the worker's file."""
+    import importlib
 
+    from distrain.trainer import worker
+    from distrain.trainer.tasks import task_class
+
+    for module in task_class(task).metric_modules:
+        importlib.import_module(module)
     return worker.__file__
 
 
@@ -82,7 +88,7 @@ def _message(failure: ProcessFailure) -> str:
     return message.strip() or "no error recorded (killed by a signal?)"
 
 
-def launch(launcher: DictConfig, run_dir: Path, device: str) -> None:
+def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
     """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
     torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued.
     Ctrl-C (SIGINT) is a stop request too (never requeued); a second Ctrl-C kills the workers at once."""
@@ -118,7 +124,8 @@ def launch(launcher: DictConfig, run_dir: Path, device: str) -> None:
 
     previous_interrupt = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        run(parse_args(torchrun_args(launcher, run_dir, forks_workers(launcher, device))))
+        forked_worker = import_worker(task) if forks_workers(launcher, device) else None
+        run(parse_args(torchrun_args(launcher, run_dir, forked_worker)))
     except RendezvousTimeoutError:
         raise TrainingFailed(_missing_nodes(launcher, run_dir)) from None
     except SignalException as error:

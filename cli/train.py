@@ -38,7 +38,7 @@ def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
     with run_dir_lock(run_dir, rdzv_id(cfg.launcher, run_dir)):  # before anything in it is written
         write_run_dir(cfg, overrides)
         console.print(f"[bold]distrain train[/] run dir: {run_dir}")
-        launch(cfg.launcher, run_dir, cfg.train.device)
+        launch(cfg.launcher, run_dir, cfg.train.device, cfg.task.name)
     return run_dir
 
 

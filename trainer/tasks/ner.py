@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class NerTask(Task):
     name = TaskName.ner
     metrics_reported = ("f1", "precision", "recall", "accuracy")
+    metric_modules = ("seqeval.metrics",)
     metric_titles = {
         "f1": "entity F1",
         "accuracy": "token accuracy",
