@@ -9,8 +9,9 @@ steps, or one epoch of the first --samples training sentences, or with --full 3 
 F1. Both count real (non-padding) tokens of every rank over the time of the training steps, data loading
 included, logging, evaluation and checkpoints excluded. Trailing overrides go to `distrain train` (e.g.
 launcher.threads_per_process=2).
-Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export) vs a bare torchrun of a
-trivial gloo job, interleaved (--startup-repeats, default --repeats; 0 skips it).
+Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export); the time each job after the
+first adds to a sweep of such runs (`distrain train -m`, one launcher for all its jobs); a bare torchrun of a
+trivial gloo job; interleaved (--startup-repeats, default --repeats; 0 skips it).
 Prints medians, min-max and ratios; writes <out>/bench.json with the machine and every repetition's figures.
 The data folder (train.txt, dev.txt, test.txt): --data-dir, else $DISTRAIN_CONLL2003_DIR, else
 ../shared/data/conll2003.
@@ -19,6 +20,7 @@ The data folder (train.txt, dev.txt, test.txt): --data-dir, else $DISTRAIN_CONLL
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -32,6 +34,7 @@ from distrain.cli.console import console, print_error
 
 BIN = Path(sys.executable).parent
 SPLITS = ("train.txt", "dev.txt", "test.txt")
+SWEEP_JOBS = 4  # of the start-up sweep
 BARE_JOB = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"
 
 
@@ -135,10 +138,26 @@ def run_hf(args: argparse.Namespace, out: Path) -> dict:
     return {**json.loads((out / "result.json").read_text()), "wall_seconds": wall}
 
 
+def tiny_overrides(args: argparse.Namespace) -> list[str]:
+    return ["+debug=tiny", "parallel=ddp", f"launcher.nproc_per_node={args.nproc}", "train.max_steps=1",
+            "data.max_eval_samples=16", "logger=[]"]  # fmt: skip
+
+
 def run_tiny(args: argparse.Namespace, run_dir: Path) -> dict:
-    command = [str(BIN / "distrain"), "train", "+debug=tiny", "parallel=ddp", f"launcher.nproc_per_node={args.nproc}",
-               "train.max_steps=1", "data.max_eval_samples=16", "logger=[]", f"run.dir={run_dir}"]  # fmt: skip
+    command = [str(BIN / "distrain"), "train", *tiny_overrides(args), f"run.dir={run_dir}"]
     return {"seconds": run(command, run_dir.with_suffix(".log"))}
+
+
+def run_sweep(args: argparse.Namespace, sweep_dir: Path) -> dict:
+    """A Hydra sweep of SWEEP_JOBS tiny runs in one `distrain train -m`: "seconds" is the median time a job after
+    the first adds (from one job's summary.json to the next's), when the launcher has its imports already."""
+    seeds = ",".join(str(seed) for seed in range(1, SWEEP_JOBS + 1))
+    command = [str(BIN / "distrain"), "train", "-m", *tiny_overrides(args), f"train.seed={seeds}",
+               f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    wall = run(command, sweep_dir.with_suffix(".log"))
+    ends = [(sweep_dir / str(job) / "summary.json").stat().st_mtime for job in range(SWEEP_JOBS)]
+    jobs = [end - previous for previous, end in itertools.pairwise(ends)]
+    return {"seconds": statistics.median(jobs), "jobs_after_the_first": jobs, "sweep_seconds": wall}
 
 
 def run_bare(args: argparse.Namespace, out: Path) -> dict:
@@ -200,8 +219,10 @@ def main() -> None:
     report["throughput"] = throughput
     startup_repeats = args.repeats if args.startup_repeats is None else args.startup_repeats
     if startup_repeats:
-        console.print("start-up: a tiny 2-rank distrain run vs a bare torchrun of a trivial gloo job", highlight=False)
-        sides = {"distrain_tiny": lambda d: run_tiny(args, d), "torchrun_bare": lambda d: run_bare(args, d)}
+        console.print(f"start-up: a tiny {args.nproc}-rank distrain run, a job of a sweep of {SWEEP_JOBS} after its "
+                      "first, and a bare torchrun of a trivial gloo job", highlight=False)  # fmt: skip
+        sides = {"distrain_tiny": lambda d: run_tiny(args, d), "distrain_sweep_job": lambda d: run_sweep(args, d),
+                 "torchrun_bare": lambda d: run_bare(args, d)}  # fmt: skip
         runs = interleaved(sides, startup_repeats, out, "seconds")
         startup = {name: {**stats([r["seconds"] for r in rs]), "runs": rs} for name, rs in runs.items()}
         startup["difference_seconds"] = startup["distrain_tiny"]["median"] - startup["torchrun_bare"]["median"]
@@ -232,10 +253,10 @@ def print_report(report: dict, out: Path) -> None:
         table = Table(title="start-up: wall seconds")
         for column in ("", "median", "min - max", "runs"):
             table.add_column(column, justify="right")
-        for name in ("distrain_tiny", "torchrun_bare"):
+        for name in ("distrain_tiny", "distrain_sweep_job", "torchrun_bare"):
             table.add_row(name, f"{s[name]['median']:.2f}", f"{s[name]['min']:.2f} - {s[name]['max']:.2f}",
                           str(s[name]["n"]))  # fmt: skip
-        table.add_row("difference", f"{s['difference_seconds']:.2f}", "", "")
+        table.add_row("tiny run - bare torchrun", f"{s['difference_seconds']:.2f}", "", "")
         console.print(table)
     console.print(f"load average (1, 5, 15 min): start {report['load_average_start']}, end "
                   f"{report['load_average_end']}; written: {out / 'bench.json'}", highlight=False)  # fmt: skip

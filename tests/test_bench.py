@@ -1,15 +1,18 @@
 """`distrain bench` end to end on the tiny BERT and a tiny CoNLL-shaped folder: both sides train for real (one
-run each, 2 steps), the start-up pair runs, and the JSON holds their figures."""
+run each, 2 steps), the start-up runs (a tiny run, a sweep, bare torchrun), and the JSON holds their figures."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
 import subprocess
 
 import pytest
 from conftest import DISTRAIN
+
+from distrain.cli.bench import SWEEP_JOBS
 
 
 def bench(*args: str, home) -> subprocess.CompletedProcess:
@@ -43,6 +46,12 @@ def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
     startup = report["startup"]
     assert startup["distrain_tiny"]["median"] > startup["torchrun_bare"]["median"] > 0
     assert startup["difference_seconds"] == startup["distrain_tiny"]["median"] - startup["torchrun_bare"]["median"]
+    (sweep,) = startup["distrain_sweep_job"]["runs"]
+    jobs = sweep["jobs_after_the_first"]
+    assert len(jobs) == SWEEP_JOBS - 1 and all(job > 0 for job in jobs), sweep
+    assert sweep["seconds"] == statistics.median(jobs) == startup["distrain_sweep_job"]["median"]
+    # The sweep's launcher imports torch and transformers once: a later job costs less than a whole tiny run.
+    assert sweep["seconds"] < startup["distrain_tiny"]["median"] and sweep["sweep_seconds"] > sum(jobs), sweep
     assert "distrain / HF" in result.stdout and f"{throughput['ratio']:.3f}" in result.stdout
 
 
