@@ -8,7 +8,6 @@ for the same global batch; a run stopped and resumed gives the losses and weight
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from conftest import BERT_PARITY, PARITY_STEPS, TINY, run_distrain, train_losses
 from safetensors.torch import load_file
 from seqeval.metrics import f1_score
 
+from distrain.cli.launch import default_threads
 from distrain.trainer.checkpoint import SafeFileSystemReader, complete_checkpoints
 
 STEPS = PARITY_STEPS
@@ -69,7 +69,7 @@ def test_final_weights_match_across_strategies(runs):
 
 
 def test_workers_are_forked_or_fresh_interpreters_with_the_threads_the_launcher_gives(runs):
-    threads = max(1, (os.cpu_count() or 1) // 2)  # launcher.threads_per_process's default for 2 processes
+    threads = default_threads(2)  # launcher.threads_per_process's default for the runs' 2 processes
     for name, how in (("ddp2_4", "forked from the launcher"), (EXEC_RUN, "a fresh interpreter")):
         for rank in (0, 1):
             log = (runs[name] / "logs" / f"rank_{rank}.log").read_text()
