@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from distrain.cli.console import console, print_error
+from distrain.trainer.config import run_files
 
 BIN = Path(sys.executable).parent
 SPLITS = ("train.txt", "dev.txt", "test.txt")
@@ -97,7 +98,7 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
     elif args.samples:
         command += [f"data.max_train_samples={args.samples}", "train.epochs=1", "data.max_eval_samples=64"]
     wall = run(command + args.overrides, run_dir.with_suffix(".log"))
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / run_files.SUMMARY).read_text())
     result = {
         "real_tokens": summary["real_tokens"],
         "step_seconds": summary["step_seconds"],
@@ -110,7 +111,7 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
             [str(BIN / "distrain"), "eval", f"ckpt={run_dir / 'export'}", "split=test"],
             run_dir.with_suffix(".eval.log"),
         )
-        report = json.loads((run_dir / "export" / "eval_test.json").read_text())
+        report = json.loads((run_dir / run_files.EXPORT / "eval_test.json").read_text())
         result["test_f1"], result["test_accuracy"] = report["f1"], report["accuracy"]
     return result
 
@@ -155,7 +156,7 @@ def run_sweep(args: argparse.Namespace, sweep_dir: Path) -> dict:
     command = [str(BIN / "distrain"), "train", "-m", *tiny_overrides(args), f"train.seed={seeds}",
                f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
     wall = run(command, sweep_dir.with_suffix(".log"))
-    ends = [(sweep_dir / str(job) / "summary.json").stat().st_mtime for job in range(SWEEP_JOBS)]
+    ends = [(sweep_dir / str(job) / run_files.SUMMARY).stat().st_mtime for job in range(SWEEP_JOBS)]
     jobs = [end - previous for previous, end in itertools.pairwise(ends)]
     return {"seconds": statistics.median(jobs), "jobs_after_the_first": jobs, "sweep_seconds": wall}
 

@@ -33,8 +33,9 @@ from transformers import (
 
 from distrain.cli.compose import compose_config
 from distrain.trainer.data.conll import read_conll
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.model import build_model, load_tokenizer, model_source
+from distrain.trainer.model.build import build_model, model_source
+from distrain.trainer.model.tokenizer import load_tokenizer
+from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks.labels import label_head, label_list
 
 

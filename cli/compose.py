@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distrain.cli.console import print_error
-from distrain.trainer.schema import DistrainConfig, register_configs
+from distrain.trainer.config.schema import DistrainConfig, register_configs
 
 
 def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str, Any], list[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.panel import Panel
 
-from distrain.trainer.reporting import make_console
+from distrain.trainer.observe.reporting import make_console
 
 console = make_console()
 error_console = make_console(stderr=True)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from distrain.cli.console import console, print_error
 from distrain.trainer.errors import UserError
-from distrain.trainer.inference import eval_report, locate
+from distrain.trainer.inference.load import eval_report, locate
 from distrain.trainer.tasks import task_class
 
 
@@ -51,8 +51,10 @@ def eval_job(cfg: DictConfig) -> float:
     task = task_class(report["task"])
     metrics = [(k, v) for k, v in report.items() if isinstance(v, float)]
     console.print("  ".join(f"{task.metric_titles.get(k, k.replace('_', ' '))} {v:.4f}" for k, v in metrics))
+    metric = report["metric"]  # the run's task.metric: the headline, and the value a Hydra sweeper reads
+    console.print(f"{report['split']} {metric} {report[metric]:.4f} (task.metric)", highlight=False)
     console.print(f"wrote {', '.join(report['files'])}", highlight=False)
-    return report[task.metrics_reported[0]]
+    return report[metric]
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from distrain.cli.console import console
-from distrain.trainer.preemption import STOP_FILE, signal_number
+from distrain.trainer.config import run_files
+from distrain.trainer.train.preemption import signal_number
 
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 LIBC_FATAL = "LIBC_FATAL_STDERR_"
@@ -37,7 +38,7 @@ def rdzv_id(launcher: DictConfig, run_dir: Path) -> str | None:
 def forks_workers(launcher: DictConfig, device: str) -> bool:
     """Whether the workers are forked from this process (launcher.start_method; auto: CPU workers are)."""
     if launcher.start_method == "auto":
-        from distrain.trainer.distributed import uses_cuda
+        from distrain.trainer.parallel.distributed import uses_cuda
 
         return not uses_cuda(device)
     return launcher.start_method == "fork"
@@ -107,7 +108,7 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
         # A fresh workers' store per rendezvous round: torchrun's shared one is set up once per agent, so a node
         # whose launcher was killed and started again never finds it and the group cannot re-form.
         os.environ[SHARED_STORE_OFF] = "1"
-    stop_file = run_dir / STOP_FILE
+    stop_file = run_dir / run_files.STOP
     stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
     preempt = signal_number(launcher.preempt_signal)
     previous = signal.signal(preempt, lambda *_: stop_file.touch())  # the workers see the file after their step
@@ -131,9 +132,9 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
     except SignalException as error:
         # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
         if len(interrupts) > 1:
-            from distrain.trainer.checkpoint import latest_checkpoint
+            from distrain.trainer.checkpoint.store import latest_checkpoint
 
-            latest = latest_checkpoint(run_dir / "checkpoints")
+            latest = latest_checkpoint(run_dir / run_files.CHECKPOINTS)
             raise TrainingFailed(
                 f"aborted by a second Ctrl-C: the workers were killed. Rerun the same command (run.dir={run_dir}) "
                 f"to resume from {latest or 'the start: no checkpoint was written yet'}"
@@ -146,8 +147,8 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
         lines = [f"rank {first_rank} failed first (exit code {first.exitcode}): {_message(first)}"]
         for rank, failure in sorted(error.failures.items()):
             if rank != first_rank:
-                lines.append(f"rank {rank} exited too (code {failure.exitcode}): {run_dir}/logs/rank_{rank}.log")
-        lines.append(f"logs: {run_dir / 'logs'}")
+                lines.append(f"rank {rank} exited too (code {failure.exitcode}): {run_files.rank_log(run_dir, rank)}")
+        lines.append(f"logs: {run_dir / run_files.LOGS}")
         raise TrainingFailed("\n".join(lines)) from None
     finally:
         signal.signal(preempt, previous)
@@ -166,7 +167,7 @@ def _missing_nodes(launcher: DictConfig, run_dir: Path) -> str:
     """Which hosts did not come back: those of the last worker group (their ranks' logs in the shared run dir)
     other than this one."""
     hosts = set()
-    for log in (run_dir / "logs").glob("rank_*.log"):
+    for log in (run_dir / run_files.LOGS).glob("rank_*.log"):
         found = re.findall(r"rank \d+: pid \d+ on (\S+), attempt", log.read_text(errors="replace"))
         hosts.update(found[-1:])
     me = socket.gethostname()
@@ -180,8 +181,8 @@ def _missing_nodes(launcher: DictConfig, run_dir: Path) -> str:
 
 
 def _preempted(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text())["status"].startswith("preempted")
+    summary = run_dir / run_files.SUMMARY
+    return summary.exists() and run_files.is_preempted(json.loads(summary.read_text())["status"])
 
 
 def _after_preemption(launcher: DictConfig, run_dir: Path, interrupted: bool) -> None:

@@ -22,10 +22,12 @@ from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.train import run_or_exit
 from distrain.trainer import strict_json
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.reporting import read_metrics
+from distrain.trainer.config import run_files
+from distrain.trainer.config.schema import Strategy
+from distrain.trainer.observe.reporting import read_metrics
+from distrain.trainer.parallel.dims import ParallelDims
 
-OWN = {"strategies": ["single", "ddp", "fsdp", "tp", "fsdp_tp"], "steps": 5, "tolerance": 1e-5, "nproc": 2, "out": None}
+OWN = {"strategies": [s.value for s in Strategy], "steps": 5, "tolerance": 1e-5, "nproc": 2, "out": None}
 
 
 def parse_strategy(spec: str, nproc: int) -> tuple[str, int, int | None, int | None]:
@@ -42,7 +44,7 @@ def parse_strategy(spec: str, nproc: int) -> tuple[str, int, int | None, int | N
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / run_files.METRICS) if r["kind"] == "train"}
 
 
 def main() -> None:

@@ -22,13 +22,15 @@ from rich.table import Table
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
 from distrain.cli.validate import validate
-from distrain.trainer import adapters, strict_json
-from distrain.trainer.accounting import activation_bytes, flops_per_token, planned_bytes
-from distrain.trainer.distributed import DistEnv
+from distrain.trainer import strict_json
 from distrain.trainer.errors import ConfigError
-from distrain.trainer.model import build_model, load_tokenizer, model_source
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.schema import Strategy
+from distrain.trainer.model import adapters
+from distrain.trainer.model.build import build_model, model_source
+from distrain.trainer.model.tokenizer import load_tokenizer
+from distrain.trainer.observe.accounting import activation_bytes, flops_per_token, planned_bytes
+from distrain.trainer.optim.registry import spec as optimizer_spec
+from distrain.trainer.parallel.dims import ParallelDims
+from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import build_task, task_class
 
 OWN = {"output": None}
@@ -67,11 +69,9 @@ def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
     """The chosen layout first, then the alternatives for the same number of processes."""
     chosen = cfg.parallel
     out = [(f"{chosen.name.value} (chosen)", chosen)]
-    candidates = [Strategy.single] if world == 1 else [s for s in Strategy if s != Strategy.single]
-    for strategy in candidates:
-        if strategy != chosen.name:
-            tp = 2 if strategy == Strategy.fsdp_tp else None  # fsdp_tp needs its split: the smallest 2-D one
-            out.append((strategy.value, DictConfig({"name": strategy.value, "dp": None, "tp": tp})))
+    for candidate in ParallelDims.candidates(world):
+        if candidate["name"] != chosen.name.value:
+            out.append((candidate["name"], DictConfig(candidate)))
     return out
 
 
@@ -101,7 +101,7 @@ def main() -> None:
         if dims is None or problems:
             rows.append({**row, "problems": problems})
             continue
-        planned = planned_bytes(model, dims)
+        planned = planned_bytes(model, dims, optimizer_spec(cfg.optim.name))
         held = {"params_bytes": planned.params, "grads_bytes": planned.grads, "optimizer_bytes": planned.optimizer}
         activations = activation_bytes(
             model.config, cfg.train.micro_batch_size, cfg.data.max_length, dims.tp,

@@ -19,7 +19,7 @@ from transformers import pipeline
 from distrain.cli.console import error_console, print_error
 from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
-from distrain.trainer.inference import load_for_inference, locate
+from distrain.trainer.inference.load import load_for_inference, locate
 
 
 def read_lines(source: str) -> list[str]:

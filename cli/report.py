@@ -22,21 +22,22 @@ import yaml
 from rich.table import Table
 
 from distrain.cli.console import console, print_error
-from distrain.trainer.reporting import read_metrics
+from distrain.trainer.config import run_files
+from distrain.trainer.observe.reporting import read_metrics
 from distrain.trainer.tasks import task_class
 
 
 def run_dirs(folder: Path) -> list[Path]:
-    if (folder / "config.yaml").is_file():
+    if (folder / run_files.CONFIG).is_file():
         return [folder]
-    found = [p for p in folder.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+    found = [p for p in folder.iterdir() if p.is_dir() and (p / run_files.CONFIG).is_file()]
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
 def describe(run: Path) -> dict[str, Any]:
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    config = yaml.safe_load((run / run_files.CONFIG).read_text())
     metric, task = config["task"]["metric"], task_class(config["task"]["name"])
-    overrides = yaml.safe_load((run / "overrides.yaml").read_text()) if (run / "overrides.yaml").exists() else []
+    overrides = yaml.safe_load((run / run_files.OVERRIDES).read_text()) if (run / run_files.OVERRIDES).exists() else []
     row: dict[str, Any] = {
         "run": run,
         "metric": metric,
@@ -45,19 +46,19 @@ def describe(run: Path) -> dict[str, Any]:
         "value": None,
         "best_step": None,
     }
-    summary = run / "summary.json"
+    summary = run / run_files.SUMMARY
     if summary.exists():
         data = json.loads(summary.read_text())
         row.update(value=data.get("best_metric"), best_step=data.get("best_step"), status=data.get("status"))
         return row
     evals = []
-    if (run / "metrics.jsonl").exists():
-        evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval" and r["step"] > 0]
+    if (run / run_files.METRICS).exists():
+        evals = [r for r in read_metrics(run / run_files.METRICS) if r["kind"] == "eval" and r["step"] > 0]
     if evals:
         best_first = task.best_first(metric)
         best = min(evals, key=lambda r: best_first(r[metric]))
         row.update(value=best[metric], best_step=best["step"])
-    row["status"] = "running or failed" if evals or (run / "logs").exists() else "not started"
+    row["status"] = "running or failed" if evals or (run / run_files.LOGS).exists() else "not started"
     return row
 
 
@@ -147,7 +148,7 @@ def pyplot() -> Any:
 def curves(run: Path) -> dict[str, Any]:
     """A run's train and eval records by step (the last record of a step wins: after a crash, the resumed run
     redoes the steps since its checkpoint) and the steps it was resumed at."""
-    records = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    records = read_metrics(run / run_files.METRICS) if (run / run_files.METRICS).exists() else []
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     dev = {r["step"]: r for r in records if r["kind"] == "eval" and r["split"] == "dev"}
     resumes = sorted({r["step"] for r in records if r["kind"] == "resume"})

@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import console
 from distrain.trainer import strict_json
-from distrain.trainer.errors import UserError
-from distrain.trainer.paths import PKG_PREFIX, is_local
+from distrain.trainer.config import run_files
+from distrain.trainer.config.paths import PKG_PREFIX, is_local
+from distrain.trainer.errors import ConfigError, UserError
 
 PACKAGES = ("distrain", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "seqeval", "safetensors")
 
@@ -65,18 +66,27 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def write_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    config_path = run_dir / "config.yaml"
-    if config_path.exists() and config_path.read_text() != resolved:
-        before, after = flatten(yaml.safe_load(config_path.read_text())), flatten(yaml.safe_load(resolved))
-        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-        console.print(f"[yellow]{run_dir} had another config; changed keys: {', '.join(changed)}")
-        config_path.replace(run_dir / "config.previous.yaml")
-    write_atomically(config_path, resolved)
-    write_atomically(run_dir / "overrides.yaml", yaml.safe_dump(overrides, default_flow_style=False))
-    write_atomically(run_dir / "env.json", strict_json.dumps(environment(), indent=1))
+    config_path = run_dir / run_files.CONFIG
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config_path.exists() and config_path.read_text() != resolved:
+            before, after = flatten(yaml.safe_load(config_path.read_text())), flatten(yaml.safe_load(resolved))
+            changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+            console.print(f"[yellow]{run_dir} had another config; changed keys: {', '.join(changed)}")
+            config_path.replace(run_dir / "config.previous.yaml")
+        write_atomically(config_path, resolved)
+        write_atomically(run_dir / run_files.OVERRIDES, yaml.safe_dump(overrides, default_flow_style=False))
+        write_atomically(run_dir / run_files.ENV, strict_json.dumps(environment(), indent=1))
+    except OSError as error:
+        raise unwritable(run_dir, error) from None
     return run_dir
+
+
+def unwritable(run_dir: Path, error: OSError) -> ConfigError:
+    """Validation made a folder there, but things change since (a full disk, permissions, a race) and some
+    filesystems refuse only later: still a config problem naming run.dir (exit 2), not a traceback."""
+    return ConfigError([f"run.dir: cannot make, write or lock the run dir {run_dir}: {error}"])
 
 
 class RunDirBusy(UserError):
@@ -95,9 +105,12 @@ def run_dir_lock(run_dir: Path, rdzv_id: str | None) -> Iterator[None]:
     is another node of the same multi-node job (same rendezvous id): those launchers are one run. A lock file
     that still names a holder although nobody holds the lock was left by a process that died: taken over.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise unwritable(run_dir, error) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -116,6 +129,8 @@ def run_dir_lock(run_dir: Path, rdzv_id: str | None) -> Iterator[None]:
                 f"{holder.get('pid', '?')}, started {holder.get('started', '?')}. Wait for it to end, stop it, or "
                 "choose another run.dir"
             ) from None
+        except OSError as error:  # a filesystem without flock (Lustre without `-o flock`: ENOLCK, EOPNOTSUPP)
+            raise unwritable(run_dir, error) from None
         stale = _holder(path)
         if stale:
             console.print(

@@ -19,8 +19,9 @@ from omegaconf import DictConfig
 
 from distrain.cli.compose import check_overrides_or_exit, compose_checked
 from distrain.cli.console import console, print_error
+from distrain.trainer.config import run_files
+from distrain.trainer.config.schema import register_configs
 from distrain.trainer.errors import ConfigError
-from distrain.trainer.schema import register_configs
 
 register_configs()
 
@@ -35,11 +36,31 @@ def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
     validate(cfg)
     absolutize(cfg)
     run_dir = Path(cfg.run.dir)
+    refuse_incompatible_resume(cfg, run_dir)
     with run_dir_lock(run_dir, rdzv_id(cfg.launcher, run_dir)):  # before anything in it is written
         write_run_dir(cfg, overrides)
         console.print(f"[bold]distrain train[/] run dir: {run_dir}")
         launch(cfg.launcher, run_dir, cfg.train.device, cfg.task.name)
     return run_dir
+
+
+def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """Before any worker starts: a rerun whose settings would train the checkpoint on other batches (another
+    global batch, seed or length grouping) is a config error naming the keys. The workers check the data itself."""
+    from distrain.trainer.checkpoint.store import latest_checkpoint, read_trainer_state
+    from distrain.trainer.parallel.dims import ParallelDims
+    from distrain.trainer.train.batches import config_order, order_problems, reorder_message
+
+    root = run_dir / run_files.CHECKPOINTS
+    wanted = root / f"step_{cfg.checkpoint.step}"
+    checkpoint = wanted if cfg.checkpoint.step is not None and wanted.is_dir() else latest_checkpoint(root)
+    if checkpoint is None:
+        return
+    dims, _ = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
+    saved = read_trainer_state(checkpoint).get("data_order") or {}
+    problems = order_problems(saved, config_order(cfg, dims.dp)) if dims else []
+    if problems:
+        raise ConfigError([reorder_message(f"checkpoint {checkpoint}", problems, run_dir)])
 
 
 def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path:
@@ -76,7 +97,7 @@ def train_job(cfg: DictConfig) -> float | None:
         # One run dir per job: <hydra.sweep.dir>/<job number>, made by Hydra.
         cfg.run.dir = hydra_cfg.runtime.output_dir
     run_dir = run_or_exit(cfg, overrides, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / run_files.SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return summary.get("best_metric")
 

@@ -13,19 +13,20 @@ import json
 import math
 import os
 import re
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distrain.trainer import adapters
-from distrain.trainer.adapters import no_default_targets, target_modules
-from distrain.trainer.data.sources import matching_paths
+from distrain.trainer.config.paths import is_local, resolve_path
+from distrain.trainer.data.sources import STREAM_FORMATS, matching_paths
 from distrain.trainer.errors import ConfigError
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.paths import is_local, resolve_path
-from distrain.trainer.preemption import signal_number
+from distrain.trainer.model import adapters
+from distrain.trainer.model.adapters import no_default_targets, target_modules
+from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.tasks import task_class
+from distrain.trainer.train.preemption import signal_number
 
 
 def validate(cfg: DictConfig) -> None:
@@ -171,8 +172,11 @@ def _writable_problem(key: str, value: str) -> str | None:
     if path.exists() and not path.is_dir():
         return f"{key}: expected a folder, {path} is a file"
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return f"{key}: expected a folder this user can write, {existing} is not writable (for {path})"
+    try:  # really make a folder there: os.access says yes to root also where none can be made (/proc, /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".distrain-write-check-", dir=existing))
+    except OSError as error:
+        return (f"{key}: expected a folder this user can write, got {path}: making a folder in {existing} fails "
+                f"({error.strerror or error})")  # fmt: skip
     return None
 
 
@@ -315,9 +319,6 @@ def hub_unreachable(name: str, repo_type: str) -> str | None:
     except Exception as error:  # network errors, unknown repo, gated repo: all mean "not usable from here"
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return None
-
-
-STREAM_FORMATS = ("jsonl", "csv", "text")
 
 
 def _stream_problems(cfg: DictConfig) -> list[str]:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from distrain.trainer.reporting import read_metrics
+from distrain.trainer.observe.reporting import read_metrics
 
 DISTRAIN = str(Path(sys.executable).parent / "distrain")
 WORDS = [

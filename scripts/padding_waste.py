@@ -17,9 +17,9 @@ from rich.table import Table
 
 from distrain.cli.compose import compose_config
 from distrain.trainer.data.sampler import GlobalBatchSampler
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.model import ensure_run_tokenizer, load_tokenizer
-from distrain.trainer.reporting import make_console
+from distrain.trainer.model.tokenizer import ensure_run_tokenizer, load_tokenizer
+from distrain.trainer.observe.reporting import make_console
+from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import build_task
 
 

@@ -133,7 +133,7 @@ def test_mfu_counts_no_weight_gradients_for_the_frozen_base(tmp_path):
     """A frozen weight still costs its forward and its input's gradient (4 FLOPs per weight and token) but not its
     own gradient (2 more): MFU of a LoRA run must not count a full fine-tune's 6 per weight."""
     from distrain.cli.plan import meta_model
-    from distrain.trainer.accounting import flops_per_token
+    from distrain.trainer.observe.accounting import flops_per_token
 
     full, lora = (meta_model(compose_train([*LORA, f"run.dir={tmp_path}", *extra])) for extra in (["adapter=none"], []))
     matmul = lambda m: sum(p.numel() for n, p in m.named_parameters() if "embed_tokens" not in n)  # noqa: E731

@@ -24,8 +24,8 @@ from distrain.cli.compose import config_groups, schema_keys
 from distrain.cli.console import error_console
 from distrain.cli.train import check_command_line
 from distrain.cli.validate import validate
+from distrain.trainer.config.schema import DistrainConfig
 from distrain.trainer.errors import ConfigError
-from distrain.trainer.schema import DistrainConfig
 
 # Each example composes the config with Hydra (~0.3-0.7 s here): a few in the default suite, many in stage 2.
 EXAMPLES, SLOW_EXAMPLES = 25, 400

@@ -8,8 +8,8 @@ import pytest
 from conftest import compose_train
 from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.model import load_tokenizer
+from distrain.trainer.model.tokenizer import load_tokenizer
+from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import build_task
 from distrain.trainer.tasks.ner import IGNORE
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import TINY, compose_train, run_distrain, tensorboard_scalars, train_losses
 from matplotlib.image import imread
 
-from distrain.trainer.loggers import Loggers
+from distrain.trainer.observe.loggers import Loggers
 
 STEPS = 10  # +debug=tiny
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,6 +117,43 @@ def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrup
     rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
     assert f"at step {stopped}" in rerun.stdout
     assert_matches(run, uninterrupted)
+
+
+def test_a_garbled_complete_marker_is_damage_eval_refuses_it_and_a_rerun_resumes_before_it(
+    uninterrupted, tmp_path, cache_dir
+):
+    """A marker that records no digests proves nothing about the files beside it: treated as any other damage."""
+    run = tmp_path / "garbled"
+    shutil.copytree(uninterrupted, run)
+    marker = run / "checkpoints" / f"step_{STEPS}" / "COMPLETE"
+    marker.write_text("garbage\n")
+    result = run_distrain("eval", f"ckpt={marker.parent}", "split=dev", check=False)
+    assert result.returncode == 2 and f"{marker} cannot be parsed" in result.stderr, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+    rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
+    assert f"checkpoint step_{STEPS} skipped: {marker} cannot be parsed" in rerun.stdout, rerun.stdout
+    assert f"renamed to step_{STEPS}.damaged for inspection" in rerun.stdout
+    assert f"at step {STEPS - 10}" in rerun.stdout  # the previous checkpoint (train.save_every=10)
+    assert (run / "checkpoints" / f"step_{STEPS}.damaged" / "COMPLETE").read_text() == "garbage\n"
+    assert_matches(run, uninterrupted)
+
+
+def test_a_rerun_on_another_global_batch_is_refused_before_any_worker_starts(uninterrupted, tmp_path, cache_dir):
+    """Another train.micro_batch_size would resume the checkpoint on other batches: exit 2 with the key, the
+    checkpoint's value and this run's, and the way out; the run dir is left as it was."""
+    run = tmp_path / "regrouped"
+    shutil.copytree(uninterrupted, run)
+    config = (run / "config.yaml").read_text()
+    result = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}", "train.micro_batch_size=2",
+                          check=False)  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "train.micro_batch_size x train.grad_accum_steps x data-parallel processes: the checkpoint has 8, this " \
+           "run 4" in out, out  # fmt: skip
+    assert f"checkpoint.init_from={run} run.dir=<new dir>" in out and "Traceback" not in out, out
+    assert "distrain train run dir" not in result.stdout  # no worker started
+    assert (run / "config.yaml").read_text() == config
 
 
 def assert_a_second_launch_is_refused(run: Path, cache_dir: str, first: subprocess.Popen) -> None:
@@ -236,8 +274,8 @@ def test_a_stopped_worker_is_named_with_stacks_and_the_restarted_run_ends_as_if_
     print(log[log.index("stopped at step") - 40 :][:1500])
     assert re.search(r"rank 1 silent for \d+ s \(last heard at step \d+, phase \w+; \S+ pid " + str(pid), log)
     assert "--- rank 0: stacks of all threads" in log
-    assert "Current thread" in log and 'trainer/watchdog.py", line' in log  # faulthandler's dump, every thread
-    assert re.search(r'trainer/loop.py", line \d+, in (train_step|fit)', log)  # where the collective was called
+    assert "Current thread" in log and 'trainer/observe/watchdog.py", line' in log  # faulthandler's dump, every thread
+    assert re.search(r'trainer/train/loop.py", line \d+, in (train_step|fit)', log)  # where the collective was called
     assert 30 <= seconds <= 30 + 30
     assert re.search(r"resumed from .*step_(\d+) at step", output)
     assert_matches(run, uninterrupted)
@@ -323,8 +361,8 @@ def test_a_diverging_run_exits_1_as_diverged_with_strict_json_and_finite_checkpo
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
     assert not (run / "export").exists()
-    from distrain.trainer.checkpoint import complete_checkpoints
-    from distrain.trainer.inference import load_for_inference, locate
+    from distrain.trainer.checkpoint.store import complete_checkpoints
+    from distrain.trainer.inference.load import load_for_inference, locate
 
     for _, folder in complete_checkpoints(run / "checkpoints"):
         *_, model = load_for_inference(locate(folder))

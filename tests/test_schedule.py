@@ -4,7 +4,8 @@ exports.
 No torchrun: the module joins a real one-process gloo group, so the loop's collectives (barrier, all-reduce,
 broadcast) run as in a worker, and each test builds its trainer as a worker does (`+debug=tiny`: a tiny BERT on
 WNUT-16) from a run dir the launcher's own functions wrote. To make the decisions deterministic, the dev metric
-that `evaluate_split` returns comes from a script keyed by step; the real evaluation still runs and is recorded.
+that the evaluator returns comes from a script keyed by step; the real evaluation still runs and is recorded.
+(The "is it due" rules themselves are pure functions: tests/test_cadence.py.)
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from safetensors.torch import load_file
 
 from distrain.cli.rundir import absolutize, write_run_dir
 from distrain.cli.validate import validate
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.inference import EvalError, load_for_inference, locate
-from distrain.trainer.loop import Trainer
-from distrain.trainer.schema import load_run_config
+from distrain.trainer.config.schema import load_run_config
+from distrain.trainer.errors import UserError
+from distrain.trainer.inference.load import EvalError, load_for_inference, locate
+from distrain.trainer.parallel.distributed import DistEnv
+from distrain.trainer.train.batches import DataOrderChanged
+from distrain.trainer.train.loop import Trainer
 from distrain.trainer.worker import build_trainer
 
 HANDLED = (signal.SIGTERM, signal.SIGUSR1)  # what build_trainer's StopRequest installs handlers for
@@ -50,19 +53,19 @@ class Run:
         self.trainer, self.run_dir, self.script = trainer, trainer.run_dir, script
         self.evaluated: list[int] = []
         self.saved: list[int] = []
-        evaluate, save = trainer.evaluate_split, trainer.save
+        evaluate, save = trainer.evaluator.evaluate, trainer.checkpoints.save
 
-        def scripted_evaluate(split: str) -> dict[str, float]:
-            metrics = evaluate(split)  # the real evaluation, recorded in metrics.jsonl
-            self.evaluated.append(trainer.step)
-            return {**metrics, "f1": script[trainer.step]}  # KeyError: an evaluation at a step not scripted
+        def scripted_evaluate(split: str, step: int) -> dict[str, float]:
+            metrics = evaluate(split, step)  # the real evaluation, recorded in metrics.jsonl
+            self.evaluated.append(step)
+            return {**metrics, "f1": script[step]}  # KeyError: an evaluation at a step not scripted
 
-        def recorded_save() -> Path:
-            self.saved.append(trainer.step)
-            return save()
+        def recorded_save(step: int) -> Path:
+            self.saved.append(step)
+            return save(step)
 
-        trainer.evaluate_split = scripted_evaluate
-        trainer.save = recorded_save
+        trainer.evaluator.evaluate = scripted_evaluate
+        trainer.checkpoints.save = recorded_save
 
     def fit(self) -> dict[str, Any]:
         return self.trainer.fit()
@@ -88,11 +91,12 @@ class Run:
 
 @pytest.fixture
 def start(process_group, tmp_path, cache_dir) -> Iterator[Callable[..., Run]]:
-    """start(script, *overrides) -> a Run; the signal handlers build_trainer installs are undone afterwards."""
+    """start(script, *overrides, run="run") -> a Run in tmp_path/<run>; the signal handlers build_trainer installs
+    are undone afterwards."""
     previous = {s: signal.getsignal(s) for s in HANDLED}
 
-    def make(script: dict[int, float], *overrides: str) -> Run:
-        overrides = ("+debug=tiny", f"run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}",
+    def make(script: dict[int, float], *overrides: str, run: str = "run") -> Run:
+        overrides = ("+debug=tiny", f"run.dir={tmp_path / run}", f"data.cache_dir={cache_dir}",
                      "data.max_eval_samples=16", *overrides)  # fmt: skip
         cfg = compose_train(list(overrides))
         validate(cfg)
@@ -138,7 +142,7 @@ def test_eval_every_0_evaluates_at_each_epoch_end_and_at_the_end(start):
     # 48 samples in global batches of 16: an epoch is 3 steps; 7 steps end in the middle of the third epoch.
     run = start(every_step(7), "train.eval_every=0", "train.max_steps=7", "data.max_train_samples=48",
                 "train.micro_batch_size=16")  # fmt: skip
-    assert run.trainer.steps_per_epoch == 3
+    assert run.trainer.batches.steps_per_epoch == 3
     result = run.fit()
     assert result["status"] == "finished" and result["step"] == 7
     assert run.eval_steps() == run.evaluated == [3, 6, 7]
@@ -263,7 +267,7 @@ def test_a_single_nonfinite_step_is_skipped_and_the_run_goes_on(start):
 
     def overflow_at_step_3(logits, batch):  # a real non-finite loss (as an fp32 overflow gives) in step 3 only
         loss = loss_sum(logits, batch)
-        return loss * float("inf") if trainer.step == 2 else loss
+        return loss * float("inf") if trainer.state.step == 2 else loss
 
     trainer.task.loss_sum = overflow_at_step_3
     result = run.fit()
@@ -321,3 +325,90 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_n
     # eval and predict refuse a damaged checkpoint, naming the file
     with pytest.raises(EvalError, match=r"step_6\.damaged/__0_0\.distcp (has|does not match)"):
         locate(checkpoints / "step_6.damaged")
+
+
+# --- where a run starts: checkpoint.step, checkpoint.init_from, the data order ------------------------------------
+def export_weights(run: Run) -> dict[str, torch.Tensor]:
+    return load_file(run.run_dir / "export" / "model.safetensors")
+
+
+def test_checkpoint_step_goes_back_keeps_the_newer_ones_and_a_rerun_continues_from_there(start, capsys):
+    overrides = ("train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.eval_every=100",
+                 "train.export_weights=last")  # fmt: skip
+    first = start(every_step(6), *overrides)
+    assert first.fit()["status"] == "finished"
+    expected = export_weights(first)
+    checkpoints = first.run_dir / "checkpoints"
+
+    capsys.readouterr()
+    again = start(every_step(6), *overrides, "checkpoint.step=2")
+    result = again.fit()
+    out = capsys.readouterr().out
+    assert f"resumed from {checkpoints / 'step_2'} at step 2" in out, out
+    assert result["status"] == "finished" and again.saved == [4, 6]
+    resumed = export_weights(again)
+    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) == 0.0  # the same steps again
+    superseded = sorted(p.name.split(".")[0] for p in checkpoints.iterdir() if ".superseded-" in p.name)
+    assert superseded == ["step_4", "step_6"], sorted(p.name for p in checkpoints.iterdir())  # kept, renamed
+    assert again.state(6)["restarted_from"] == 2
+
+    # The same command once more (a requeue): it resumes the continuation, not step 2 again.
+    rerun = start(every_step(6), *overrides, "checkpoint.step=2")
+    assert rerun.fit()["step"] == 6 and rerun.saved == []
+    assert f"resumed from {checkpoints / 'step_6'} at step 6" in capsys.readouterr().out
+
+    with pytest.raises(UserError, match=r"checkpoint.step=3: no complete checkpoint step_3 .*complete: 2, 4, 6"):
+        start(every_step(6), *overrides, "checkpoint.step=3").fit()
+
+
+def model_weights(run: Run) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in run.trainer.model.state_dict().items()}
+
+
+def test_init_from_warm_starts_with_weights_only_from_a_checkpoint_or_an_export(start, capsys):
+    source = start(every_step(4), "train.max_steps=4", "train.eval_every=100", "train.export_weights=last",
+                   run="source")  # fmt: skip
+    assert source.fit()["status"] == "finished"
+    trained = model_weights(source)
+    for where in (source.run_dir / "checkpoints" / "step_4", source.run_dir / "export", source.run_dir):
+        run = start(every_step(4), "train.max_steps=4", f"checkpoint.init_from={where}", run=f"warm-{where.name}")
+        fresh = model_weights(run)
+        assert run.trainer.checkpoints.restore() == 0  # a fresh run: step 0, no optimizer state, a new schedule
+        warm = model_weights(run)
+        assert all(torch.equal(warm[k], trained[k]) for k in trained), where
+        assert not all(torch.equal(fresh[k], trained[k]) for k in trained)
+        assert run.trainer.optimizer.state_dict()["state"] == {} and run.trainer.scheduler.last_epoch == 0
+        assert "warm start: weights from" in capsys.readouterr().out
+
+    # The weights must fit the model: a narrower BERT is refused, naming a tensor and both shapes.
+    narrow = start(every_step(4), "train.max_steps=4", "model.architecture.hidden_size=16",
+                   f"checkpoint.init_from={source.run_dir / 'export'}", run="narrow")  # fmt: skip
+    with pytest.raises(UserError, match=r"does not fit this model:\n  - .*\(.*32.*\) there, \(.*16.*\) here"):
+        narrow.trainer.checkpoints.restore()
+
+    # A run dir with checkpoints of its own resumes them (a requeued warm-started job must not start over).
+    warm = start(every_step(4), "train.max_steps=4", "train.stop_at_step=2",
+                 f"checkpoint.init_from={source.run_dir}", run="warm-own")  # fmt: skip
+    warm.fit()
+    capsys.readouterr()
+    again = start(every_step(4), "train.max_steps=4", f"checkpoint.init_from={source.run_dir}", run="warm-own")
+    assert again.trainer.checkpoints.restore() == 2
+    assert "warm start" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("train.micro_batch_size=8", "train.micro_batch_size x train.grad_accum_steps x data-parallel processes: "
+                                     "the checkpoint has 16, this run 8"),
+        ("data.max_train_samples=128", "the training samples (data.*: files, max_train_samples, max_length): "
+                                       "the checkpoint has 256, this run 128"),
+        ("train.seed=1", "train.seed: the checkpoint has 0, this run 1"),
+    ],
+)  # fmt: skip
+def test_a_resume_on_another_order_of_the_data_is_refused_naming_what_changed(start, change, named):
+    overrides = ("train.max_steps=6", "train.stop_at_step=2", "train.eval_every=100")
+    assert start(every_step(6), *overrides).fit()["status"] == "stopped at step 2"
+    with pytest.raises(DataOrderChanged) as error:
+        start(every_step(6), *overrides, change).fit()
+    assert named in str(error.value) and "checkpoint.init_from=" in str(error.value), str(error.value)

@@ -136,7 +136,7 @@ def test_bench_streaming_smoke(tmp_path):
 
 def test_the_model_card_has_the_adapter_settings_when_an_adapter_is_used():
     """The `adapter` group: with `none` (the default) the card has no adapter section, with `lora` its settings."""
-    from distrain.trainer.model_card import model_card
+    from distrain.trainer.export.model_card import model_card
     from distrain.trainer.tasks import task_class
 
     cfg = compose_train(TINY)
@@ -167,8 +167,8 @@ def test_a_map_mode_mixture_tags_each_block_with_its_source_and_draws_by_weight(
     over the 1,000 samples of 100 global batches of 10 each source's share is within 4 sigma of its weight."""
     from distrain.trainer.data.mixture import SourceCounts
     from distrain.trainer.data.sampler import GlobalBatchSampler
-    from distrain.trainer.distributed import DistEnv
-    from distrain.trainer.model import ensure_run_tokenizer, load_tokenizer
+    from distrain.trainer.model.tokenizer import ensure_run_tokenizer, load_tokenizer
+    from distrain.trainer.parallel.distributed import DistEnv
     from distrain.trainer.tasks import build_task
 
     cfg = compose_train(mixture_overrides(corpus, tmp_path / "cache"))

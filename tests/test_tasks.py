@@ -13,11 +13,12 @@ import torch
 from conftest import compose_train
 
 from distrain.cli.validate import validate
+from distrain.trainer.config.paths import resolve_path
 from distrain.trainer.data.sources import read_splits
-from distrain.trainer.distributed import DistEnv
 from distrain.trainer.errors import ConfigError, DataError
-from distrain.trainer.model import build_model, load_tokenizer, train_tokenizer
-from distrain.trainer.paths import resolve_path
+from distrain.trainer.model.build import build_model
+from distrain.trainer.model.tokenizer import load_tokenizer, train_tokenizer
+from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import IGNORE, build_task
 from distrain.trainer.tasks.lm import MaskingCollator
 
@@ -237,8 +238,8 @@ SCORING_IMPORTS = """
 import json, sys
 from distrain.cli.compose import compose_train
 from distrain.cli.launch import import_worker
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.model import load_tokenizer
+from distrain.trainer.parallel.distributed import DistEnv
+from distrain.trainer.model.tokenizer import load_tokenizer
 from distrain.trainer.tasks import build_task
 
 new = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,25 @@ TASKS = {
 }  # fmt: skip
 
 
+class TaskRuns(dict):
+    """Each task's run dir, trained the first time a test asks for it: a test of one task trains only that task."""
+
+    def __init__(self, root: Path, cache_dir: str):
+        super().__init__()
+        self.root, self.cache_dir = root, cache_dir
+
+    def __missing__(self, task: str) -> Path:
+        run = self[task] = self.root / task
+        # clm runs 2 processes with a cache of its own, to show that one rank per node builds it.
+        cache = self.root / "clm-cache" if task == "clm" else self.cache_dir
+        run_distrain("train", *TASKS[task][0], f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=0",
+                     "optim.lr=1e-3", f"data.cache_dir={cache}", f"run.dir={run}")  # fmt: skip
+        return run
+
+
 @pytest.fixture(scope="module")
 def task_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tasks")
-    runs = {}
-    for task, (overrides, *_) in TASKS.items():
-        runs[task] = root / task
-        # clm runs 2 processes with a cache of its own, to show that one rank per node builds it.
-        cache = root / "clm-cache" if task == "clm" else cache_dir
-        run_distrain("train", *overrides, f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_every=0",
-                     "optim.lr=1e-3", f"data.cache_dir={cache}", f"run.dir={runs[task]}")  # fmt: skip
-    return runs
+    return TaskRuns(tmp_path_factory.mktemp("tasks"), cache_dir)
 
 
 # The dev metrics each task reports (in the eval records of metrics.jsonl and in `distrain eval`'s report).
@@ -91,6 +100,20 @@ def test_eval_reports_the_task_metrics(task_runs, task):
             assert report[metric] == pytest.approx(dev[metric], rel=1e-6), (metric, report[metric], dev[metric])
     if task == "classify":
         assert {"accuracy", "macro_f1"} <= set(report)
+
+
+def test_eval_headlines_the_runs_task_metric(task_runs):
+    """A classify run picks its best checkpoint by macro_f1 (task.metric): eval's headline is that, not accuracy."""
+    run = task_runs["classify"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["task"]["metric"] == "macro_f1"
+    result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev")
+    report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    (dev,) = [r for r in records(run) if r["kind"] == "eval" and r["step"] == STEPS]
+    assert report.get("metric") == "macro_f1", report
+    assert report["macro_f1"] == pytest.approx(dev["macro_f1"], rel=1e-6)
+    headline = re.search(r"^dev (\S+) ([0-9.]+) \(task\.metric\)$", result.stdout, re.MULTILINE)
+    assert headline and headline.group(1) == "macro_f1", result.stdout
+    assert float(headline.group(2)) == pytest.approx(dev["macro_f1"], abs=1e-4)
 
 
 @pytest.mark.parametrize("task", list(TASKS))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from seqeval.metrics import f1_score
 
 from distrain.cli.launch import default_threads
-from distrain.trainer.checkpoint import SafeFileSystemReader, complete_checkpoints
+from distrain.trainer.checkpoint.store import SafeFileSystemReader, complete_checkpoints
 
 STEPS = PARITY_STEPS
 # Every run trains on global batches of 8 samples, with the settings `distrain parity` uses.
@@ -269,12 +269,22 @@ def test_a_bad_config_stops_before_any_worker_or_run_dir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_dir_that_cannot_be_made_is_a_config_error_naming_it():
+    # /proc looks writable to root (os.access says yes) but refuses any new folder.
+    where = "/proc/distrain-cannot-write-here"
+    result = run_distrain("train", "+experiment=wnut_ner", *TINY, f"run.dir={where}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "run.dir" in output and where in output and "No such file or directory" in output, output
+    assert "Traceback" not in output, output
+
+
 def test_relative_model_paths_mean_the_same_from_another_directory(tmp_path, cache_dir):
     """config.yaml holds absolute paths (absolutize): a run started with a relative model folder evaluates
     from anywhere."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from distrain.trainer.paths import resolve_path
+    from distrain.trainer.config.paths import resolve_path
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     model_dir = project / "models" / "tiny"

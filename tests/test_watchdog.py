@@ -22,7 +22,7 @@ from conftest import DISTRAIN, TINY
 WORKER = """
 import sys, time
 from pathlib import Path
-from distrain.trainer.watchdog import mark, start_watchdog
+from distrain.trainer.observe.watchdog import mark, start_watchdog
 
 rank = int(sys.argv[1])
 start_watchdog(rank, 2, 6.0, Path(sys.argv[2]))

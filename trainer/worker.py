@@ -29,28 +29,30 @@ import transformers
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
-from distrain.trainer import adapters, strict_json
-from distrain.trainer.accounting import measure_peak_flops
-from distrain.trainer.distributed import DistEnv, process_group
+from distrain.trainer import strict_json
+from distrain.trainer.config import run_files
+from distrain.trainer.config.schema import load_run_config
 from distrain.trainer.errors import ConfigError, Diverged, UserError
 from distrain.trainer.exit import exit_now
-from distrain.trainer.inference import save_head
-from distrain.trainer.loop import Trainer
-from distrain.trainer.model import build_model, ensure_run_tokenizer, load_tokenizer, model_source
-from distrain.trainer.optim import build_optimizer
-from distrain.trainer.parallel import parallelize
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.preemption import StopRequest
-from distrain.trainer.reporting import make_console
-from distrain.trainer.schema import load_run_config
+from distrain.trainer.model import adapters
+from distrain.trainer.model.build import build_model, model_source
+from distrain.trainer.model.head import save_head
+from distrain.trainer.model.tokenizer import ensure_run_tokenizer, load_tokenizer
+from distrain.trainer.observe.accounting import measure_peak_flops
+from distrain.trainer.observe.reporting import make_console
+from distrain.trainer.observe.watchdog import fail_if_collective_failed, start_watchdog
+from distrain.trainer.optim.registry import build_optimizer
+from distrain.trainer.parallel.apply import parallelize
+from distrain.trainer.parallel.dims import ParallelDims
+from distrain.trainer.parallel.distributed import DistEnv, process_group
 from distrain.trainer.tasks import build_task
-from distrain.trainer.watchdog import fail_if_collective_failed, start_watchdog
+from distrain.trainer.train.loop import Trainer
+from distrain.trainer.train.preemption import StopRequest
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
-    log_file = logs / f"rank_{rank}.log"
+    log_file = run_files.rank_log(run_dir, rank)
+    log_file.parent.mkdir(exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(log_file)]
     if rank == 0:
         # The console shows progress and records itself; logging adds only warnings and errors there.
@@ -150,7 +152,7 @@ def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
     MFU read 1.9), tells the others and adds it to env.json."""
     peak = env.broadcast_object(measure_peak_flops(env.device) if env.is_main else None)
     if env.is_main:
-        path = run_dir / "env.json"
+        path = run_dir / run_files.ENV
         info = json.loads(path.read_text()) if path.exists() else {}
         info["peak_flops_per_process"] = peak
         path.write_text(strict_json.dumps(info, indent=1))
@@ -173,7 +175,7 @@ def main() -> None:
     # The launcher sets OMP_NUM_THREADS for its workers; a forked one's OpenMP read it before it was set.
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     run_dir = Path(sys.argv[1])
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / run_files.CONFIG)
     imported = time.perf_counter()
     with process_group(cfg.train.device, cfg.parallel.backend, cfg.launcher.collective_timeout_s) as env:
         joined = time.perf_counter()
@@ -182,14 +184,14 @@ def main() -> None:
             "start-up: imports and config %.3f s, process group %.3f s", imported - STARTED, joined - imported
         )
         phase("logging")
-        log_file = run_dir / "logs" / f"rank_{env.rank}.log"
+        log_file = run_files.rank_log(run_dir, env.rank)
         watchdog = start_watchdog(env.rank, env.world_size, cfg.launcher.collective_timeout_s, log_file)
         try:
             result = build_trainer(cfg, run_dir, env).fit()
             phase("training, evaluation, checkpoint and export")
             if env.is_main:
-                (run_dir / "summary.json").write_text(strict_json.dumps(result, indent=1))
-            if result["status"] == "diverged":
+                (run_dir / run_files.SUMMARY).write_text(strict_json.dumps(result, indent=1))
+            if result["status"] == run_files.DIVERGED:
                 raise Diverged(result["error"])
             # Leave the group together: a rank that tears down its connections while a peer is still at work
             # can make the peer's communication threads fail (seen once as a SIGABRT at the end of a tp run).

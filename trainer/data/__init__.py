@@ -1,2 +1,2 @@
-"""The data path of a worker: raw records from files or the Hub (sources, conll), the tokenized cache built once
-per node (cache), and which samples each rank trains on (sampler, loaders)."""
+"""Reading, tokenizing and batching the data: sources and formats, the cache, mixtures, streams and the global
+batch sampler."""

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.paths import resolve_path
+from distrain.trainer.config.paths import resolve_path
+from distrain.trainer.parallel.distributed import DistEnv
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distrain.trainer.data.sampler import GlobalBatchSampler, eval_batches
-from distrain.trainer.distributed import DistEnv
+from distrain.trainer.parallel.distributed import DistEnv
 
 if TYPE_CHECKING:
     from datasets import Dataset

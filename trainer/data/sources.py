@@ -20,13 +20,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from distrain.trainer.config.paths import resolve_path
+from distrain.trainer.config.schema import DataFormat, TextUnit
 from distrain.trainer.data.conll import read_conll
 from distrain.trainer.errors import DataError
-from distrain.trainer.paths import resolve_path
-from distrain.trainer.schema import TextUnit
 
 log = logging.getLogger(__name__)
-FORMATS = ("conll", "jsonl", "csv", "text", "folders")
+# Formats a stream reads record by record (data.streaming); the others are read whole.
+STREAM_FORMATS = (DataFormat.jsonl.value, DataFormat.csv.value, DataFormat.text.value)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What a task supplies to the one shared loop: its data, model head, collation, loss, metrics and inference.
 
-The loop (trainer/loop.py) never branches on the task; a new task is a `Task` subclass listed in `TASKS`
+The loop (trainer/train/loop.py) never branches on the task; a new task is a `Task` subclass listed in `TASKS`
 (trainer/tasks/__init__.py), not a copy of the loop. The class attributes are everything the launcher, `distrain
 eval`, `predict`, `plan` and `report` need to know of a task (its metrics and their direction, the data formats it
 reads, its own config rules in `check`), so no other module matches task names. The base class runs the common data
@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.trainer.config.paths import resolve_path
+from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
 from distrain.trainer.data.mixture import mix, renamed, train_sources
 from distrain.trainer.data.sources import Record, read_splits, source_files
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.paths import resolve_path
-from distrain.trainer.schema import DataFormat, TaskName
+from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks.labels import label_head
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ class Task:
     card_example: ClassVar[str] = "Paris is the capital of France."  # the model card's example input
 
     def card_usage(self) -> str:
-        """The model card's "Use it" section (trainer/model_card.py writes the rest)."""
+        """The model card's "Use it" section (trainer/export/model_card.py writes the rest)."""
         return (f'```python\nfrom transformers import pipeline\n\nrunner = pipeline("{self.pipeline_task}", '
                 f'model="<this folder>")\nrunner({self.card_example!r})\n```\n\nOr `distrain predict '
                 "ckpt=<this folder> input=FILE`: one JSON line per input line.")  # fmt: skip

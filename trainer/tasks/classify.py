@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distrain.trainer import strict_json
+from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
-from distrain.trainer.schema import DataFormat, TaskName
 from distrain.trainer.tasks.base import Task
 from distrain.trainer.tasks.labels import label_set
 

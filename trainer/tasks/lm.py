@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.sources import Record, column
-from distrain.trainer.schema import DataFormat, TaskName
 from distrain.trainer.tasks.base import IGNORE, Task
 
 if TYPE_CHECKING:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from distrain.trainer.config.schema import DataFormat, LabelSubwords, TaskName
 from distrain.trainer.data.conll import TAG_PATTERN
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
-from distrain.trainer.schema import DataFormat, LabelSubwords, TaskName
 from distrain.trainer.tasks.base import IGNORE, Task
 from distrain.trainer.tasks.labels import label_list, label_set
 
@@ -206,7 +206,7 @@ class NerTask(Task):
         over the word labels, with the character span from its first word's start to its last word's end."""
         from seqeval.metrics.sequence_labeling import get_entities
 
-        from distrain.trainer.forward import forward_logits
+        from distrain.trainer.model.forward import forward_logits
 
         names = model.config.id2label
 

@@ -9,53 +9,23 @@ parallelism (FSDP or DDP) last, outermost, so that its gradient reduction sees t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import Replicate
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.trainer.config.schema import Precision
 from distrain.trainer.errors import ConfigError
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.schema import Precision
+from distrain.trainer.model.families import FAMILIES
+from distrain.trainer.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)
 
 
 # --- tensor parallel ---------------------------------------------------------------------------------------------
-def _bert_layer_plan() -> dict[str, str]:
-    # Q, K, V split by heads (columns); the attention output and the MLP's second matrix by rows, so each block
-    # needs one all-reduce after attention and one after the MLP. The per-rank head count follows from the
-    # split: the attention reshapes its projections to (..., -1, head_dim).
-    return {
-        "attention.self.query": "colwise",
-        "attention.self.key": "colwise",
-        "attention.self.value": "colwise",
-        "attention.output.dense": "rowwise",
-        "intermediate.dense": "colwise",
-        "output.dense": "rowwise",
-    }
-
-
-def _llama_layer_plan() -> dict[str, str]:
-    return {
-        "self_attn.q_proj": "colwise",
-        "self_attn.k_proj": "colwise",
-        "self_attn.v_proj": "colwise",
-        "self_attn.o_proj": "rowwise",
-        "mlp.gate_proj": "colwise",
-        "mlp.up_proj": "colwise",
-        "mlp.down_proj": "rowwise",
-    }
-
-
-LAYER_PLANS = {"bert": _bert_layer_plan, "llama": _llama_layer_plan}
-
-
 def transformer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The repeated blocks (BertLayer, LlamaDecoderLayer, ...): the modules of a ModuleList whose class
     transformers lists in _no_split_modules (which also names non-repeated ones, like BertEmbeddings)."""
@@ -76,8 +46,9 @@ def tp_plan(model: torch.nn.Module) -> dict[str, str]:
     """Module name -> "colwise" | "rowwise" for the whole model."""
     model_type = model.config.model_type
     plan = {}
-    if model_type in LAYER_PLANS:
-        layer_plan = LAYER_PLANS[model_type]()
+    family = FAMILIES.get(model_type)
+    if family is not None and family.tp_layer_plan:
+        layer_plan = family.tp_layer_plan
         for block_name, _ in transformer_blocks(model):
             plan.update({f"{block_name}.{sub}": style for sub, style in layer_plan.items()})
     else:
@@ -166,50 +137,6 @@ def parallelize(
     if dims.ddp_enabled:
         return apply_ddp(model, device)
     return model
-
-
-def autocast_precision(dims: ParallelDims, precision: Precision) -> Precision:
-    """The precision autocast should use (fp32: none): FSDP casts bf16 itself (MixedPrecisionPolicy)."""
-    return Precision.fp32 if dims.fsdp_enabled and precision == Precision.bf16 else precision
-
-
-# --- gradient accumulation, clipping, evaluation ----------------------------------------------------------------
-def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient reduction on all but the last micro-batch of a step (gradient accumulation)."""
-    if isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
-
-
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """The global gradient norm (as if the model were whole), clipping to max_norm when given.
-
-    Under FSDP/TP gradients are DTensors, some sharded, some replicated, next to plain tensors (parameters
-    TP leaves alone); torch's clip_grad_norm_ cannot mix those, so shards' squared sums are all-reduced over the
-    mesh dimensions they are split on.
-    """
-    total = None
-    for param in parameters:
-        grad = param.grad
-        if grad is None:
-            continue
-        if isinstance(grad, DTensor):
-            square = grad.to_local().float().pow(2).sum()
-            for dim, placement in enumerate(grad.placements):
-                if placement.is_shard():
-                    torch.distributed.all_reduce(square, group=grad.device_mesh.get_group(dim))
-        else:
-            square = grad.float().pow(2).sum()
-        total = square if total is None else total + square
-    norm = torch.zeros(()) if total is None else total.sqrt()
-    if max_norm is not None and math.isfinite(max_norm):
-        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for param in parameters:
-            if param.grad is not None:
-                param.grad.mul_(coefficient.to(param.grad.device))
-    return norm
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

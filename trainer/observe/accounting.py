@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from distrain.trainer.parallel import tp_plan
-from distrain.trainer.parallel_dims import ParallelDims
+from distrain.trainer.optim.registry import OptimizerSpec
+from distrain.trainer.parallel.apply import tp_plan
+from distrain.trainer.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)
-ADAM_STATES = 2  # exp_avg and exp_avg_sq, each the size of the parameter (plus a scalar step per parameter)
 FP32 = 4
 
 
@@ -92,15 +92,18 @@ def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
     return numels
 
 
-def planned_bytes(model: torch.nn.Module, dims: ParallelDims) -> HeldBytes:
-    """What rank 0 will hold under this layout (fp32 weights; fp32 gradients, AdamW's two moments and a step
-    counter per trainable tensor): the figures `held_bytes` measures in the run, computed from shapes (a meta
-    model does)."""
+def planned_bytes(model: torch.nn.Module, dims: ParallelDims, optimizer: OptimizerSpec) -> HeldBytes:
+    """What rank 0 will hold under this layout (fp32 weights; fp32 gradients and the optimizer's state per
+    trainable tensor): the figures `held_bytes` measures in the run, computed from shapes (a meta model does)."""
     numels = rank0_param_numels(model, dims)
     # Gradients and optimizer state exist for trainable parameters only (adapter=lora: the adapters).
     trained = [n for n, p in zip(numels, model.parameters(), strict=True) if p.requires_grad]
     grads = sum(trained) * FP32
-    return HeldBytes(params=sum(numels) * FP32, grads=grads, optimizer=ADAM_STATES * grads + FP32 * len(trained))
+    return HeldBytes(
+        params=sum(numels) * FP32,
+        grads=grads,
+        optimizer=optimizer.state_tensors * grads + optimizer.step_bytes * len(trained),
+    )
 
 
 def activation_bytes(

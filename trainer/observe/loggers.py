@@ -27,7 +27,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.trainer import strict_json
-from distrain.trainer.reporting import read_metrics
+from distrain.trainer.config import run_files
+from distrain.trainer.observe.reporting import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
 def finished(summary: dict[str, Any] | None) -> bool:
     """Did the run end (not stopped to be resumed, not failed)?"""
-    return summary is not None and summary["status"] in ("finished", "early stopped")
+    return summary is not None and run_files.is_complete(summary["status"])
 
 
 class TensorBoardLogger:
@@ -151,7 +152,7 @@ class MLflowLogger:
         params = [Param(key, str(value)) for key, value in flat_config(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per request
             self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.client.log_artifact(self.run_id, str(run_dir / "config.yaml"))
+        self.client.log_artifact(self.run_id, str(run_dir / run_files.CONFIG))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -167,8 +168,8 @@ class MLflowLogger:
         if self.pending is not None:
             self.pending.wait()
         if summary is not None:
-            self.client.log_dict(self.run_id, summary, "summary.json")
-            metrics = self.run_dir / "metrics.jsonl"
+            self.client.log_dict(self.run_id, summary, run_files.SUMMARY)
+            metrics = self.run_dir / run_files.METRICS
             evals = [r for r in read_metrics(metrics) if r["kind"] == "eval"] if metrics.exists() else []
             if evals:
                 self.client.log_dict(self.run_id, evals, "eval_reports.json")

@@ -6,7 +6,6 @@ the worker writes once into the run dir (`save_head`), so weights load without r
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +14,23 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distrain.trainer import adapters, strict_json
-from distrain.trainer.checkpoint import (
+from distrain.trainer import strict_json
+from distrain.trainer.checkpoint.store import (
     complete_checkpoints,
     damage,
     is_checkpoint,
     load_model_weights,
     read_trainer_state,
 )
-from distrain.trainer.distributed import DistEnv, pick_device
+from distrain.trainer.config import run_files
+from distrain.trainer.config.schema import load_run_config
 from distrain.trainer.errors import DataError, UserError
-from distrain.trainer.forward import predict_split
-from distrain.trainer.model import build_model, load_tokenizer, model_source
-from distrain.trainer.schema import load_run_config
+from distrain.trainer.model import adapters
+from distrain.trainer.model.build import build_model, model_source
+from distrain.trainer.model.forward import predict_split
+from distrain.trainer.model.head import load_head
+from distrain.trainer.model.tokenizer import load_tokenizer
+from distrain.trainer.parallel.distributed import DistEnv, pick_device
 from distrain.trainer.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
@@ -55,33 +58,19 @@ def locate(ckpt: Path) -> Weights:
         problem = damage(ckpt)
         if problem:
             raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
-        return Weights("checkpoint", ckpt, ckpt.parent.parent / "config.yaml")
-    if (ckpt / "adapter_config.json").is_file() and (ckpt / "distrain_config.yaml").is_file():
-        return Weights("adapter", ckpt, ckpt / "distrain_config.yaml")
-    if (ckpt / "distrain_config.yaml").is_file():
-        return Weights("export", ckpt, ckpt / "distrain_config.yaml")
-    if (ckpt / "config.yaml").is_file():
-        if (ckpt / "export" / "distrain_config.yaml").is_file():
-            return locate(ckpt / "export")
-        found = complete_checkpoints(ckpt / "checkpoints")
+        return Weights("checkpoint", ckpt, ckpt.parent.parent / run_files.CONFIG)
+    if (ckpt / "adapter_config.json").is_file() and (ckpt / run_files.EXPORT_CONFIG).is_file():
+        return Weights("adapter", ckpt, ckpt / run_files.EXPORT_CONFIG)
+    if (ckpt / run_files.EXPORT_CONFIG).is_file():
+        return Weights("export", ckpt, ckpt / run_files.EXPORT_CONFIG)
+    if (ckpt / run_files.CONFIG).is_file():
+        if (ckpt / run_files.EXPORT / run_files.EXPORT_CONFIG).is_file():
+            return locate(ckpt / run_files.EXPORT)
+        found = complete_checkpoints(ckpt / run_files.CHECKPOINTS)
         if found:
             return locate(found[-1][1])
         raise EvalError(f"ckpt: run dir {ckpt} has neither an export nor a complete checkpoint yet")
     raise EvalError(f"ckpt: expected a checkpoint folder (step_<N>), an export folder or a run dir, got {ckpt}")
-
-
-HEAD_FILE = "head.json"  # in the run dir: the task head's config (labels), so weights load without the data
-
-
-def save_head(run_dir: Path, head: dict[str, Any]) -> None:
-    (run_dir / HEAD_FILE).write_text(strict_json.dumps(head, indent=1))
-
-
-def load_head(run_dir: Path) -> dict[str, Any]:
-    head = json.loads((run_dir / HEAD_FILE).read_text())
-    if "id2label" in head:
-        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}  # JSON keys are strings
-    return head
 
 
 def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task, torch.nn.Module]:
@@ -142,7 +131,9 @@ def eval_report(
     predictions = predict_split(model, task, dataset, size, env, cfg.precision.name)
     report = task.report(predictions, dataset)
     report.update(task.raw_text_report(model, dataset, size, env, aggregation))
-    report.update({"task": str(task.name), "split": split, "examples": len(dataset), "weights": str(weights.path)})
+    # metric: the run's task.metric (what it picked its best checkpoint by), not the task's first metric.
+    report.update({"task": str(task.name), "metric": str(cfg.task.metric), "split": split, "examples": len(dataset),
+                   "weights": str(weights.path)})  # fmt: skip
     out_dir = output or weights.path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"eval_{split}.json").write_text(strict_json.dumps(report, indent=1))

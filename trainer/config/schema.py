@@ -67,6 +67,10 @@ class Precision(Choice):
     fp16 = "fp16"
 
 
+class OptimName(Choice):
+    adamw = "adamw"
+
+
 class Schedule(Choice):
     linear = "linear"
     cosine = "cosine"
@@ -190,7 +194,7 @@ class AdapterConfig:
 
 @dataclass
 class ParallelConfig:
-    name: Strategy = Strategy.single  # see trainer/parallel_dims.py
+    name: Strategy = Strategy.single  # see trainer/parallel/dims.py
     dp: int | None = None  # data-parallel degree; null = derived from the world size and tp
     tp: int | None = None  # tensor-parallel degree; null = derived (tp: the world size; others: 1)
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, more comm)
@@ -205,6 +209,7 @@ class PrecisionConfig:
 
 @dataclass
 class OptimConfig:
+    name: OptimName = OptimName.adamw  # the optimizer (trainer/optim/registry.py knows its state per parameter)
     lr: float = 5e-5
     weight_decay: float = 0.01  # not applied to biases and norm weights
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -258,6 +263,14 @@ class TrainLoopConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Where a run starts from, besides its own newest checkpoint."""
+
+    step: int | None = None  # resume from this step's checkpoint of the run dir instead of the newest
+    init_from: str | None = None  # a fresh run starts with these weights (a run dir, checkpoint or export)
+
+
+@dataclass
 class TensorBoardConfig:
     flush_secs: int = 30  # seconds between writes of the event file
 
@@ -301,6 +314,7 @@ class DistrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-STOP_FILE = "STOP"
+from distrain.trainer.config import run_files
 
 
 def signal_number(name: str) -> signal.Signals:
@@ -25,7 +25,7 @@ def signal_number(name: str) -> signal.Signals:
 class StopRequest:
     def __init__(self, run_dir: Path, signals: list[str]):
         self.flag = False
-        self.file = run_dir / STOP_FILE
+        self.file = run_dir / run_files.STOP
         for name in signals:
             signal.signal(signal_number(name), self._handle)
 

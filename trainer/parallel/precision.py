@@ -6,7 +6,8 @@ import contextlib
 
 import torch
 
-from distrain.trainer.schema import Precision
+from distrain.trainer.config.schema import Precision
+from distrain.trainer.parallel.dims import ParallelDims
 
 DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 
@@ -20,3 +21,8 @@ def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractC
 def grad_scaler(precision: Precision, device: torch.device) -> torch.amp.GradScaler:
     """A real scaler for fp16 (its range underflows small gradients); a pass-through otherwise."""
     return torch.amp.GradScaler(device.type, enabled=precision == Precision.fp16)
+
+
+def autocast_precision(dims: ParallelDims, precision: Precision) -> Precision:
+    """The precision autocast should use (fp32: none): FSDP casts bf16 itself (MixedPrecisionPolicy)."""
+    return Precision.fp32 if dims.fsdp_enabled and precision == Precision.bf16 else precision

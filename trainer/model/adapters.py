@@ -23,23 +23,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.trainer.config.schema import AdapterName
 from distrain.trainer.errors import ConfigError, UserError
-from distrain.trainer.schema import AdapterName
+from distrain.trainer.model.families import FAMILIES
 
 if TYPE_CHECKING:
-    from distrain.trainer.parallel_dims import ParallelDims
+    from distrain.trainer.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)
 BASE_FILE = "base_model.json"  # in an adapter folder: the base's source, revision and fingerprint
 ADAPTER_DIR = "adapter"  # inside export/ when the merged model is exported beside it
 
-# Attention and MLP projections of each family (peft matches these names as suffixes of module names).
-TARGET_MODULES = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "bert": ["query", "key", "value", "dense"],
-}
+LORA_FAMILIES = [name for name, family in FAMILIES.items() if family.lora_targets]
 HEADS = ("classifier", "score")  # a task head new to the base: trained whole and saved with the adapter
 
 
@@ -76,12 +71,13 @@ def target_modules(adapter: DictConfig, model_type: str) -> list[str] | None:
     """The configured targets, else the family's attention and MLP projections (None: no default known)."""
     if adapter.target_modules is not None:
         return list(adapter.target_modules)
-    return TARGET_MODULES.get(model_type)
+    family = FAMILIES.get(model_type)
+    return list(family.lora_targets) if family and family.lora_targets else None
 
 
 def no_default_targets(model_type: str) -> str:
     return (
-        f"adapter.target_modules: no default for model type {model_type!r} (known: {', '.join(TARGET_MODULES)}):"
+        f"adapter.target_modules: no default for model type {model_type!r} (known: {', '.join(LORA_FAMILIES)}):"
         " expected a list of the Linear modules to adapt, e.g. adapter.target_modules=[q_proj,v_proj]"
     )
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distrain.trainer.parallel_dims import ParallelDims
-from distrain.trainer.schema import Strategy
+from distrain.trainer.config.schema import Strategy
+from distrain.trainer.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -122,7 +122,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 @contextmanager
 def process_group(device_choice: str, backend: str | None, timeout_s: float) -> Iterator[DistEnv]:
     """Join the torchrun job's process group for the duration of the block, and always leave it. A collective
-    that waits longer than `timeout_s` fails (launcher.collective_timeout_s; see trainer/watchdog.py)."""
+    that waits longer than `timeout_s` fails (launcher.collective_timeout_s; see trainer/observe/watchdog.py)."""
     local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_choice, local_rank)
     backend = str(backend or ("nccl" if device.type == "cuda" else "gloo"))

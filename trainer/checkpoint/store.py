@@ -43,8 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from distrain.trainer import strict_json
-from distrain.trainer.distributed import DistEnv
+from distrain.trainer.config import run_files
 from distrain.trainer.errors import UserError
+from distrain.trainer.parallel.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -123,15 +124,22 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def damage(folder: Path) -> str | None:
-    """Why `folder` cannot be trusted (a missing marker or file, a size or digest that differs), or None when every
-    file matches its recorded digest. Checkpoints from before digests were recorded pass unverified."""
+    """Why `folder` cannot be trusted (a missing, unreadable or digest-less marker, a missing file, a size or digest
+    that differs), or None when every file matches its recorded digest."""
     marker = folder / MARKER
     if not marker.is_file():
         return f"{folder} is incomplete: no {MARKER} marker (its save was interrupted)"
+    # A marker without digests proves nothing about the files (a garbled write, or an older distrain's "step N"):
+    # trusting it would resume from, or evaluate, whatever bytes are there.
     try:
-        recorded = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return None  # an older distrain's marker ("step N"): nothing recorded to compare with
+        content = json.loads(marker.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8
+        return f"{marker} cannot be parsed ({error}), so nothing shows the checkpoint's files are whole"
+    recorded = content.get("files") if isinstance(content, dict) else None
+    wants = list(recorded.values()) if isinstance(recorded, dict) else []
+    if not wants or not all(isinstance(w, dict) and type(w.get("size")) is int and type(w.get("sha256")) is str
+                            for w in wants):  # fmt: skip
+        return f"{marker} records no size and SHA-256 for the checkpoint's files, so nothing shows they are whole"
     for name, want in recorded.items():
         path = folder / name
         if not path.is_file():
@@ -224,7 +232,7 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, env: DistEnv, keep_last: int):
-        self.root = run_dir / "checkpoints"
+        self.root = run_dir / run_files.CHECKPOINTS
         self.env = env
         self.keep_last = keep_last
         if env.is_main:

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from distrain.trainer.schema import Strategy
+from distrain.trainer.config.schema import Strategy
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,15 @@ class ParallelDims:
         if not problems and dp * tp != world_size:
             problems.append(f"parallel.dp x parallel.tp: expected {world_size} ({given}), got {dp} x {tp} = {dp * tp}")
         return (None if problems else ParallelDims(strategy, dp, tp)), problems
+
+    @staticmethod
+    def candidates(world_size: int) -> list[dict[str, Any]]:
+        """Every strategy that runs on this many processes, as `parallel.*` settings (fsdp_tp with its smallest
+        2-D split), for `distrain plan` to compare."""
+        if world_size == 1:
+            return [{"name": Strategy.single.value, "dp": None, "tp": None}]
+        return [{"name": s.value, "dp": None, "tp": 2 if s == Strategy.fsdp_tp else None}
+                for s in Strategy if s != Strategy.single]  # fmt: skip
 
     def model_problems(self, model_config: Any) -> list[str]:
         """Head counts must split evenly over the tensor-parallel ranks."""

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from distrain.trainer.config.schema import Precision
 from distrain.trainer.data.loaders import eval_loader
-from distrain.trainer.distributed import DistEnv
-from distrain.trainer.precision import autocast
-from distrain.trainer.schema import Precision
+from distrain.trainer.observe.watchdog import mark
+from distrain.trainer.parallel.distributed import DistEnv
+from distrain.trainer.parallel.precision import autocast
 from distrain.trainer.tasks import Task
-from distrain.trainer.watchdog import mark
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from distrain.trainer.paths import is_local
+from distrain.trainer.config.paths import is_local
 
 
 def distrain_version() -> str:

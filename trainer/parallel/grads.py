@@ -1,0 +1,48 @@
+"""Gradients across layouts: skipping the reduction on accumulation micro-batches, and the global gradient norm."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+
+def no_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient reduction on all but the last micro-batch of a step (gradient accumulation)."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The global gradient norm (as if the model were whole), clipping to max_norm when given.
+
+    Under FSDP/TP gradients are DTensors, some sharded, some replicated, next to plain tensors (parameters
+    TP leaves alone); torch's clip_grad_norm_ cannot mix those, so shards' squared sums are all-reduced over the
+    mesh dimensions they are split on.
+    """
+    total = None
+    for param in parameters:
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            square = grad.to_local().float().pow(2).sum()
+            for dim, placement in enumerate(grad.placements):
+                if placement.is_shard():
+                    torch.distributed.all_reduce(square, group=grad.device_mesh.get_group(dim))
+        else:
+            square = grad.float().pow(2).sum()
+        total = square if total is None else total + square
+    norm = torch.zeros(()) if total is None else total.sqrt()
+    if max_norm is not None and math.isfinite(max_norm):
+        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for param in parameters:
+            if param.grad is not None:
+                param.grad.mul_(coefficient.to(param.grad.device))
+    return norm

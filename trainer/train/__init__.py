@@ -1,0 +1,1 @@
+"""The training loop as components: train state, batch source, step, evaluator, cadence, and the schedule (fit)."""
