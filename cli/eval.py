@@ -19,11 +19,12 @@ from distrain.trainer.inference.load import eval_report, locate
 from distrain.trainer.tasks import task_class
 
 
-def report_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"{report['split']} split: {report['examples']} examples")
+def report_table(report: dict[str, Any], key: str = "classes", what: str = "") -> Table:
+    """The per-class rows of report[key] (scikit-learn's classification_report layout), averages last."""
+    table = Table(title=f"{report['split']} split: {report['examples']} examples{what}")
     for column in ("", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if not column else "right")
-    classes = report["classes"]
+    classes = report[key]
     averages = [name for name in classes if name.endswith("avg")]
     for name in [n for n in classes if n not in averages] + averages:
         row = classes[name]
@@ -47,7 +48,9 @@ def eval_job(cfg: DictConfig) -> float:
         print_error("cannot evaluate", str(error))
         raise SystemExit(2) from None
     if "classes" in report:
-        console.print(report_table(report))
+        console.print(report_table(report, what=", entities (seqeval)" if "token_classes" in report else ""))
+    if "token_classes" in report:  # ner: the seeds' token-level table, every gold word counted (O included)
+        console.print(report_table(report, "token_classes", ", word-level tokens (O included)"))
     task = task_class(report["task"])
     metrics = [(k, v) for k, v in report.items() if isinstance(v, float)]
     console.print("  ".join(f"{task.metric_titles.get(k, k.replace('_', ' '))} {v:.4f}" for k, v in metrics))

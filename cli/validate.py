@@ -24,6 +24,7 @@ from distrain.trainer.data.sources import STREAM_FORMATS, matching_paths
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import adapters
 from distrain.trainer.model.adapters import no_default_targets, target_modules
+from distrain.trainer.model.families import dropout_config
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.tasks import task_class
 from distrain.trainer.train.preemption import signal_number
@@ -247,7 +248,15 @@ def _model_problems(model: DictConfig) -> list[str]:
                 problems.append(f"model.{key}: expected an existing folder, got {value!r}")
         elif reason := hub_unreachable(value, "model"):  # else the workers retry the Hub, then fail
             problems.append(f"model.{key}: expected an existing folder or a Hub model id reachable from here, got "
-                            f"{value!r}, which is not a folder and not on the Hub ({reason})")  # fmt: skip
+                            f"{value!r}, which is not a folder and cannot be had from the Hub ({reason})")  # fmt: skip
+    if model.dropout is not None:
+        if not 0 <= model.dropout < 1:
+            problems.append(f"model.dropout: expected null or a number in [0, 1), got {model.dropout}")
+        elif (config := model_config_if_local(model)) is not None:  # a Hub model's family: checked in the worker
+            try:
+                dropout_config(getattr(config, "model_type", ""), model.dropout)
+            except ConfigError as error:
+                problems += error.problems
     if model.gguf_file is not None and model.name_or_path is not None and is_local(model.name_or_path):
         gguf = resolve_path(model.name_or_path) / model.gguf_file
         if not gguf.is_file():
@@ -304,16 +313,20 @@ def _data_problems(data: DictConfig) -> list[str]:
 
 
 def hub_unreachable(name: str, repo_type: str) -> str | None:
-    """Why the Hub repo (a model or a dataset) cannot be fetched, or None when it can, when offline mode defers
-    to the local cache, or when the cache holds it (transformers falls back to it)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return None  # offline mode: the libraries look in their local cache, and say so if it is not there
+    """Why the Hub repo (a model or a dataset) cannot be fetched, or None when it can, or when the cache holds the
+    model (transformers falls back to it; offline, only the cache counts), or offline for a dataset (the datasets
+    library looks in its own cache and says so)."""
     from huggingface_hub import HfApi, try_to_load_from_cache
 
-    if repo_type == "model" and any(
-        isinstance(try_to_load_from_cache(name, file), str) for file in ("config.json", "tokenizer_config.json")
-    ):
-        return None
+    if repo_type == "model":
+        if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+            return None
+        offline = [key for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if os.environ.get(key) == "1"]
+        if offline:  # else the workers start, and each fails on a missing cache entry
+            return (f"{offline[0]}=1 and it is not in the local Hugging Face cache: download it once where the Hub "
+                    f"is reachable, or set model.name_or_path=/path/to/a/local/copy")  # fmt: skip
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return None  # offline datasets: the library looks in its own cache, and says so if it is not there
     try:
         HfApi().repo_info(name, repo_type=repo_type, timeout=10)
     except Exception as error:  # network errors, unknown repo, gated repo: all mean "not usable from here"

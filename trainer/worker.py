@@ -109,8 +109,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     data = task.prepare(env)
     head = task.head(data)
     phase("data")
+    weights = task.use_class_weights(data, env.device)
     if env.is_main:
         save_head(run_dir, head)  # weights load later without the data
+        if weights is not None:
+            (run_dir / run_files.CLASS_WEIGHTS).write_text(strict_json.dumps(weights, indent=1))
     source = model_source(cfg.model, env)
     model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, source, tokenizer, **head)
     adapter = None

@@ -4,6 +4,7 @@
 <run.dir>/overrides.yaml    the command line's overrides
 <run.dir>/env.json          versions, git sha, host, peak FLOP/s per process
 <run.dir>/head.json         the task head's settings (label names), so weights load without the data
+<run.dir>/class_weights.json  task.class_weights: the loss weight per label and the training counts behind it
 <run.dir>/metrics.jsonl     one JSON record per line: train, eval, memory, resume
 <run.dir>/summary.json      the last invocation's result (status, step, best metric, ...)
 <run.dir>/logs/rank_<r>.log every rank's log
@@ -21,6 +22,7 @@ CONFIG = "config.yaml"
 OVERRIDES = "overrides.yaml"
 ENV = "env.json"
 HEAD = "head.json"
+CLASS_WEIGHTS = "class_weights.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOGS = "logs"

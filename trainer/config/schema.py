@@ -120,6 +120,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # run model code shipped with a Hub repo: only for repos you trust
     gguf_file: str | None = None  # a GGUF file inside name_or_path: dequantized once into cache_dir
     train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
+    dropout: float | None = None  # hidden and attention dropout of the model (names per family); null = its own
     cache_dir: str = "~/.cache/distrain"  # converted GGUF models
 
 
@@ -165,6 +166,8 @@ class DataConfig:
     packing: bool = False  # mlm/clm: fill blocks of max_length tokens from consecutive documents, no padding
     document_boundaries: bool = True  # clm packing: attention and targets stay inside each document
     max_length: int = 256  # sub-word tokens per sequence, longer ones are truncated
+    augment: list[str] = field(default_factory=list)  # training-sample augmentation ops per epoch (data/augment.py)
+    augment_p: float = 0.1  # data.augment: probability per token, entity or segment (NER) or word (classify)
     max_train_samples: int | None = None  # take the first N (after the split) for quick runs
     max_eval_samples: int | None = None
     group_by_length: bool = False  # batches of similar length: less padding, same samples per epoch
@@ -180,6 +183,7 @@ class TaskConfig:
     name: TaskName = TaskName.ner
     metric: str = "f1"  # dev metric for the best checkpoint and early stopping; one of the task's metrics
     mask_probability: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
+    class_weights: Any = "none"  # ner/classify loss weight per label: none, balanced (from train labels) or [w, ...]
 
 
 @dataclass

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from distrain.trainer.config.paths import is_local, resolve_path
 from distrain.trainer.data.cache import build_once, file_digest
+from distrain.trainer.model.families import dropout_config
 from distrain.trainer.parallel.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,13 @@ def build_model(
             ("eos_token_id", tokenizer.eos_token_id),
         ):
             fields.setdefault(key, value)  # fmt: skip
+        fields.update(dropout_config(fields.get("model_type", ""), model.dropout))
         config = AutoConfig.for_model(**fields, **head)
         return auto_class.from_config(config, trust_remote_code=model.trust_remote_code)
-    if pretrained:
-        return auto_class.from_pretrained(source, **common, **head)
     config = AutoConfig.from_pretrained(source, **common, **head)
+    # model.dropout goes into the config before the modules are built: they read their dropout rates from it
+    for key, value in dropout_config(config.model_type, model.dropout).items():
+        setattr(config, key, value)
+    if pretrained:
+        return auto_class.from_pretrained(source, config=config, **common)
     return auto_class.from_config(config, trust_remote_code=model.trust_remote_code)

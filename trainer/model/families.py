@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distrain.trainer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -14,6 +16,7 @@ class Family:
     # the MLP. The per-rank head count follows from the split (attention reshapes to (..., -1, head_dim)).
     tp_layer_plan: dict[str, str] = field(default_factory=dict)
     lora_targets: list[str] = field(default_factory=list)  # suffixes of module names (peft's matching)
+    dropout_fields: tuple[str, ...] = ()  # the config fields model.dropout sets (hidden and attention dropout)
 
 
 _DECODER_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,6 +32,7 @@ FAMILIES: dict[str, Family] = {
             "output.dense": "rowwise",
         },
         lora_targets=["query", "key", "value", "dense"],
+        dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob"),
     ),
     "llama": Family(
         tp_layer_plan={
@@ -41,7 +45,20 @@ FAMILIES: dict[str, Family] = {
             "mlp.down_proj": "rowwise",
         },
         lora_targets=_DECODER_LORA,
+        dropout_fields=("attention_dropout",),  # Llama has no hidden-state dropout
     ),
-    "mistral": Family(lora_targets=_DECODER_LORA),
-    "qwen2": Family(lora_targets=_DECODER_LORA),
+    "mistral": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",)),
+    "qwen2": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",)),
 }
+
+
+def dropout_config(model_type: str, dropout: float | None) -> dict[str, float]:
+    """The config fields that give a `model_type` model the dropout `model.dropout` (none when it is null)."""
+    if dropout is None:
+        return {}
+    family = FAMILIES.get(model_type)
+    if family is None or not family.dropout_fields:
+        known = sorted(name for name, f in FAMILIES.items() if f.dropout_fields)
+        raise ConfigError([f"model.dropout: set for a {model_type!r} model, whose dropout settings distrain does not "
+                           f"know (it knows {known}); expected null"])  # fmt: skip
+    return dict.fromkeys(family.dropout_fields, float(dropout))

@@ -28,6 +28,7 @@ from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
 from distrain.trainer.data.mixture import mix, renamed, train_sources
 from distrain.trainer.data.sources import Record, read_splits, source_files
+from distrain.trainer.errors import ConfigError
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks.labels import label_head
 
@@ -59,10 +60,13 @@ class Task:
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
     loader_columns: tuple[str, ...] = ("input_ids", "attention_mask", "labels")  # what the collator receives
     forward_kwargs: dict[str, Any] = {}  # fixed keyword arguments of every forward pass
+    augment_ops: ClassVar[tuple[str, ...]] = ()  # what data.augment may list (trainer/data/augment.py)
+    raw_columns: ClassVar[tuple[str, ...]] = ()  # the untokenized columns an augmenter reads from a sample
 
     def __init__(self, cfg: DictConfig, tokenizer: Any):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.class_weights: torch.Tensor | None = None  # the loss weight of each label id (task.class_weights)
 
     # --- what the launcher and the reports know of the task ------------------------------------------------
     @classmethod
@@ -80,7 +84,43 @@ class Task:
             problems.append(f"data.packing: packing is for language modelling (mlm, clm), not {cls.name}")
         if data.labels is not None and cls.language_model:
             problems.append(f"data.labels: {cls.name} has no labels; expected null")
+        problems += cls._class_weight_problems(cfg)
+        for op in data.augment:
+            if op not in cls.augment_ops:
+                problems.append(f"data.augment: expected operations among {list(cls.augment_ops)} for {cls.name}, "
+                                f"got {op!r}")  # fmt: skip
+        if data.augment and data.streaming:
+            problems.append("data.augment: augments map-style training data; expected [] with data.streaming")
+        if not 0 < data.augment_p <= 1:
+            problems.append(f"data.augment_p: expected a number in (0, 1], got {data.augment_p}")
         return problems
+
+    @classmethod
+    def _class_weight_problems(cls, cfg: DictConfig) -> list[str]:
+        weights = cfg.task.class_weights
+        if weights is None or weights == "none":
+            return []
+        if cls.language_model:
+            return [f"task.class_weights: {cls.name} has no labels to weight; expected none, got {weights!r}"]
+        if isinstance(weights, str):
+            if weights != "balanced":
+                return [f"task.class_weights: expected none, balanced or a list of weights, got {weights!r}"]
+            if cfg.data.streaming:
+                return ["task.class_weights: balanced counts the training labels ahead, which data.streaming reads "
+                        "as it goes; expected none or a list of weights"]  # fmt: skip
+            return []
+        values = list(weights) if OmegaConf.is_list(weights) else None
+        if (
+            not values
+            or not all(isinstance(w, int | float) and 0 <= w < float("inf") for w in values)
+            or not any(w > 0 for w in values)
+        ):
+            return [f"task.class_weights: expected none, balanced or a list of numbers >= 0 (one per label, some "
+                    f"> 0), got {weights!r}"]  # fmt: skip
+        if cfg.data.labels is not None and len(values) != len(cfg.data.labels):
+            return [f"task.class_weights: expected {len(cfg.data.labels)} weights, one per label of data.labels "
+                    f"{list(cfg.data.labels)}, got {len(values)}"]  # fmt: skip
+        return []
 
     @classmethod
     def is_better(cls, metric: str, value: float, than: float | None) -> bool:
@@ -189,12 +229,45 @@ class Task:
     def collator(self, train: bool) -> Any:
         raise NotImplementedError
 
+    def augmenter(self, train: Dataset) -> Callable[[dict[str, Any], Any], dict[str, list]]:
+        """data.augment: (a training sample's raw_columns, a seeded random.Random) -> a batch of one for
+        `tokenize`, from operations set up on the tokenized training split."""
+        raise NotImplementedError
+
+    def use_class_weights(self, data: TaskData, device: torch.device) -> dict[str, Any] | None:
+        """Set the loss weights of task.class_weights from the training targets (every rank reads the same whole
+        training split, so every world size gets the same weights); what was used, for the run dir, or None.
+        `balanced`: count(all) / (labels present x count(label)), as scikit-learn's compute_class_weight, so the
+        weights average 1 over the training targets and the loss keeps its scale; a label absent from training
+        gets 0 (no target carries it). A list: one weight per label, in label id order."""
+        setting = self.cfg.task.class_weights
+        if setting is None or setting == "none":
+            return None
+        counts = [0] * len(data.labels)
+        for row in data.splits["train"]["labels"] if "train" in data.splits else []:  # streaming: none ahead
+            for label in row if isinstance(row, list) else [row]:
+                if label != IGNORE:
+                    counts[label] += 1
+        if setting == "balanced":  # the launcher refuses it with streaming
+            total, present = sum(counts), sum(1 for n in counts if n)
+            weights = [total / (present * n) if n else 0.0 for n in counts]
+        else:
+            weights = [float(w) for w in setting]
+            if len(weights) != len(data.labels):
+                raise ConfigError([f"task.class_weights: expected {len(data.labels)} weights, one per label in id "
+                                   f"order {data.labels}, got {len(weights)}"])  # fmt: skip
+        self.class_weights = torch.tensor(weights, dtype=torch.float32, device=device)
+        return {"class_weights": setting if isinstance(setting, str) else weights, "labels": list(data.labels),
+                "train_counts": counts, "weights": weights}  # fmt: skip
+
     # --- loss and metrics ----------------------------------------------------------------------------------
     def loss_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum (not mean) of the per-target losses: the loop divides by the global number of targets."""
+        """Sum (not mean) of the per-target losses, each times its label's class weight if any: the loop divides
+        by the global number of targets (not the sum of weights: the division stays the same on 1 or N ranks)."""
         return F.cross_entropy(
-            logits.flatten(0, -2).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="sum"
-        )
+            logits.flatten(0, -2).float(), batch["labels"].flatten(), weight=self.class_weights,
+            ignore_index=IGNORE, reduction="sum",
+        )  # fmt: skip
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE).sum())

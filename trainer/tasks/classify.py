@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,7 @@ import torch
 
 from distrain.trainer import strict_json
 from distrain.trainer.config.schema import DataFormat, TaskName
+from distrain.trainer.data.augment import TEXT_OPS, TextAugmenter
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
 from distrain.trainer.tasks.base import Task
@@ -24,6 +26,8 @@ class ClassifyTask(Task):
     metric_modules = ("sklearn.metrics",)
     formats = (DataFormat.jsonl, DataFormat.csv, DataFormat.folders)
     pipeline_task = "text-classification"
+    augment_ops = TEXT_OPS
+    raw_columns = ("text", "label")
 
     def to_datasets(self, records: dict[str, list[Record]]) -> dict[str, Dataset]:
         from datasets import ClassLabel, Dataset, Features, Value
@@ -71,6 +75,10 @@ class ClassifyTask(Task):
         from transformers import DataCollatorWithPadding
 
         return DataCollatorWithPadding(self.tokenizer)
+
+    def augmenter(self, train: Dataset) -> Callable[[dict[str, Any], Any], dict[str, list]]:
+        ops = TextAugmenter(list(self.cfg.data.augment), self.cfg.data.augment_p)
+        return lambda sample, rng: {"text": [ops(sample["text"], rng)], "label": [sample["label"]]}
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[int]:
         return logits.argmax(-1).cpu().tolist()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from distrain.trainer.config.schema import DataFormat, LabelSubwords, TaskName
+from distrain.trainer.data.augment import NER_OPS, NerAugmenter
 from distrain.trainer.data.conll import TAG_PATTERN
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
@@ -28,16 +29,19 @@ log = logging.getLogger(__name__)
 
 class NerTask(Task):
     name = TaskName.ner
-    metrics_reported = ("f1", "precision", "recall", "accuracy")
+    metrics_reported = ("f1", "precision", "recall", "accuracy", "token_micro_f1")
     metric_modules = ("seqeval.metrics",)
     metric_titles = {
         "f1": "entity F1",
         "accuracy": "token accuracy",
+        "token_micro_f1": "token micro F1",
         "predict_f1": "raw-text F1 of distrain predict",
         "pipeline_f1": "raw-text F1 of transformers.pipeline",
     }
     formats = (DataFormat.conll, DataFormat.jsonl)
     pipeline_task = "token-classification"
+    augment_ops = NER_OPS
+    raw_columns = ("tokens", "tags")
 
     # --- data ----------------------------------------------------------------------------------------------
     def _sentences(self, records: list[Record]) -> list[tuple[list[str], list[str], list[str]]]:
@@ -70,10 +74,7 @@ class NerTask(Task):
         }
         labels = label_set(self.cfg.data, tagged, label_list, kind="tag")
         label_ids = {label: i for i, label in enumerate(labels)}
-        # the target of a word's continuation sub-words (label_subwords=all): I-X after B-X, else the word's own
-        self.continuation = {
-            i: label_ids.get(f"I-{label[2:]}", i) if label.startswith("B-") else i for i, label in enumerate(labels)
-        }
+        self.continuation = continuation_ids(labels)
         features = Features({"tokens": List(Value("string")), "tags": List(ClassLabel(names=labels))})
         out = {}
         for split, rows in sentences.items():
@@ -139,6 +140,18 @@ class NerTask(Task):
 
         return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE)
 
+    def augmenter(self, train: Dataset) -> Callable[[dict[str, Any], Any], dict[str, list]]:
+        names = train.features["tags"].feature.names
+        self.continuation = continuation_ids(names)  # tokenize needs it; a cached split skipped to_datasets
+        ops = NerAugmenter(list(self.cfg.data.augment), self.cfg.data.augment_p, names, list(train["tokens"]),
+                           list(train["tags"]))  # fmt: skip
+
+        def augment(sample: dict[str, Any], rng: Any) -> dict[str, list]:
+            tokens, tags = ops(sample["tokens"], sample["tags"], rng)
+            return {"tokens": [tokens], "tags": [tags]}
+
+        return augment
+
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[list[int]]:
         """Predicted label ids at each position with a target (the `word_index` positions), in order."""
         predicted = logits.argmax(-1).cpu()
@@ -171,6 +184,7 @@ class NerTask(Task):
             "precision": float(precision_score(gold, pred, zero_division=0)),
             "recall": float(recall_score(gold, pred, zero_division=0)),
             "accuracy": float(accuracy_score(gold, pred)),
+            "token_micro_f1": token_report(gold, pred)["micro avg"]["f1-score"],
         }
 
     def report(self, predictions: dict[int, list[int]], dataset: Dataset) -> dict[str, Any]:
@@ -181,6 +195,7 @@ class NerTask(Task):
         return {
             **self.metrics(predictions, dataset),
             "classes": {name: {k: float(v) for k, v in row.items()} for name, row in rows.items()},
+            "token_classes": token_report(gold, pred),
         }
 
     def write_predictions(self, predictions: dict[int, list[int]], dataset: Dataset, path: Path) -> Path:
@@ -303,6 +318,39 @@ a line's words are its whitespace-separated tokens, so punctuation written again
 """
 
 WORD = re.compile(r"\S+")  # a word of raw text for `distrain predict`: a run of non-whitespace characters
+
+
+def continuation_ids(labels: list[str]) -> dict[int, int]:
+    """The target of a word's continuation sub-words (label_subwords=all): I-X after B-X, else the word's own."""
+    ids = {label: i for i, label in enumerate(labels)}
+    return {i: ids.get(f"I-{label[2:]}", i) if label.startswith("B-") else i for i, label in enumerate(labels)}
+
+
+def token_report(gold: list[list[str]], pred: list[list[str]]) -> dict[str, dict[str, float]]:
+    """The token-level report of the seeds' experiment (scikit-learn's classification_report layout): per BIO tag
+    over every gold word (O included) precision, recall, F1 and support, then micro, macro and weighted averages.
+    Tags are those in the gold or the predictions, sorted; a zero division counts 0. Every word has one gold and
+    one predicted tag, so micro precision = recall = F1 = the token accuracy."""
+    from collections import Counter
+
+    pairs = [(g, p) for gs, ps in zip(gold, pred, strict=True) for g, p in zip(gs, ps, strict=True)]
+    hits = Counter(g for g, p in pairs if g == p)
+    support, predicted = Counter(g for g, _ in pairs), Counter(p for _, p in pairs)
+
+    def row(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
+        precision, recall = (tp / n_pred if n_pred else 0.0), (tp / n_gold if n_gold else 0.0)
+        f1 = 2 * tp / (n_pred + n_gold) if tp else 0.0  # = 2PR/(P+R), computed as scikit-learn does
+        return {"precision": precision, "recall": recall, "f1-score": f1, "support": float(n_gold)}
+
+    rows = {tag: row(hits[tag], predicted[tag], support[tag]) for tag in sorted(support | predicted)}
+    total = len(pairs)
+    averages = {"micro avg": row(sum(hits.values()), total, total)}
+    for name, weight in (("macro avg", lambda tag: 1.0), ("weighted avg", lambda tag: support[tag])):
+        norm = sum(weight(tag) for tag in rows)
+        averages[name] = {key: sum(weight(tag) * r[key] for tag, r in rows.items()) / norm if norm else 0.0
+                          for key in ("precision", "recall", "f1-score")}  # fmt: skip
+        averages[name]["support"] = float(total)
+    return {**rows, **averages}
 
 
 def span_f1(gold: list[set], predicted: list[set]) -> float:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from distrain.trainer.data.augment import AugmentingCollator
 from distrain.trainer.data.loaders import train_loader
 from distrain.trainer.data.mixture import SOURCE_COLUMN, SourceCounts
 from distrain.trainer.data.sampler import GlobalBatchSampler
@@ -32,6 +33,8 @@ ORDER_KEYS = {
     "lengths_sha256": "the tokenized training samples (data.* or the tokenizer)",
     "sources": "data.mixture / the data source",
     "shuffle_buffer": "data.shuffle_buffer",
+    "augment": "data.augment",
+    "augment_p": "data.augment_p",
 }
 
 
@@ -91,11 +94,17 @@ class BatchSource:
             self.steps_per_epoch: int | None = None  # unsized: epochs are counted when the stream wraps
             self.order["sources"] = [name for name, _, _ in self.stream.sources]
             return
+        columns = list(task.loader_columns)
+        if cfg.data.augment:  # re-tokenizes augmented raw columns each epoch (trainer/data/augment.py)
+            augment = task.augmenter(data.splits["train"])
+            self.collate = AugmentingCollator(task, self.collate, augment, t.seed)
+            columns += task.raw_columns
+            self.order |= {"augment": list(cfg.data.augment), "augment_p": cfg.data.augment_p}
         lengths = list(data.splits["train"]["length"])
         self.sampler = GlobalBatchSampler(lengths, micro_batch_size=t.micro_batch_size, grad_accum_steps=self.accum,
                                           dp_rank=env.dp_rank, dp_size=env.dp_size, seed=t.seed,
                                           group_by_length=cfg.data.group_by_length)  # fmt: skip
-        self.loader = train_loader(data.splits["train"], self.collate, list(task.loader_columns), self.sampler,
+        self.loader = train_loader(data.splits["train"], self.collate, columns, self.sampler,
                                    self.num_workers)  # fmt: skip
         self.steps_per_epoch = self.sampler.steps_per_epoch
         if cfg.data.mixture:
