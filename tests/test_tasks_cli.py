@@ -51,7 +51,7 @@ def task_runs(tmp_path_factory, cache_dir) -> dict[str, Path]:
 
 # The dev metrics each task reports (in the eval records of metrics.jsonl and in `distrain eval`'s report).
 METRICS = {
-    "ner": ("f1", "precision", "recall", "accuracy"),
+    "ner": ("f1", "precision", "recall", "accuracy", "token_micro_f1"),
     "classify": ("accuracy", "macro_f1"),
     "mlm": ("perplexity", "loss", "tokens"),
     "clm": ("perplexity", "loss", "tokens"),
