@@ -46,6 +46,10 @@ def test_balanced_weights_are_scikit_learns_over_the_training_targets():
     assert task.class_weights.tolist() == pytest.approx(record["weights"])
     # The mean weight over the training targets is 1: the loss keeps its scale.
     assert sum(record["weights"][t] for t in targets) / len(targets) == pytest.approx(1.0)
+    # classify: one label per sample
+    task = build_task(compose_train(["task=classify", "data=bbc_news", "task.class_weights=balanced"]), None)
+    data = TaskData(splits={"train": Dataset.from_dict({"labels": [0, 0, 0, 1]})}, labels=["a", "b"])
+    assert task.use_class_weights(data, torch.device("cpu"))["weights"] == pytest.approx([4 / 6, 4 / 2])
 
 
 def test_a_weight_list_of_the_wrong_length_names_the_label_count():
