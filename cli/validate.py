@@ -248,7 +248,7 @@ def _model_problems(model: DictConfig) -> list[str]:
                 problems.append(f"model.{key}: expected an existing folder, got {value!r}")
         elif reason := hub_unreachable(value, "model"):  # else the workers retry the Hub, then fail
             problems.append(f"model.{key}: expected an existing folder or a Hub model id reachable from here, got "
-                            f"{value!r}, which is not a folder and cannot be had from the Hub ({reason})")  # fmt: skip
+                            f"{value!r}, which is not a folder and not loadable from the Hub ({reason})")  # fmt: skip
     if model.dropout is not None:
         if not 0 <= model.dropout < 1:
             problems.append(f"model.dropout: expected null or a number in [0, 1), got {model.dropout}")
