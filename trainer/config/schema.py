@@ -121,6 +121,8 @@ class ModelConfig:
     gguf_file: str | None = None  # a GGUF file inside name_or_path: dequantized once into cache_dir
     train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
     cache_dir: str = "~/.cache/distrain"  # converted GGUF models
+    init_from: str | None = None  # start as a copy of this trained model (run dir, checkpoint, export, HF folder)
+    keep_layers: list[int] | None = None  # with init_from: the teacher's blocks kept, in order; null = all
 
 
 @dataclass
@@ -271,6 +273,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: the student (the run's model) also learns the teacher's softened outputs."""
+
+    teacher: str | None = None  # a distrain run dir, checkpoint or export, or a Hugging Face folder; null = off
+    alpha: float = 0.5  # loss = (1 - alpha) * hard loss + alpha * temperature^2 * KL(teacher || student)
+    temperature: float = 2.0  # both distributions are softmax(logits / temperature) in the soft loss
+
+
+@dataclass
 class TensorBoardConfig:
     flush_secs: int = 30  # seconds between writes of the event file
 
@@ -315,6 +326,7 @@ class DistrainConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

@@ -34,6 +34,7 @@ from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import Task, TaskData
 from distrain.trainer.train import cadence
 from distrain.trainer.train.batches import BatchSource
+from distrain.trainer.train.distill import Distiller
 from distrain.trainer.train.evaluator import Evaluator
 from distrain.trainer.train.preemption import StopRequest
 from distrain.trainer.train.state import TrainState
@@ -43,7 +44,8 @@ from distrain.trainer.train.step import StepRunner
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, task: Task, data: TaskData,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer, peak_flops: float,
-                 stop_request: StopRequest, adapter: adapters.AdapterRun | None = None):  # fmt: skip
+                 stop_request: StopRequest, adapter: adapters.AdapterRun | None = None,
+                 distiller: Distiller | None = None):  # fmt: skip
         self.cfg, self.run_dir, self.env, self.task = cfg, run_dir, env, task
         self.model, self.optimizer, self.stop_request = model, optimizer, stop_request
         self.parameter_counts = adapters.parameter_counts(model)
@@ -52,7 +54,9 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.batches.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.metrics = MetricsProcessor(cfg, run_dir, env, model, peak_flops, self.state, self.total_steps)
-        self.stepper = StepRunner(cfg, env, task, model, optimizer, self.scheduler, say=self.metrics.say)
+        self.stepper = StepRunner(
+            cfg, env, task, model, optimizer, self.scheduler, say=self.metrics.say, distiller=distiller
+        )
         self.evaluator = Evaluator(cfg, env, task, data, model, report=self.metrics.report, say=self.metrics.say)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, env.rank)
         parts = {
