@@ -108,6 +108,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _mixture_problems(cfg)
     problems += _distill_problems(cfg)
     problems += _student_problems(cfg.model)
+    problems += _prune_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -291,6 +292,26 @@ def _distill_problems(cfg: DictConfig) -> list[str]:
         except Exception as error:  # reported by the worker; the teacher's tokenizer is checked there too then
             problems.append(f"model.tokenizer: cannot be read to compare with the teacher's: {error}")
     return problems + check_teacher(cfg, tokenizer, f"model.tokenizer={source}")
+
+
+def _prune_problems(cfg: DictConfig) -> list[str]:
+    """prune.*: a sparsity that leaves weights, a schedule inside the run (an epoch-based run's length is known to
+    the workers only: they check prune.end_step against it)."""
+    prune, max_steps = cfg.prune, cfg.train.max_steps
+    if prune.name == "none":
+        return []
+    problems = []
+    if not 0 <= prune.sparsity < 1:
+        problems.append(f"prune.sparsity: expected a number in [0, 1) (the fraction of pruned weights set to zero), "
+                        f"got {prune.sparsity}")  # fmt: skip
+    if prune.start_step < 0:
+        problems.append(f"prune.start_step: expected an integer >= 0, got {prune.start_step}")
+    end = prune.end_step if prune.end_step is not None else max_steps
+    if end is not None and prune.start_step >= end:
+        problems.append(f"prune.start_step: expected less than prune.end_step ({end}), got {prune.start_step}")
+    if prune.end_step is not None and max_steps is not None and prune.end_step > max_steps:
+        problems.append(f"prune.end_step: expected at most train.max_steps ({max_steps}), got {prune.end_step}")
+    return problems
 
 
 def _student_problems(model: DictConfig) -> list[str]:

@@ -104,6 +104,16 @@ class AdapterName(Choice):
     lora = "lora"  # the base is frozen; low-rank adapters (peft) are trained
 
 
+class PruneName(Choice):
+    none = "none"
+    magnitude = "magnitude"  # unstructured: the smallest weights of the base model's Linear layers are zeroed
+
+
+# global: one magnitude threshold over every pruned weight; layer: each weight matrix pruned to the sparsity on its
+# own. (The functional form: `global` is a Python keyword, and OmegaConf finds members by name.)
+PruneScope = Choice("PruneScope", [("global", "global"), ("layer", "layer")])
+
+
 class Device(Choice):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
@@ -192,6 +202,15 @@ class AdapterConfig:
     dropout: float = 0.0  # dropout on the adapter's input (0 keeps runs comparable across strategies)
     target_modules: list[str] | None = None  # Linear layers to adapt; null = attention and MLP projections per family
     merge_on_export: bool = True  # export/ holds the merged model; the adapter folder is always in export/adapter
+
+
+@dataclass
+class PruneConfig:
+    name: PruneName = PruneName.none
+    sparsity: float = 0.5  # final fraction of pruned weights set to zero, in [0, 1)
+    scope: PruneScope = PruneScope["global"]  # global: one threshold for all pruned weights; layer: per matrix
+    start_step: int = 0  # the schedule's first step (sparsity 0 there)
+    end_step: int | None = None  # the step that reaches prune.sparsity (cubic ramp between); null = the last step
 
 
 @dataclass
@@ -320,6 +339,7 @@ class DistrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

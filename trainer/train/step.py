@@ -23,6 +23,7 @@ from distrain.trainer.parallel.grads import clip_grad_norm, no_sync
 from distrain.trainer.parallel.precision import autocast_precision, grad_scaler
 from distrain.trainer.tasks import Task
 from distrain.trainer.train.distill import Distiller
+from distrain.trainer.train.prune import Pruner
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ class StepResult:
 class StepRunner:
     def __init__(self, cfg: DictConfig, env: DistEnv, task: Task, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 say: Callable[[str], None], distiller: Distiller | None = None):  # fmt: skip
-        self.env, self.task, self.model, self.distiller = env, task, model, distiller
+                 say: Callable[[str], None], distiller: Distiller | None = None,
+                 pruner: Pruner | None = None):  # fmt: skip
+        self.env, self.task, self.model, self.distiller, self.pruner = env, task, model, distiller, pruner
         self.optimizer, self.scheduler = optimizer, scheduler
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.optim.max_grad_norm
@@ -106,6 +108,8 @@ class StepRunner:
             log.info("step %d skipped by the fp16 loss scaler (overflow); scale now %g", step, loss_scale / 2)
         else:
             self.scheduler.step()
+            if self.pruner:  # the masks of this step, re-applied after the update (train/prune.py)
+                self.pruner.apply(step)
         if not self.measured_memory:  # the optimizer state exists from the first step on
             result.held = held_bytes(self.model, self.optimizer)
             result.held.grads = grad_bytes
