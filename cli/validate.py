@@ -304,6 +304,11 @@ def _prune_problems(cfg: DictConfig) -> list[str]:
     if not 0 <= prune.sparsity < 1:
         problems.append(f"prune.sparsity: expected a number in [0, 1) (the fraction of pruned weights set to zero), "
                         f"got {prune.sparsity}")  # fmt: skip
+    if prune.every < 1:
+        problems.append(f"prune.every: expected an integer >= 1, got {prune.every}")
+    if adapters.enabled(cfg):
+        problems.append("prune.name: expected none with adapter=lora (the base weights are frozen; the adapters "
+                        f"merged onto them would fill the zeros), got {prune.name}")  # fmt: skip
     if prune.start_step < 0:
         problems.append(f"prune.start_step: expected an integer >= 0, got {prune.start_step}")
     end = prune.end_step if prune.end_step is not None else max_steps

@@ -8,16 +8,21 @@ import torch
 from conftest import BERT_PARITY, PARITY_STEPS, TINY, compose_train, run_distrain, run_parity, train_losses
 from safetensors.torch import load_file
 
-PRUNE = ["prune=magnitude", "prune.sparsity=0.5", "prune.scope=layer", "prune.start_step=1", "prune.end_step=4"]
+# masks chosen at steps 1, 3 and 4 (the end), zeros kept at steps 2 and 5
+PRUNE = ["prune=magnitude", "prune.sparsity=0.5", "prune.scope=layer", "prune.start_step=1", "prune.end_step=4",
+         "prune.every=2"]  # fmt: skip
 
 
 def test_the_schedule_is_zhu_and_gupta_cubic_ramp():
-    from distrain.trainer.train.prune import target_sparsity
+    from distrain.trainer.train.prune import chooses, target_sparsity
 
     prune = compose_train([*TINY, "prune=magnitude", "prune.sparsity=0.8", "prune.start_step=10",
                            "prune.end_step=20"]).prune  # fmt: skip
     assert [target_sparsity(t, prune, 30) for t in (0, 9, 10, 20, 25)] == [0, 0, 0, 0.8, 0.8]
     assert target_sparsity(15, prune, 30) == pytest.approx(0.8 * (1 - 0.5**3))
+    assert [chooses(t, prune, 30) for t in (9, 10, 11, 20, 21)] == [False, True, False, True, False]
+    prune.every = 4
+    assert [t for t in range(30) if chooses(t, prune, 30)] == [10, 14, 18, 20]
     prune.end_step = None  # the run's last step
     assert target_sparsity(30, prune, 30) == pytest.approx(0.8) and target_sparsity(29, prune, 30) < 0.8
 
@@ -34,7 +39,9 @@ def test_masks_zero_the_smallest_base_weights_only(scope):
     model = BertForTokenClassification(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prune = compose_train([*TINY, "prune=magnitude", "prune.sparsity=0.6", f"prune.scope={scope}"]).prune
-    Pruner(model, prune, total_steps=10).apply(10)
+    pruner = Pruner(model, prune, total_steps=10)
+    pruner.before_step(10)
+    pruner.apply(10)
     names = {f"{name}.weight" for name, _ in pruned_modules(model)}
     assert len(names) == 2 * 6  # q, k, v, attention output, intermediate, output per block (no pooler here)
     after = model.state_dict()
@@ -52,6 +59,14 @@ def test_masks_zero_the_smallest_base_weights_only(scope):
         assert largest_zeroed <= smallest_kept
     for name in set(after) - names:  # embeddings, norms, biases, the classifier
         assert torch.equal(after[name], before[name]), name
+    # after the schedule's end, an update (here: noise on every weight) leaves the zeros where they were
+    zeros = {name: after[name] == 0 for name in names}
+    pruner.before_step(11)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    pruner.apply(11)
+    assert all(torch.equal(model.state_dict()[name] == 0, zeros[name]) for name in names)
 
 
 def test_pruning_agrees_across_single_and_fsdp_and_the_export_holds_the_zeros(tmp_path, cache_dir):
@@ -75,6 +90,8 @@ def test_pruning_agrees_across_single_and_fsdp_and_the_export_holds_the_zeros(tm
 @pytest.mark.parametrize(("overrides", "message"), [
     (["prune.sparsity=1.0"], "prune.sparsity: expected a number in [0, 1)"),
     (["prune.sparsity=-0.1"], "prune.sparsity: expected a number in [0, 1)"),
+    (["prune.every=0"], "prune.every: expected an integer >= 1"),
+    (["adapter=lora"], "prune.name: expected none with adapter=lora"),
     (["prune.end_step=11"], "prune.end_step: expected at most train.max_steps (10), got 11"),
     (["prune.start_step=5", "prune.end_step=5"], "prune.start_step: expected less than prune.end_step (5), got 5"),
     (["prune.start_step=10"], "prune.start_step: expected less than prune.end_step (10), got 10"),

@@ -211,6 +211,7 @@ class PruneConfig:
     scope: PruneScope = PruneScope["global"]  # global: one threshold for all pruned weights; layer: per matrix
     start_step: int = 0  # the schedule's first step (sparsity 0 there)
     end_step: int | None = None  # the step that reaches prune.sparsity (cubic ramp between); null = the last step
+    every: int = 50  # steps between re-choosing the masks by magnitude (in between, zeros stay zero)
 
 
 @dataclass

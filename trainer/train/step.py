@@ -101,6 +101,8 @@ class StepRunner:
         if not self.measured_memory:
             grad_bytes = held_bytes(self.model, self.optimizer).grads  # gradients exist between backward and zero_grad
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if self.pruner:
+            self.pruner.before_step(step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if loss_scale is not None and self.scaler.get_scale() < loss_scale:
