@@ -27,7 +27,7 @@ from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import adapters
 from distrain.trainer.model.build import build_model, model_source
 from distrain.trainer.model.tokenizer import load_tokenizer
-from distrain.trainer.observe.accounting import activation_bytes, flops_per_token, planned_bytes
+from distrain.trainer.observe.accounting import activation_bytes, flops_per_token, planned_bytes, rank0_param_numels
 from distrain.trainer.optim.registry import spec as optimizer_spec
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv
@@ -88,6 +88,7 @@ def main() -> None:
     except Exception as error:  # the model or its tokenizer cannot be read here (e.g. a Hub id offline)
         print_error("cannot plan", f"{type(error).__name__}: {error}")
         raise SystemExit(2) from None
+    teacher = _teacher_model(cfg)
     available = _memory_per_process(cfg)
     flops = flops_per_token(model, cfg.data.max_length)
     rows = []
@@ -98,6 +99,8 @@ def main() -> None:
             row.update(adapters.parameter_counts(model))
         if dims is not None:
             problems += dims.model_problems(model.config) + adapters.layout_problems(cfg, dims)
+            if teacher is not None and dims.tp_enabled:
+                problems.append("distill.teacher: a tensor-parallel teacher is not built (single, ddp or fsdp)")
         if dims is None or problems:
             rows.append({**row, "problems": problems})
             continue
@@ -107,6 +110,8 @@ def main() -> None:
             model.config, cfg.train.micro_batch_size, cfg.data.max_length, dims.tp,
             cfg.train.activation_checkpointing, vocab_logits=task_class(cfg.task.name).language_model,
         )  # fmt: skip
+        if teacher is not None:  # frozen fp32 weights only, sharded like the student's under FSDP
+            held["teacher_bytes"] = sum(rank0_param_numels(teacher, dims)) * 4
         total = sum(held.values()) + activations
         tied_output = model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False)
         if dims.tp_enabled and tied_output:
@@ -118,6 +123,16 @@ def main() -> None:
     console.print(plan_table(cfg, rows, flops))
     if own["output"]:
         Path(own["output"]).write_text(strict_json.dumps(rows, indent=1))
+
+
+def _teacher_model(cfg: DictConfig) -> torch.nn.Module | None:
+    """The distillation teacher (distill.teacher) on the meta device, or None."""
+    if cfg.distill.teacher is None:
+        return None
+    from distrain.trainer.train.distill import find_teacher
+
+    task = build_task(cfg, load_tokenizer(cfg.model, DistEnv()))
+    return find_teacher(cfg.distill.teacher).meta_model(task.auto_model_class())
 
 
 def _memory_per_process(cfg: DictConfig) -> int | None:
@@ -141,17 +156,19 @@ def plan_table(cfg: DictConfig, rows: list[dict[str, Any]], flops: float) -> Tab
     if "trainable_params" in rows[0]:
         title += f"; adapter=lora trains {rows[0]['trainable_params']:,} of {rows[0]['total_params']:,} parameters"
     table = Table(title=title)
-    for column in ("layout", "dp x tp", "params", "grads", "optimizer", "activations (est.)", "total", "notes"):
+    teacher = any("teacher_bytes" in row for row in rows)  # distill.teacher: its frozen weights per rank
+    columns = ("layout", "dp x tp", "params", "grads", "optimizer", *(["teacher"] if teacher else []),
+               "activations (est.)", "total", "notes")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("layout", "notes") else "left")
     for row in rows:
         if "params_bytes" not in row:
-            table.add_row(
-                row["layout"], "-", "-", "-", "-", "-", "-", "[red]cannot work: " + "; ".join(row["problems"])
-            )
+            table.add_row(row["layout"], *["-"] * (len(columns) - 2), "[red]cannot work: " + "; ".join(row["problems"]))
             continue
         table.add_row(
             row["layout"], f"{row['dp']} x {row['tp']}", _mib(row["params_bytes"]), _mib(row["grads_bytes"]),
-            _mib(row["optimizer_bytes"]), _mib(row["activation_bytes"]), _mib(row["total_bytes"]),
+            _mib(row["optimizer_bytes"]), *([_mib(row["teacher_bytes"])] if teacher else []),
+            _mib(row["activation_bytes"]), _mib(row["total_bytes"]),
             "; ".join(row["problems"]),
         )  # fmt: skip
     return table

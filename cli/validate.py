@@ -107,6 +107,9 @@ def validate(cfg: DictConfig) -> None:
     problems += _data_problems(data)
     problems += _stream_problems(cfg)
     problems += _mixture_problems(cfg)
+    problems += _distill_problems(cfg)
+    problems += _student_problems(cfg.model)
+    problems += _prune_problems(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -274,6 +277,85 @@ def model_config_if_local(model: DictConfig) -> Any:
         if (folder / "config.json").is_file():
             return SimpleNamespace(**json.loads((folder / "config.json").read_text()))
     return None
+
+
+def _distill_problems(cfg: DictConfig) -> list[str]:
+    """distill.*: the teacher's checks (trainer/train/distill.py), once the run's own model settings are sound."""
+    if cfg.distill.teacher is None:
+        return []
+    from distrain.trainer.train.distill import check_teacher
+
+    problems = []
+    if cfg.parallel.name in ("tp", "fsdp_tp"):
+        problems.append(
+            f"distill.teacher: expected parallel=single, ddp or fsdp, got {cfg.parallel.name}: the "
+            "teacher is replicated or sharded like the student; a tensor-parallel teacher is not built"
+        )
+    tokenizer, source = None, str(cfg.model.tokenizer or cfg.model.name_or_path)
+    if not _model_problems(cfg.model) and cfg.model.train_tokenizer_vocab is None:
+        from distrain.trainer.model.tokenizer import load_tokenizer
+        from distrain.trainer.parallel.distributed import DistEnv
+
+        try:
+            tokenizer = load_tokenizer(cfg.model, DistEnv())
+        except Exception as error:  # reported by the worker; the teacher's tokenizer is checked there too then
+            problems.append(f"model.tokenizer: cannot be read to compare with the teacher's: {error}")
+    return problems + check_teacher(cfg, tokenizer, f"model.tokenizer={source}")
+
+
+def _prune_problems(cfg: DictConfig) -> list[str]:
+    """prune.*: a sparsity that leaves weights, a schedule inside the run (an epoch-based run's length is known to
+    the workers only: they check prune.end_step against it)."""
+    prune, max_steps = cfg.prune, cfg.train.max_steps
+    if prune.name == "none":
+        return []
+    problems = []
+    if not 0 <= prune.sparsity < 1:
+        problems.append(f"prune.sparsity: expected a number in [0, 1) (the fraction of pruned weights set to zero), "
+                        f"got {prune.sparsity}")  # fmt: skip
+    if prune.every < 1:
+        problems.append(f"prune.every: expected an integer >= 1, got {prune.every}")
+    if adapters.enabled(cfg):
+        problems.append("prune.name: expected none with adapter=lora (the base weights are frozen; the adapters "
+                        f"merged onto them would fill the zeros), got {prune.name}")  # fmt: skip
+    if prune.start_step < 0:
+        problems.append(f"prune.start_step: expected an integer >= 0, got {prune.start_step}")
+    end = prune.end_step if prune.end_step is not None else max_steps
+    if end is not None and prune.start_step >= end:
+        problems.append(f"prune.start_step: expected less than prune.end_step ({end}), got {prune.start_step}")
+    if prune.end_step is not None and max_steps is not None and prune.end_step > max_steps:
+        problems.append(f"prune.end_step: expected at most train.max_steps ({max_steps}), got {prune.end_step}")
+    return problems
+
+
+def _student_problems(model: DictConfig) -> list[str]:
+    """model.init_from / keep_layers (trainer/model/student.py): a teacher that exists, and blocks it has."""
+    if model.init_from is None:
+        return ["model.keep_layers: expected null without model.init_from (the model whose blocks it keeps), got "
+                f"{list(model.keep_layers)}"] if model.keep_layers is not None else []  # fmt: skip
+    from distrain.trainer.train.distill import find_teacher
+
+    try:
+        source = find_teacher(model.init_from)
+    except ConfigError as error:
+        return [p.replace("distill.teacher", "model.init_from", 1) for p in error.problems]
+    if model.keep_layers is None:
+        return []
+    plain = source.weights is None or source.weights.kind == "export"
+    folder = (source.path if source.weights is None else source.weights.path) if plain else None
+    config = json.loads((folder / "config.json").read_text()) if folder else None
+    if config is None:  # a run dir or checkpoint: its run's model settings
+        from distrain.trainer.config.schema import load_run_config
+
+        config = vars(model_config_if_local(load_run_config(source.weights.config).model) or SimpleNamespace())
+    layers = config.get("num_hidden_layers")
+    keep = list(model.keep_layers)
+    in_range = layers is None or all(0 <= i < layers for i in keep)
+    if not keep or sorted(set(keep)) != keep or not in_range:
+        within = f" in [0, {layers})" if layers is not None else ""
+        return [f"model.keep_layers: expected increasing block indices{within} of the teacher {source.path}, "
+                f"got {keep}"]  # fmt: skip
+    return []
 
 
 def _data_problems(data: DictConfig) -> list[str]:

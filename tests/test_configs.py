@@ -30,6 +30,7 @@ def test_the_tree_has_every_group():
         "data",
         "task",
         "adapter",
+        "prune",
         "parallel",
         "precision",
         "optim",
@@ -72,7 +73,7 @@ def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path)
     validate(cfg)
     if group == "experiment":
         assert cfg.run.name == option
-    elif group in ("model", "data", "adapter", "parallel", "precision"):
+    elif group in ("model", "data", "adapter", "prune", "parallel", "precision"):
         assert cfg[group].name == option
     elif group == "logger":
         assert cfg.logger[option] is not None

@@ -48,3 +48,11 @@ def test_padding_waste_shows_no_padding_with_packing_only(tmp_path, cache_dir):
     # an epoch of 16-sample global batches of 64-token blocks, the last partial batch dropped
     assert positions["packing"] % (16 * 64) == 0 and 0 < positions["packing"] <= 200 * 64, positions
     assert all(p > 0 for p in positions.values()), positions
+
+
+def test_bench_compress_latency_measures_the_student_and_the_pruning_steps(tmp_path):
+    result = run_script("bench_compress_latency.py", "--repeats", "3", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("teacher, 6 layers: 22,568,841 parameters") for line in lines), result.stdout
+    assert any(line.startswith("student, blocks [0,2,4]: 17,245,449 parameters") for line in lines), result.stdout
+    assert sum(line.startswith("prune ") and "of 10,616,832 weights" in line for line in lines) == 2, result.stdout

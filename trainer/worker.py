@@ -46,6 +46,7 @@ from distrain.trainer.parallel.apply import parallelize
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv, process_group
 from distrain.trainer.tasks import build_task
+from distrain.trainer.train.distill import build_distiller
 from distrain.trainer.train.loop import Trainer
 from distrain.trainer.train.preemption import StopRequest
 
@@ -138,6 +139,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     mesh = dims.build_mesh(env.device.type)
     env.use_layout(dims, mesh)
     model = parallelize(model, dims, mesh, cfg, env.device)
+    distiller = build_distiller(cfg, env, task, data.labels, mesh)  # the frozen teacher, laid out like the student
     # Same initial weights on every rank (seeded above); from here on each data shard has its own random
     # stream (tensor-parallel peers share theirs: they must drop the same activations).
     torch.manual_seed(cfg.train.seed + env.dp_rank)
@@ -146,7 +148,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     peak = record_peak_flops(run_dir, env)
     phase("peak FLOP/s")
     stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
-    return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop, adapter)
+    return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop, adapter, distiller)
 
 
 def record_peak_flops(run_dir: Path, env: DistEnv) -> float:

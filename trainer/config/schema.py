@@ -104,6 +104,16 @@ class AdapterName(Choice):
     lora = "lora"  # the base is frozen; low-rank adapters (peft) are trained
 
 
+class PruneName(Choice):
+    none = "none"
+    magnitude = "magnitude"  # unstructured: the smallest weights of the base model's Linear layers are zeroed
+
+
+# global: one magnitude threshold over every pruned weight; layer: each weight matrix pruned to the sparsity on its
+# own. (The functional form: `global` is a Python keyword, and OmegaConf finds members by name.)
+PruneScope = Choice("PruneScope", [("global", "global"), ("layer", "layer")])
+
+
 class Device(Choice):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
@@ -122,6 +132,8 @@ class ModelConfig:
     train_tokenizer_vocab: int | None = None  # random-init models: train a BPE tokenizer of this size on the data
     dropout: float | None = None  # hidden and attention dropout of the model (names per family); null = its own
     cache_dir: str = "~/.cache/distrain"  # converted GGUF models
+    init_from: str | None = None  # start as a copy of this trained model (run dir, checkpoint, export, HF folder)
+    keep_layers: list[int] | None = None  # with init_from: the teacher's blocks kept, in order; null = all
 
 
 @dataclass
@@ -194,6 +206,16 @@ class AdapterConfig:
     dropout: float = 0.0  # dropout on the adapter's input (0 keeps runs comparable across strategies)
     target_modules: list[str] | None = None  # Linear layers to adapt; null = attention and MLP projections per family
     merge_on_export: bool = True  # export/ holds the merged model; the adapter folder is always in export/adapter
+
+
+@dataclass
+class PruneConfig:
+    name: PruneName = PruneName.none
+    sparsity: float = 0.5  # final fraction of pruned weights set to zero, in [0, 1)
+    scope: PruneScope = PruneScope["global"]  # global: one threshold for all pruned weights; layer: per matrix
+    start_step: int = 0  # the schedule's first step (sparsity 0 there)
+    end_step: int | None = None  # the step that reaches prune.sparsity (cubic ramp between); null = the last step
+    every: int = 50  # steps between re-choosing the masks by magnitude (in between, zeros stay zero)
 
 
 @dataclass
@@ -275,6 +297,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: the student (the run's model) also learns the teacher's softened outputs."""
+
+    teacher: str | None = None  # a distrain run dir, checkpoint or export, or a Hugging Face folder; null = off
+    alpha: float = 0.5  # loss = (1 - alpha) * hard loss + alpha * temperature^2 * KL(teacher || student)
+    temperature: float = 2.0  # both distributions are softmax(logits / temperature) in the soft loss
+
+
+@dataclass
 class TensorBoardConfig:
     flush_secs: int = 30  # seconds between writes of the event file
 
@@ -313,12 +344,14 @@ class DistrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

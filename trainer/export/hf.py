@@ -20,6 +20,7 @@ from distrain.trainer.model import adapters
 from distrain.trainer.parallel.apply import unwrap
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import Task
+from distrain.trainer.train.prune import sparsity_by_layer
 
 
 class Exporter:
@@ -50,7 +51,10 @@ class Exporter:
                 model.save_pretrained(partial, state_dict=state)
             self.task.tokenizer.save_pretrained(partial)
             shutil.copy(self.run_dir / run_files.CONFIG, partial / run_files.EXPORT_CONFIG)
-            (partial / "README.md").write_text(model_card(self.cfg, self.task, dev_metrics), encoding="utf-8")
+            # (a one-process run's full state comes back empty here; its model's own state is the same tensors)
+            sparsity = sparsity_by_layer(state or model.state_dict(), model) if self.cfg.prune.name != "none" else None
+            card = model_card(self.cfg, self.task, dev_metrics, sparsity)
+            (partial / "README.md").write_text(card, encoding="utf-8")
             shutil.rmtree(self.target, ignore_errors=True)
             partial.rename(self.target)
         self.env.barrier()

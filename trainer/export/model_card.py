@@ -33,8 +33,11 @@ def _data_lines(data: DictConfig) -> list[str]:
     return lines
 
 
-def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None) -> str:
-    """The README.md of an export; `dev_metrics`: the dev eval record of the exported weights (None: none ran)."""
+def model_card(
+    cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None, sparsity: dict[str, float] | None = None
+) -> str:
+    """The README.md of an export; `dev_metrics`: the dev eval record of the exported weights (None: none ran);
+    `sparsity`: the measured fraction of zeros of each pruned weight matrix (prune=magnitude)."""
     adapter = cfg.get("adapter")
     adapter = adapter if adapter is not None and adapter.get("name") not in (None, "none") else None
     datasets = [cfg.data.hub_name] if cfg.data.dir is None and cfg.data.hub_name else []
@@ -63,6 +66,14 @@ def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None) -
     if adapter:
         settings = yaml.safe_dump(OmegaConf.to_container(adapter, resolve=True, enum_to_str=True), sort_keys=False)
         parts.append(f"## Adapter\n\n```yaml\n{settings}```")
+    if sparsity:
+        rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sparsity.items())
+        mean = sum(sparsity.values()) / len(sparsity)
+        parts.append(
+            f"## Pruning\n\nprune={cfg.prune.name} (scope {cfg.prune.scope}, target sparsity {cfg.prune.sparsity}). "
+            f"Measured fraction of zero weights per pruned matrix (mean {mean:.4f}); the zeros are stored, so the "
+            f"files and the speed are those of the dense model:\n\n| weight | sparsity |\n|---|---|\n{rows}"
+        )
     parts.append("## Use it\n\n" + task.card_usage())
     config = OmegaConf.to_yaml(cfg, resolve=True)
     parts.append(f"## Training config\n\nThe resolved config (also in `distrain_config.yaml`):\n\n```yaml\n{config}```")

@@ -81,7 +81,7 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
     run_dir = weights.config.parent
     if weights.kind == "export":
         cfg.model.name_or_path = cfg.model.tokenizer = str(weights.path)
-        cfg.model.gguf_file = cfg.model.train_tokenizer_vocab = None
+        cfg.model.gguf_file = cfg.model.train_tokenizer_vocab = cfg.model.init_from = None  # all in the folder
     if weights.kind == "adapter":  # the base from the run's source; tokenizer and labels from the folder
         cfg.model.tokenizer, cfg.model.train_tokenizer_vocab = str(weights.path), None
     tokenizer = load_tokenizer(cfg.model, env, run_dir)

@@ -71,6 +71,10 @@ def build_model(
     model takes its vocabulary size and special token ids from the tokenizer unless model.architecture sets them.
     """
     torch.manual_seed(seed)
+    if model.init_from is not None:  # a smaller copy of a trained model (trainer/model/student.py)
+        from distrain.trainer.model.student import student_model
+
+        return student_model(model, auto_class, pretrained, head)
     common = {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
     if source is None:
         fields = OmegaConf.to_container(model.architecture)

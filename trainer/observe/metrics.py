@@ -73,6 +73,8 @@ class MetricsProcessor:
             w["loss_sum"] += result.loss_sum
             w["targets"] += result.global_targets
             w["grad_norm"], w["lr"] = result.grad_norm, result.lr
+            if result.distill is not None:
+                w["distill"] = result.distill if w["distill"] is None else w["distill"] + result.distill
         else:
             w["skipped"] += 1
         self.progress.step(self.state.step)
@@ -81,7 +83,8 @@ class MetricsProcessor:
         """The train record of the window since the last one (every rank takes part: it reduces)."""
         w, s = self.window, self.state
         counts = [w["tokens"], w["samples"], w["slots"]]
-        totals = torch.stack([w["loss_sum"], *(torch.tensor(float(c)) for c in counts)])
+        distill = [] if w["distill"] is None else list(w["distill"].unbind())  # hard, soft, teacher right
+        totals = torch.stack([w["loss_sum"], *(torch.tensor(float(c)) for c in counts), *distill])
         totals = self.env.all_reduce_sum(totals.to(self.env.device).double(), data_parallel=True).tolist()
         grad_norm = w["grad_norm"]
         seconds = max(w["seconds"], 1e-9)
@@ -111,6 +114,10 @@ class MetricsProcessor:
             "step_time_min": min(r[0] for r in per_rank),
             "data_wait_max": max(r[1] for r in per_rank),
         }
+        if distill:  # train/distill.py: loss = (1 - alpha) * hard_loss + alpha * T^2 * soft_loss, per target
+            hard, soft, right = totals[4:]
+            targets = max(float(w["targets"]), 1.0)
+            record.update(hard_loss=hard / targets, soft_loss=soft / targets, teacher_agreement=right / targets)
         if samples_by_source is not None:
             record["samples_by_source"] = samples_by_source
         if w["profiled"]:
@@ -173,4 +180,5 @@ class MetricsProcessor:
             "profiled": False,
             "grad_norm": None,
             "lr": None,
+            "distill": None,  # distillation: [hard loss sum, soft loss sum, targets the teacher gets right]
         }

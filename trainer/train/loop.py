@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from distrain.trainer.checkpoint.manager import CheckpointManager, Recorded, Wrapped
 from distrain.trainer.config import run_files
-from distrain.trainer.errors import Diverged
+from distrain.trainer.errors import ConfigError, Diverged
 from distrain.trainer.export.hf import Exporter
 from distrain.trainer.model import adapters
 from distrain.trainer.observe.metrics import MetricsProcessor
@@ -34,8 +34,10 @@ from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import Task, TaskData
 from distrain.trainer.train import cadence
 from distrain.trainer.train.batches import BatchSource
+from distrain.trainer.train.distill import Distiller
 from distrain.trainer.train.evaluator import Evaluator
 from distrain.trainer.train.preemption import StopRequest
+from distrain.trainer.train.prune import Pruner
 from distrain.trainer.train.state import TrainState
 from distrain.trainer.train.step import StepRunner
 
@@ -43,7 +45,8 @@ from distrain.trainer.train.step import StepRunner
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, task: Task, data: TaskData,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer, peak_flops: float,
-                 stop_request: StopRequest, adapter: adapters.AdapterRun | None = None):  # fmt: skip
+                 stop_request: StopRequest, adapter: adapters.AdapterRun | None = None,
+                 distiller: Distiller | None = None):  # fmt: skip
         self.cfg, self.run_dir, self.env, self.task = cfg, run_dir, env, task
         self.model, self.optimizer, self.stop_request = model, optimizer, stop_request
         self.parameter_counts = adapters.parameter_counts(model)
@@ -52,7 +55,8 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.batches.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.metrics = MetricsProcessor(cfg, run_dir, env, model, peak_flops, self.state, self.total_steps)
-        self.stepper = StepRunner(cfg, env, task, model, optimizer, self.scheduler, say=self.metrics.say)
+        self.stepper = StepRunner(cfg, env, task, model, optimizer, self.scheduler, say=self.metrics.say,
+                                  distiller=distiller, pruner=self._pruner())  # fmt: skip
         self.evaluator = Evaluator(cfg, env, task, data, model, report=self.metrics.report, say=self.metrics.say)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, env.rank)
         parts = {
@@ -65,6 +69,16 @@ class Trainer:
         }
         self.checkpoints = CheckpointManager(cfg, run_dir, env, model, optimizer, parts, adapter)
         self.exporter = Exporter(cfg, run_dir, env, task, model, adapter)
+
+    def _pruner(self) -> Pruner | None:
+        """prune=magnitude's Pruner, once the run's length is known (an epoch-based run's comes from the data)."""
+        prune = self.cfg.prune
+        if prune.name == "none":
+            return None
+        end = prune.end_step if prune.end_step is not None else self.total_steps
+        if end > self.total_steps:
+            raise ConfigError([f"prune.end_step: expected at most the run's {self.total_steps} steps, got {end}"])
+        return Pruner(self.model, prune, self.total_steps)
 
     @property
     def epoch(self) -> float:

@@ -22,6 +22,8 @@ from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.parallel.grads import clip_grad_norm, no_sync
 from distrain.trainer.parallel.precision import autocast_precision, grad_scaler
 from distrain.trainer.tasks import Task
+from distrain.trainer.train.distill import Distiller
+from distrain.trainer.train.prune import Pruner
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,15 @@ class StepResult:
     slots: int  # this rank's token positions, padding included
     samples: int
     held: HeldBytes | None = None  # after the first applied step: what this rank holds
+    distill: torch.Tensor | None = None  # distillation: this rank's [hard loss sum, soft loss sum, teacher right]
 
 
 class StepRunner:
     def __init__(self, cfg: DictConfig, env: DistEnv, task: Task, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 say: Callable[[str], None]):  # fmt: skip
-        self.env, self.task, self.model = env, task, model
+                 say: Callable[[str], None], distiller: Distiller | None = None,
+                 pruner: Pruner | None = None):  # fmt: skip
+        self.env, self.task, self.model, self.distiller, self.pruner = env, task, model, distiller, pruner
         self.optimizer, self.scheduler = optimizer, scheduler
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.optim.max_grad_norm
@@ -64,12 +68,16 @@ class StepRunner:
         # into a sum, so the gradient is that of (sum of losses over the global batch) / (global targets).
         scale = self.env.dp_size / global_targets.clamp(min=1)
         loss_sum = torch.zeros((), device=self.env.device)
+        distill_sums = torch.zeros(3, device=self.env.device) if self.distiller else None
         for i, cpu_batch in enumerate(micro_batches):
             batch = to_device(cpu_batch, self.env.device)
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
                 mark("forward")
                 logits = forward_logits(self.model, self.task, batch, self.precision, self.env.device)
                 micro_loss = self.task.loss_sum(logits, batch)
+                if self.distiller:  # the objective mixes in the teacher's soft targets (train/distill.py)
+                    micro_loss, parts = self.distiller.objective(logits, batch, micro_loss)
+                    distill_sums += parts
                 mark("backward")
                 # 0 * loss is 0, or NaN when this rank's loss is not finite: then its gradients are NaN, and so are
                 # the reduced gradients and the gradient norm on every rank (see _nonfinite). Exact otherwise.
@@ -84,7 +92,7 @@ class StepRunner:
             lr=self.optimizer.param_groups[0]["lr"], applied=False,
             tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
             slots=sum(mb["attention_mask"].numel() for mb in micro_batches),
-            samples=sum(len(mb["attention_mask"]) for mb in micro_batches),
+            samples=sum(len(mb["attention_mask"]) for mb in micro_batches), distill=distill_sums,
         )  # fmt: skip
         if self._nonfinite(loss_sum, grad_norm, step):
             self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale); a no-op otherwise
@@ -93,6 +101,8 @@ class StepRunner:
         if not self.measured_memory:
             grad_bytes = held_bytes(self.model, self.optimizer).grads  # gradients exist between backward and zero_grad
         loss_scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if self.pruner:
+            self.pruner.before_step(step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if loss_scale is not None and self.scaler.get_scale() < loss_scale:
@@ -100,6 +110,8 @@ class StepRunner:
             log.info("step %d skipped by the fp16 loss scaler (overflow); scale now %g", step, loss_scale / 2)
         else:
             self.scheduler.step()
+            if self.pruner:  # the masks of this step, re-applied after the update (train/prune.py)
+                self.pruner.apply(step)
         if not self.measured_memory:  # the optimizer state exists from the first step on
             result.held = held_bytes(self.model, self.optimizer)
             result.held.grads = grad_bytes
