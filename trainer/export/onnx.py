@@ -147,6 +147,9 @@ def ort_model(path: Path, config: Any, threads: int | None = None) -> torch.nn.M
         def can_generate(self) -> bool:
             return False
 
+    # Named as the exported architecture: transformers.pipeline checks the class name against its task's models
+    # (and logs an error listing them all otherwise); the graph is that architecture's forward pass.
+    OrtModel.__name__ = OrtModel.__qualname__ = (getattr(config, "architectures", None) or ["OrtModel"])[0]
     return OrtModel().eval()
 
 
