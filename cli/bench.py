@@ -12,6 +12,7 @@ launcher.threads_per_process=2).
 Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export); the time each job after the
 first adds to a sweep of such runs (`distrain train -m`, one launcher for all its jobs); a bare torchrun of a
 trivial gloo job; interleaved (--startup-repeats, default --repeats; 0 skips it).
+`distrain bench inference --ckpt DIR`: inference latency of torch vs ONNX fp32/int8 (cli/bench_inference.py).
 Prints medians, min-max and ratios; writes <out>/bench.json with the machine and every repetition's figures.
 The data folder (train.txt, dev.txt, test.txt): --data-dir, else $DISTRAIN_CONLL2003_DIR, else
 ../shared/data/conll2003.
@@ -201,6 +202,11 @@ def interleaved(pairs: dict, repeats: int, out: Path, key: str) -> dict[str, lis
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["inference"]:  # `distrain bench inference ...`: latency of torch vs ONNX (bench_inference.py)
+        from distrain.cli import bench_inference
+
+        bench_inference.main(sys.argv[2:])
+        return
     args = parse_args(sys.argv[1:])
     out = Path(args.out or f"runs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,11 @@ COMMANDS = {
     "train": ("distrain.cli.train", "compose + validate a config, write a run dir, train with torchrun workers"),
     "eval": ("distrain.cli.eval", "evaluate a checkpoint, export or run dir on a split (ckpt=... split=...)"),
     "predict": ("distrain.cli.predict", "batch inference, one JSON line per input line (ckpt=... input=FILE|-)"),
+    "export": ("distrain.cli.export", "an ONNX graph (fp32 or int8) checked against torch (ckpt=... quantize=int8)"),
     "parity": ("distrain.cli.parity", "train N steps under each strategy; compare losses (strategies=[...] steps=N)"),
     "plan": ("distrain.cli.plan", "per-rank memory and FLOPs of a layout and its alternatives, without training"),
     "report": ("distrain.cli.report", "rank the runs of a sweep (or a run) by dev metric; write report.csv (DIR)"),
-    "bench": ("distrain.cli.bench", "throughput vs Hugging Face Trainer on CoNLL-2003, and start-up (--help)"),
+    "bench": ("distrain.cli.bench", "training throughput vs HF Trainer, start-up; `bench inference`: latency (--help)"),
 }
 
 USAGE = """usage: distrain <command> [key=value ...] [hydra flags]
@@ -28,6 +29,7 @@ examples:
   distrain train -m +experiment=wnut_ner optim.lr=5e-5,1e-4
   distrain eval ckpt=runs/wnut_ner/<run>/export split=test
   echo "Obama visited Paris" | distrain predict ckpt=runs/wnut_ner/<run>
+  distrain export ckpt=runs/wnut_ner/<run> format=onnx quantize=int8
   distrain parity model=bert_tiny strategies=[single,ddp,fsdp,tp,fsdp_tp:1x2] steps=5
   distrain plan +experiment=conll_ner parallel=fsdp launcher.nproc_per_node=2
   distrain train +experiment=wnut_ner hparams_search=ner_optuna && distrain report runs/wnut_ner/<sweep>

@@ -42,14 +42,14 @@ class EvalError(UserError):
 
 @dataclass
 class Weights:
-    kind: str  # "checkpoint", "export" or "adapter" (a peft adapter folder, loaded onto the run's base)
+    kind: str  # "checkpoint", "export", "adapter" (a peft adapter folder, loaded onto the run's base) or "onnx"
     path: Path
     config: Path  # the run's resolved config.yaml
 
 
 def locate(ckpt: Path) -> Weights:
-    """What `ckpt=` points at: a checkpoint folder, an export folder, or a run dir (its export, else its latest
-    complete checkpoint)."""
+    """What `ckpt=` points at: a checkpoint folder, an export folder (Hugging Face or ONNX: `distrain export`), or a
+    run dir (its export, else its latest complete checkpoint)."""
     if not ckpt.exists():
         raise EvalError(f"ckpt: {ckpt} does not exist")
     if (ckpt / ".metadata").is_file() or ckpt.name.startswith("step_"):
@@ -59,6 +59,8 @@ def locate(ckpt: Path) -> Weights:
         if problem:
             raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
         return Weights("checkpoint", ckpt, ckpt.parent.parent / run_files.CONFIG)
+    if (ckpt / "model.onnx").is_file() and (ckpt / run_files.EXPORT_CONFIG).is_file():
+        return Weights("onnx", ckpt, ckpt / run_files.EXPORT_CONFIG)
     if (ckpt / "adapter_config.json").is_file() and (ckpt / run_files.EXPORT_CONFIG).is_file():
         return Weights("adapter", ckpt, ckpt / run_files.EXPORT_CONFIG)
     if (ckpt / run_files.EXPORT_CONFIG).is_file():
@@ -79,13 +81,19 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
     cfg: DictConfig = load_run_config(weights.config)
     env = DistEnv(device=pick_device(cfg.train.device, 0))
     run_dir = weights.config.parent
-    if weights.kind == "export":
+    if weights.kind in ("export", "onnx"):
         cfg.model.name_or_path = cfg.model.tokenizer = str(weights.path)
         cfg.model.gguf_file = cfg.model.train_tokenizer_vocab = cfg.model.init_from = None  # all in the folder
     if weights.kind == "adapter":  # the base from the run's source; tokenizer and labels from the folder
         cfg.model.tokenizer, cfg.model.train_tokenizer_vocab = str(weights.path), None
     tokenizer = load_tokenizer(cfg.model, env, run_dir)
     task = build_task(cfg, tokenizer)
+    if weights.kind == "onnx":  # the graph through ONNX Runtime, behind the model interface the tasks call
+        from transformers import AutoConfig
+
+        from distrain.trainer.export.onnx import GRAPH, ort_model
+
+        return cfg, env, tokenizer, task, ort_model(weights.path / GRAPH, AutoConfig.from_pretrained(weights.path))
     head = {} if weights.kind == "export" else load_head(run_dir)
     source = model_source(cfg.model, env)
     lora = adapters.enabled(cfg) and weights.kind != "export"
@@ -103,6 +111,16 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
     if lora:
         model = adapters.merged(model)  # a plain transformers model, for the task's pipeline
     return cfg, env, tokenizer, task, model.to(env.device).eval()
+
+
+def runtime(weights: Weights, cfg: DictConfig) -> dict[str, str]:
+    """Which runtime and precision produce a report of these weights (an ONNX export's from its metadata)."""
+    if weights.kind == "onnx":
+        from distrain.trainer.export.onnx import read_metadata
+
+        meta = read_metadata(weights.path)
+        return {"runtime": "onnxruntime", "runtime_precision": meta["precision"], "onnx_status": meta["status"]}
+    return {"runtime": "torch", "runtime_precision": str(cfg.precision.name)}
 
 
 def eval_report(
@@ -128,12 +146,13 @@ def eval_report(
         )
     dataset = data.splits[split]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
-    predictions = predict_split(model, task, dataset, size, env, cfg.precision.name)
+    precision = "fp32" if weights.kind == "onnx" else cfg.precision.name  # autocast is torch's, not ORT's
+    predictions = predict_split(model, task, dataset, size, env, precision)
     report = task.report(predictions, dataset)
     report.update(task.raw_text_report(model, dataset, size, env, aggregation))
     # metric: the run's task.metric (what it picked its best checkpoint by), not the task's first metric.
     report.update({"task": str(task.name), "metric": str(cfg.task.metric), "split": split, "examples": len(dataset),
-                   "weights": str(weights.path)})  # fmt: skip
+                   "weights": str(weights.path), **runtime(weights, cfg)})  # fmt: skip
     out_dir = output or weights.path
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"eval_{split}.json").write_text(strict_json.dumps(report, indent=1))

@@ -1,0 +1,195 @@
+"""`distrain export format=onnx` on a tiny NER run, then `distrain eval`/`predict`/`bench inference` on what ships.
+
+One tiny NER run (module fixture), its fp32 and int8 exports; each check compares the ONNX Runtime result with the
+torch weights' through the real commands (the metrics, the predictions file, the JSON lines), read back with json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import run_distrain
+from test_ner_raw_text import conll_sentences
+
+PREDICT_LINES = "Barack Obama visited Paris\n\nThe European Union met in Brussels on Monday\n"
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """A tiny NER run trained to tag entities (the generated sentences of test_ner_raw_text), its ONNX fp32
+    export, and `distrain eval` of the ONNX folder on dev (the export measured torch's dev metrics in its check)."""
+    root = tmp_path_factory.mktemp("onnx")
+    data, run = root / "data", root / "run"
+    data.mkdir()
+    for split, (count, seed) in {"train": (400, 0), "dev": (40, 1), "test": (80, 2)}.items():
+        (data / f"{split}.txt").write_text(conll_sentences(count, seed), encoding="utf-8")
+    run_distrain("train", "model=bert_tiny", "data=conll2003", f"data.dir={data}", f"data.cache_dir={cache_dir}",
+                 "train.max_steps=25", "train.log_every=25", "optim.lr=5e-3", f"run.dir={run}")  # fmt: skip
+    out = {"run": run, "fp32": root / "fp32", "int8": root / "int8", "root": root}
+    out["fp32_log"] = run_distrain("export", f"ckpt={run}", "format=onnx", f"output={out['fp32']}").stdout
+    run_distrain("eval", f"ckpt={out['fp32']}", "split=dev", f"output={root / 'eval_fp32'}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8(shipped) -> Path:
+    """The same run exported with dynamic int8; eval on test of the torch weights and of both ONNX folders."""
+    shipped["int8_log"] = run_distrain("export", f"ckpt={shipped['run']}", "quantize=int8",
+                                       f"output={shipped['int8']}").stdout  # fmt: skip
+    for name in ("run", "fp32", "int8"):
+        run_distrain("eval", f"ckpt={shipped[name]}", "split=test", f"output={shipped['root'] / ('eval_' + name)}")
+    return shipped["int8"]
+
+
+def report(shipped, name: str, split: str = "test") -> dict:
+    return json.loads((shipped["root"] / f"eval_{name}" / f"eval_{split}.json").read_text())
+
+
+def test_the_export_is_checked_against_torch_and_says_so(shipped):
+    meta = json.loads((shipped["fp32"] / "onnx_export.json").read_text())
+    assert meta["status"] == "ok" and meta["precision"] == "fp32" and meta["runtime"] == "onnxruntime"
+    assert meta["max_abs_logit_diff"]["onnx_fp32"] < 1e-4
+    assert len(meta["check_lengths"]) >= 2  # several lengths, a padded batch among them
+    assert "max |logit diff|" in shipped["fp32_log"]
+    files = {p.name for p in shipped["fp32"].iterdir()}
+    assert {"model.onnx", "config.json", "distrain_config.yaml", "onnx_export.json", "README.md"} <= files
+    assert "tokenizer.json" in files or "vocab.txt" in files
+    assert not (shipped["fp32"].parent / "fp32.partial").exists()
+    graph = onnx.load(str(shipped["fp32"] / "model.onnx"))
+    onnx.checker.check_model(graph)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
+    assert all(isinstance(a, str) and isinstance(b, str) for a, b in dims), dims  # dynamic batch and sequence
+    card = (shipped["fp32"] / "README.md").read_text()
+    assert "fp32" in card and "max abs logit diff" in card
+
+
+@pytest.mark.slow
+def test_int8_is_smaller_and_states_its_cost(shipped, int8):
+    fp32 = json.loads((shipped["fp32"] / "onnx_export.json").read_text())
+    meta = json.loads((int8 / "onnx_export.json").read_text())
+    assert meta["status"] == "ok" and meta["precision"] == "int8"
+    assert meta["bytes"]["onnx_int8"] < 0.6 * fp32["bytes"]["onnx_fp32"]
+    assert set(meta["dev_metrics"]) == {"torch_fp32", "onnx_fp32", "onnx_int8"}
+    assert meta["metric_drop"] == pytest.approx(
+        meta["dev_metrics"]["torch_fp32"]["f1"] - meta["dev_metrics"]["onnx_int8"]["f1"]
+    )
+    assert not (shipped["int8"] / "fp32").exists()  # the intermediate fp32 graph is not shipped
+    assert "int8" in (int8 / "README.md").read_text()
+
+
+def test_eval_of_the_onnx_folder_equals_the_torch_metrics_the_export_measured(shipped):
+    """`distrain eval` of the ONNX folder on dev gives the dev metrics of the torch weights, which the export computed
+    in-process with the same task metrics before writing the folder."""
+    meta = json.loads((shipped["fp32"] / "onnx_export.json").read_text())
+    onnx_dev, torch_dev = report(shipped, "fp32", "dev"), meta["dev_metrics"]["torch_fp32"]
+    assert (onnx_dev["runtime"], onnx_dev["runtime_precision"]) == ("onnxruntime", "fp32")
+    assert torch_dev["f1"] > 0.5, "the tiny model should tag entities, or this comparison proves nothing"
+    for key in ("f1", "precision", "recall", "accuracy"):
+        assert onnx_dev[key] == pytest.approx(torch_dev[key], abs=1e-4), key
+    assert onnx_dev["predict_f1"] == pytest.approx(onnx_dev["f1"], abs=1e-12)  # the raw-text path ran on ORT too
+
+
+@pytest.mark.slow
+def test_eval_of_the_onnx_folder_equals_eval_of_the_torch_weights(shipped, int8):
+    torch_report, fp32 = report(shipped, "run"), report(shipped, "fp32")
+    assert (torch_report["runtime"], fp32["runtime"]) == ("torch", "onnxruntime")
+    assert fp32["runtime_precision"] == "fp32"
+    assert torch_report["f1"] > 0.5, "the tiny model should tag entities, or this comparison proves nothing"
+    for key in ("f1", "precision", "recall", "accuracy", "predict_f1", "pipeline_f1"):
+        assert fp32[key] == pytest.approx(torch_report[key], abs=1e-4), key
+    predictions = {n: (shipped["root"] / f"eval_{n}" / "predictions_test.txt").read_text() for n in ("run", "fp32")}
+    assert predictions["fp32"] == predictions["run"]
+
+
+@pytest.mark.slow
+def test_eval_of_the_int8_folder_reports_its_runtime_and_the_metric_of_its_export(shipped, int8):
+    meta = json.loads((int8 / "onnx_export.json").read_text())
+    evaluated = report(shipped, "int8")
+    assert (evaluated["runtime"], evaluated["runtime_precision"]) == ("onnxruntime", "int8")
+    assert abs(evaluated["f1"] - report(shipped, "run")["f1"]) <= 0.05
+    assert meta["dev_metrics"]["onnx_int8"]["f1"] >= meta["dev_metrics"]["torch_fp32"]["f1"] - meta["max_metric_drop"]
+
+
+@pytest.mark.slow
+def test_predict_on_the_onnx_folder_gives_the_torch_json_lines(shipped, tmp_path):
+    (tmp_path / "in.txt").write_text(PREDICT_LINES, encoding="utf-8")
+    lines = {}
+    for name in ("run", "fp32"):
+        result = run_distrain("predict", f"ckpt={shipped[name]}", f"input={tmp_path / 'in.txt'}")
+        lines[name] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines["fp32"]) == 3 and lines["fp32"][1] == {"input": "", "skipped": "empty line"}
+    assert [r["input"] for r in lines["fp32"]] == PREDICT_LINES.splitlines()
+    for torch_line, onnx_line in zip(lines["run"], lines["fp32"], strict=True):
+        assert [(e["type"], e["start"], e["end"]) for e in onnx_line.get("entities", [])] == [
+            (e["type"], e["start"], e["end"]) for e in torch_line.get("entities", [])
+        ]
+        for a, b in zip(onnx_line.get("entities", []), torch_line.get("entities", []), strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=2e-4)
+
+
+@pytest.mark.slow
+def test_bench_inference_times_the_three_models_and_fills_the_card(shipped, int8):
+    result = run_distrain("bench", "inference", "--ckpt", str(int8), "--threads", "1", "--repeats", "2",
+                          "--batches", "3")  # fmt: skip
+    bench = json.loads((int8 / "bench_inference.json").read_text())
+    assert bench["threads"] == 1
+    assert {(r["model"], r["batch"]) for r in bench["results"]} == {
+        (m, b) for m in ("torch_fp32", "onnx_fp32", "onnx_int8") for b in (1, 8)
+    }
+    assert all(0 < r["p50_ms"] <= r["p95_ms"] and r["sentences_per_s"] > 0 for r in bench["results"])
+    assert "torch_fp32" in result.stdout
+    assert json.loads((int8 / "onnx_export.json").read_text())["latency"]["threads"] == 1
+    assert "## Latency" in (int8 / "README.md").read_text()
+
+
+def test_export_refuses_a_missing_checkpoint_and_an_existing_output(shipped, tmp_path):
+    missing = run_distrain("export", f"ckpt={tmp_path / 'nope'}", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    exists = run_distrain("export", f"ckpt={shipped['run']}", f"output={shipped['fp32']}", check=False)
+    assert exists.returncode == 2 and "overwrite=true" in exists.stderr and "Traceback" not in exists.stderr
+    assert not list(shipped["root"].glob("*.partial")) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_export_refuses_a_damaged_checkpoint_and_a_bad_key(shipped, tmp_path):
+    damaged = tmp_path / "run" / "checkpoints" / "step_3"
+    damaged.mkdir(parents=True)
+    (damaged / ".metadata").write_bytes(b"")
+    result = run_distrain("export", f"ckpt={damaged}", check=False)
+    assert result.returncode == 2 and "incomplete checkpoint" in result.stderr and "Traceback" not in result.stderr
+    bad = run_distrain("export", f"ckpt={shipped['run']}", "quantize=int4", check=False)
+    assert bad.returncode == 2 and "quantize: expected one of" in bad.stderr
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+@pytest.mark.slow
+def test_int8_beyond_max_metric_drop_is_written_but_marked_failed(shipped, int8):
+    """A threshold below the drop the int8 export measured (the same weights, the same deterministic quantizer):
+    the folder is written, marked failed, and the command exits 1 naming both numbers."""
+    drop = json.loads((int8 / "onnx_export.json").read_text())["metric_drop"]
+    target = shipped["root"] / "int8_strict"
+    result = run_distrain("export", f"ckpt={shipped['run']}", "quantize=int8", f"max_metric_drop={drop - 0.01}",
+                          f"output={target}", check=False)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    meta = json.loads((target / "onnx_export.json").read_text())
+    assert meta["status"] == "failed" and meta["metric_drop"] == pytest.approx(drop)
+    assert "torch fp32" in result.stderr and "ONNX int8" in result.stderr and "Traceback" not in result.stderr
+    assert "status **failed**" in (target / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_an_mlm_export_matches_torch(tmp_path, cache_dir):
+    """Masked LM: logits over the vocabulary, within the tolerance; eval of the folder reports ORT's perplexity."""
+    run = tmp_path / "mlm"
+    run_distrain("train", "+experiment=minilm_mlm", "model=bert_tiny", "parallel=single", "launcher.nproc_per_node=1",
+                 "data.max_train_samples=64", "data.max_eval_samples=16", "train.max_steps=3", "train.eval_every=0",
+                 f"data.cache_dir={cache_dir}", f"run.dir={run}")  # fmt: skip
+    run_distrain("export", f"ckpt={run}", f"output={tmp_path / 'onnx'}")
+    meta = json.loads((tmp_path / "onnx" / "onnx_export.json").read_text())
+    assert meta["status"] == "ok" and meta["max_abs_logit_diff"]["onnx_fp32"] < 1e-4
+    assert meta["dev_metrics"]["onnx_fp32"]["perplexity"] == pytest.approx(
+        meta["dev_metrics"]["torch_fp32"]["perplexity"], rel=1e-4
+    )
