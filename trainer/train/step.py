@@ -37,6 +37,7 @@ class StepResult:
     slots: int  # this rank's token positions, padding included
     samples: int
     held: HeldBytes | None = None  # after the first applied step: what this rank holds
+    comm_bytes: int | None = None  # ddp: bytes this rank put into gradient all-reduces (trainer/parallel/comm.py)
 
 
 class StepRunner:
