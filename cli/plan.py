@@ -28,7 +28,7 @@ from distrain.trainer.model import adapters
 from distrain.trainer.model.build import build_model, model_source
 from distrain.trainer.model.tokenizer import load_tokenizer
 from distrain.trainer.observe.accounting import activation_bytes, flops_per_token, planned_bytes, rank0_param_numels
-from distrain.trainer.optim.registry import spec as optimizer_spec
+from distrain.trainer.optim.registry import layout_problems as optimizer_problems
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import build_task, task_class
@@ -101,10 +101,11 @@ def main() -> None:
             problems += dims.model_problems(model.config) + adapters.layout_problems(cfg, dims)
             if teacher is not None and dims.tp_enabled:
                 problems.append("distill.teacher: a tensor-parallel teacher is not built (single, ddp or fsdp)")
+            problems += optimizer_problems(cfg.optim, dims.fsdp_enabled or dims.tp_enabled)
         if dims is None or problems:
             rows.append({**row, "problems": problems})
             continue
-        planned = planned_bytes(model, dims, optimizer_spec(cfg.optim.name))
+        planned = planned_bytes(model, dims, cfg.optim)
         held = {"params_bytes": planned.params, "grads_bytes": planned.grads, "optimizer_bytes": planned.optimizer}
         activations = activation_bytes(
             model.config, cfg.train.micro_batch_size, cfg.data.max_length, dims.tp,

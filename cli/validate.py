@@ -20,11 +20,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.trainer.config.paths import is_local, resolve_path
+from distrain.trainer.config.schema import OptimConfig
 from distrain.trainer.data.sources import STREAM_FORMATS, matching_paths
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import adapters
 from distrain.trainer.model.adapters import no_default_targets, target_modules
 from distrain.trainer.model.families import dropout_config
+from distrain.trainer.optim.registry import COMMON_KEYS, unused_keys
+from distrain.trainer.optim.registry import layout_problems as optimizer_layout_problems
+from distrain.trainer.optim.registry import spec as optimizer_spec
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.tasks import task_class
 from distrain.trainer.train.preemption import signal_number
@@ -95,6 +99,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _device_problems(cfg)
     problems += _path_problems(cfg)
     problems += _parallel_problems(cfg)
+    problems += _optimizer_problems(cfg.optim)
     problems += _adapter_problems(cfg)
     problems += _model_problems(cfg.model)
     need(data.max_length >= 8, "data.max_length", "an integer >= 8")
@@ -134,7 +139,20 @@ def _non_finite(cfg: DictConfig) -> list[str]:
         "launcher.monitor_interval": cfg.launcher.monitor_interval,
         "launcher.collective_timeout_s": cfg.launcher.collective_timeout_s,
         "launcher.join_timeout_s": cfg.launcher.join_timeout_s,
-        **{f"optim.{k}": cfg.optim[k] for k in ("lr", "weight_decay", "eps", "warmup_ratio", "max_grad_norm")},
+        **{
+            f"optim.{k}": cfg.optim[k]
+            for k in (
+                "lr",
+                "weight_decay",
+                "eps",
+                "warmup_ratio",
+                "max_grad_norm",
+                "momentum",
+                "alpha",
+                "beta2_decay",
+                "clip_threshold",
+            )
+        },
         **{f"optim.betas[{i}]": b for i, b in enumerate(cfg.optim.betas)},
     }
     return [f"{key}: expected a finite number, got {value}" for key, value in floats.items()
@@ -203,6 +221,67 @@ def _parallel_problems(cfg: DictConfig) -> list[str]:
     dims, problems = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
     if dims is not None:
         problems += dims.model_problems(model_config_if_local(cfg.model)) + adapters.layout_problems(cfg, dims)
+        problems += optimizer_layout_problems(cfg.optim, dims.fsdp_enabled or dims.tp_enabled)
+    return problems + _comm_problems(cfg.parallel)
+
+
+def _comm_problems(parallel: DictConfig) -> list[str]:
+    problems = []
+    if parallel.comm_hook != "none" and parallel.name != "ddp":
+        # FSDP reduce-scatters gradient shards and TP reduces activations: neither has DDP's gradient buckets,
+        # the unit torch's hooks work on (FSDP's reduction precision is its MixedPrecisionPolicy instead).
+        problems.append(f"parallel.comm_hook: {parallel.comm_hook} is a DDP communication hook; parallel="
+                        f"{parallel.name} has no DDP gradient all-reduce to apply it to (use parallel=ddp, or "
+                        "parallel.comm_hook=none)")  # fmt: skip
+    if parallel.sync != "every_step":
+        if parallel.name != "ddp":
+            problems.append(f"parallel.sync: {parallel.sync} needs parallel=ddp (each rank holds whole weights to "
+                            f"step alone and average), got parallel={parallel.name}")  # fmt: skip
+        if parallel.comm_hook != "none":
+            problems.append(f"parallel.comm_hook: {parallel.comm_hook} cannot combine with parallel.sync="
+                            f"{parallel.sync} (no gradient all-reduce between syncs); set one of them")  # fmt: skip
+    if parallel.sync_every < 1:
+        problems.append(
+            f"parallel.sync_every: expected an integer >= 1 (steps between syncs), got {parallel.sync_every}"
+        )
+    if parallel.sync_warmup < 0:
+        problems.append(f"parallel.sync_warmup: expected an integer >= 0, got {parallel.sync_warmup}")
+    if not parallel.diloco.outer_lr > 0:
+        problems.append(f"parallel.diloco.outer_lr: expected a number > 0, got {parallel.diloco.outer_lr}")
+    if not 0 <= parallel.diloco.outer_momentum < 1:
+        problems.append(f"parallel.diloco.outer_momentum: expected a number in [0, 1), "
+                        f"got {parallel.diloco.outer_momentum}")  # fmt: skip
+    if parallel.powersgd.rank < 1:
+        problems.append(f"parallel.powersgd.rank: expected an integer >= 1, got {parallel.powersgd.rank}")
+    if parallel.powersgd.start_step < 2:
+        problems.append("parallel.powersgd.start_step: expected an integer >= 2 (steps of plain all-reduce before "
+                        "PowerSGD; torch's needs 2 for its error feedback), "
+                        f"got {parallel.powersgd.start_step}")  # fmt: skip
+    return problems
+
+
+def _optimizer_problems(optim: DictConfig) -> list[str]:
+    """A key the chosen optimizer does not read would silently do nothing (optim=sgd optim.betas=[0.9,0.99]).
+
+    "Set" means "differs from the schema's default": the optimizers share one flat optim node, so a user types
+    optim.momentum=0.9 rather than optim.sgd.momentum=0.9, and an experiment's optim settings carry over to another
+    optimizer when they are common ones (lr, weight_decay). A key set to exactly its default is missed, but then it
+    changes nothing either."""
+    defaults = OmegaConf.structured(OptimConfig)
+    problems = [f"optim.{key}: optim={optim.name} does not use it (its keys: "
+                f"{', '.join(COMMON_KEYS[1:] + optimizer_spec(optim.name).keys)}); drop it or choose an optimizer "
+                "that has it" for key in unused_keys(optim, defaults)]  # fmt: skip
+    if optim.nesterov and optim.momentum <= 0:
+        problems.append(f"optim.nesterov: needs optim.momentum > 0, got {optim.momentum}")
+    if not 0 <= optim.momentum < 1:
+        problems.append(f"optim.momentum: expected a number in [0, 1), got {optim.momentum}")
+    if not 0 < optim.alpha < 1:
+        problems.append(f"optim.alpha: expected a number in (0, 1), got {optim.alpha}")
+    if not optim.beta2_decay < 0:
+        problems.append(f"optim.beta2_decay: expected a number < 0 (beta2 = 1 - step^beta2_decay), "
+                        f"got {optim.beta2_decay}")  # fmt: skip
+    if not optim.clip_threshold > 0:
+        problems.append(f"optim.clip_threshold: expected a number > 0, got {optim.clip_threshold}")
     return problems
 
 

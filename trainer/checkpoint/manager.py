@@ -29,6 +29,7 @@ from distrain.trainer.checkpoint.store import (
     Checkpointer,
     complete_checkpoints,
     load_model_weights,
+    read_rank_tensors,
     read_trainer_state,
 )
 from distrain.trainer.errors import Diverged, UserError
@@ -102,7 +103,9 @@ class CheckpointManager:
     def save(self, step: int) -> Path:
         mark("checkpoint")
         check_weights_finite(self.model, self.env, step, "checkpoint")
-        return self.store.save(step, self.model, self.optimizer, self.trainer_state(step))
+        rank_tensors = {key: t for name, part in self.parts.items() if hasattr(part, "tensors")
+                        for key, t in _prefixed(name, part.tensors()).items()}  # fmt: skip
+        return self.store.save(step, self.model, self.optimizer, self.trainer_state(step), rank_tensors)
 
     def latest(self) -> Path | None:
         return self.store.latest()
@@ -129,11 +132,27 @@ class CheckpointManager:
         restore_kernel_choices(self.optimizer, chosen)
         for part in self.parts.values():
             part.load_state_dict(state)
+        self._restore_rank_tensors(path, state)
         self.restarted_from = state.get("restarted_from")
         if self.cfg.checkpoint.step is not None and self.restarted_from is None:
             self.restarted_from = self.cfg.checkpoint.step
         self._say(f"resumed from {path} at step {state['step']}")
         return state["step"]
+
+    def _restore_rank_tensors(self, path: Path, state: dict[str, Any]) -> None:
+        """Parts with per-rank tensors (`tensors()` / `load_tensors()`) get theirs back when the world size is the
+        saver's: one rank's state (PowerSGD's compression error) means nothing to another layout's rank."""
+        holders = {name: part for name, part in self.parts.items() if hasattr(part, "load_tensors")}
+        tensors = read_rank_tensors(path, self.env.rank, self.env.device) if holders else None
+        if not tensors:
+            return
+        if state.get("world_size") != self.env.world_size:
+            self._warn(f"{path}: per-rank state of {state.get('world_size')} processes not restored in "
+                       f"{self.env.world_size}: {', '.join(holders)} start afresh")  # fmt: skip
+            return
+        for name, part in holders.items():
+            part.load_tensors({key.removeprefix(f"{name}/"): t for key, t in tensors.items()
+                               if key.startswith(f"{name}/")})  # fmt: skip
 
     def _starting_checkpoint(self) -> Path | None:
         latest = self.store.latest_good(report=self._warn)
@@ -189,6 +208,10 @@ class CheckpointManager:
         """Rank 0: something the user must know (console and log)."""
         log.warning(message, extra={"file_only": True})
         console.print(f"[yellow]{message}", highlight=False, soft_wrap=True)
+
+
+def _prefixed(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{name}/{key}": tensor for key, tensor in tensors.items()}
 
 
 def check_weights_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str) -> None:

@@ -53,6 +53,18 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 
 
+def rank_state_file(rank: int) -> str:
+    return f"rank{rank}_state.safetensors"
+
+
+def read_rank_tensors(path: Path, rank: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """This rank's own tensors of checkpoint `path`, or None when it has none."""
+    from safetensors.torch import load_file
+
+    file = path / rank_state_file(rank)
+    return load_file(file, device=str(device)) if file.is_file() else None
+
+
 # --- safe loading ----------------------------------------------------------------------------------------------
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
@@ -259,7 +271,9 @@ class Checkpointer:
                 report(f"checkpoint {folder.name} skipped: {problem}; renamed to {kept.name} for inspection")
         return self.env.broadcast_object(chosen)
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+             rank_tensors: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+        """`rank_tensors`: this rank's own state (e.g. PowerSGD's error feedback), one safetensors file per rank."""
         started = time.perf_counter()
         final = self.root / f"step_{step}"
         partial = self.root / f"step_{step}.partial"
@@ -271,6 +285,12 @@ class Checkpointer:
         payload = {"model": _without_frozen(model, model_sd), "optim": optim_sd, "rng": rng}
         failure = None
         try:
+            if rank_tensors:  # written before dcp.save, whose closing gather orders it before the digests below
+                from safetensors.torch import save_file
+
+                partial.mkdir(parents=True, exist_ok=True)
+                save_file({k: t.detach().cpu().contiguous() for k, t in rank_tensors.items()},
+                          partial / rank_state_file(self.env.rank))  # fmt: skip
             # DCP gathers every rank's write result, so a failure on one rank raises on all.
             dcp.save(payload, storage_writer=FileSystemWriter(partial))
             if self.env.is_main:

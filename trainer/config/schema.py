@@ -61,6 +61,19 @@ class Strategy(Choice):
     fsdp_tp = "fsdp_tp"
 
 
+class CommHook(Choice):
+    none = "none"  # DDP's all-reduce of fp32 gradients
+    fp16 = "fp16"  # gradients cast to fp16 for the all-reduce (half the bytes)
+    bf16 = "bf16"  # ... to bf16
+    powersgd = "powersgd"  # low-rank (PowerSGD) compression with error feedback
+
+
+class SyncMode(Choice):
+    every_step = "every_step"  # gradients all-reduced at every step
+    local_sgd = "local_sgd"  # after sync_warmup steps each rank steps alone; weights averaged every sync_every
+    diloco = "diloco"  # inner optimizer for sync_every steps, then an outer Nesterov step on the averaged change
+
+
 class Precision(Choice):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -69,6 +82,10 @@ class Precision(Choice):
 
 class OptimName(Choice):
     adamw = "adamw"
+    sgd = "sgd"  # with optim.momentum and optim.nesterov
+    adagrad = "adagrad"
+    rmsprop = "rmsprop"
+    adafactor = "adafactor"  # factored second moments: single and ddp only
 
 
 class Schedule(Choice):
@@ -219,6 +236,18 @@ class PruneConfig:
 
 
 @dataclass
+class PowerSGDConfig:
+    rank: int = 4  # rank of the low-rank factors P and Q (more: closer to the full gradient, more bytes)
+    start_step: int = 10  # steps of plain all-reduce first, compressed after (>= 2: error feedback needs one)
+
+
+@dataclass
+class DiLoCoConfig:
+    outer_lr: float = 0.7  # the outer SGD's learning rate on the averaged change (DiLoCo's paper: 0.7)
+    outer_momentum: float = 0.9  # its Nesterov momentum
+
+
+@dataclass
 class ParallelConfig:
     name: Strategy = Strategy.single  # see trainer/parallel/dims.py
     dp: int | None = None  # data-parallel degree; null = derived from the world size and tp
@@ -226,6 +255,12 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, more comm)
     cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
     backend: Backend | None = None  # null: nccl on CUDA, gloo on CPU
+    comm_hook: CommHook = CommHook.none  # ddp: how gradients are all-reduced (trainer/parallel/comm.py)
+    powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)  # comm_hook=powersgd
+    sync: SyncMode = SyncMode.every_step  # ddp: when ranks communicate (trainer/parallel/sync.py)
+    sync_every: int = 8  # local_sgd, diloco: steps between syncs (H)
+    sync_warmup: int = 0  # local_sgd: steps of every-step all-reduce before local steps begin
+    diloco: DiLoCoConfig = field(default_factory=DiLoCoConfig)  # sync=diloco
 
 
 @dataclass
@@ -238,8 +273,13 @@ class OptimConfig:
     name: OptimName = OptimName.adamw  # the optimizer (trainer/optim/registry.py knows its state per parameter)
     lr: float = 5e-5
     weight_decay: float = 0.01  # not applied to biases and norm weights
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw, adagrad, rmsprop: added to the denominator
+    momentum: float = 0.0  # sgd, rmsprop: momentum factor (configs/optim/sgd.yaml sets 0.9)
+    nesterov: bool = False  # sgd: Nesterov momentum (needs momentum > 0)
+    alpha: float = 0.99  # rmsprop: smoothing constant of the squared-gradient average
+    beta2_decay: float = -0.8  # adafactor: the second moment's decay rate is 1 - step^beta2_decay
+    clip_threshold: float = 1.0  # adafactor: clipping threshold d of the update's RMS
     warmup_ratio: float = 0.0  # fraction of the steps with linear warmup
     schedule: Schedule = Schedule.linear
     max_grad_norm: float | None = 1.0  # null disables clipping

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
-from distrain.trainer.optim.registry import OptimizerSpec
+from distrain.trainer.optim.registry import spec as optimizer_spec
 from distrain.trainer.parallel.apply import tp_plan
 from distrain.trainer.parallel.dims import ParallelDims
 
@@ -74,10 +75,10 @@ def chunk(size: int, parts: int) -> int:
     return math.ceil(size / parts)
 
 
-def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
-    """Each parameter tensor's element count on rank 0 under this layout."""
+def rank0_param_shapes(model: torch.nn.Module, dims: ParallelDims) -> list[list[int]]:
+    """Each parameter tensor's shape on rank 0 under this layout."""
     plan = tp_plan(model) if dims.tp_enabled else {}
-    numels = []
+    shapes = []
     for name, param in model.named_parameters():
         shape = list(param.shape)
         module, _, kind = name.rpartition(".")
@@ -88,21 +89,21 @@ def rank0_param_numels(model: torch.nn.Module, dims: ParallelDims) -> list[int]:
             shape[1] = chunk(shape[1], dims.tp)
         if dims.fsdp_enabled:
             shape[0] = chunk(shape[0], dims.dp)
-        numels.append(math.prod(shape))
-    return numels
+        shapes.append(shape)
+    return shapes
 
 
-def planned_bytes(model: torch.nn.Module, dims: ParallelDims, optimizer: OptimizerSpec) -> HeldBytes:
+def planned_bytes(model: torch.nn.Module, dims: ParallelDims, optim: DictConfig) -> HeldBytes:
     """What rank 0 will hold under this layout (fp32 weights; fp32 gradients and the optimizer's state per
     trainable tensor): the figures `held_bytes` measures in the run, computed from shapes (a meta model does)."""
-    numels = rank0_param_numels(model, dims)
+    shapes = rank0_param_shapes(model, dims)
     # Gradients and optimizer state exist for trainable parameters only (adapter=lora: the adapters).
-    trained = [n for n, p in zip(numels, model.parameters(), strict=True) if p.requires_grad]
-    grads = sum(trained) * FP32
+    trained = [s for s, p in zip(shapes, model.parameters(), strict=True) if p.requires_grad]
+    state_bytes = optimizer_spec(optim.name).state_bytes
     return HeldBytes(
-        params=sum(numels) * FP32,
-        grads=grads,
-        optimizer=optimizer.state_tensors * grads + optimizer.step_bytes * len(trained),
+        params=sum(math.prod(s) for s in shapes) * FP32,
+        grads=sum(math.prod(s) for s in trained) * FP32,
+        optimizer=sum(state_bytes(s, optim) for s in trained),
     )
 
 

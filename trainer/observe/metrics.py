@@ -69,6 +69,8 @@ class MetricsProcessor:
         w["data_seconds"] += data_seconds
         w["steps"] += 1
         w["profiled"] |= profiled
+        if result.comm_bytes is not None:
+            w["comm_bytes"] = (w["comm_bytes"] or 0) + result.comm_bytes
         if result.applied:
             w["loss_sum"] += result.loss_sum
             w["targets"] += result.global_targets
@@ -120,6 +122,8 @@ class MetricsProcessor:
             record.update(hard_loss=hard / targets, soft_loss=soft / targets, teacher_agreement=right / targets)
         if samples_by_source is not None:
             record["samples_by_source"] = samples_by_source
+        if w["comm_bytes"] is not None:  # ddp: rank 0's gradient all-reduce payload per step (parallel/comm.py)
+            record["comm_bytes_per_step"] = w["comm_bytes"] / w["steps"]
         if w["profiled"]:
             record["profiled"] = True  # the profiler slowed these steps: their throughput is not comparable
         self.report(record)
@@ -178,6 +182,7 @@ class MetricsProcessor:
             "data_seconds": 0.0,  # of which waiting for the next batch
             "steps": 0,
             "profiled": False,
+            "comm_bytes": None,
             "grad_norm": None,
             "lr": None,
             "distill": None,  # distillation: [hard loss sum, soft loss sum, targets the teacher gets right]

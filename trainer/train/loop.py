@@ -30,7 +30,9 @@ from distrain.trainer.observe.metrics import MetricsProcessor
 from distrain.trainer.observe.profiling import StepProfiler
 from distrain.trainer.observe.watchdog import mark
 from distrain.trainer.optim.schedule import build_scheduler
+from distrain.trainer.parallel.comm import GradientComm
 from distrain.trainer.parallel.distributed import DistEnv
+from distrain.trainer.parallel.sync import Synchronizer
 from distrain.trainer.tasks import Task, TaskData
 from distrain.trainer.train import cadence
 from distrain.trainer.train.batches import BatchSource
@@ -59,12 +61,16 @@ class Trainer:
                                   distiller=distiller, pruner=self._pruner())  # fmt: skip
         self.evaluator = Evaluator(cfg, env, task, data, model, report=self.metrics.report, say=self.metrics.say)
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, env.rank)
+        self.comm = GradientComm(model, cfg.parallel, cfg.train.seed)
+        self.sync = Synchronizer(model, optimizer, cfg.parallel, data_parallel=env.dims.ddp_enabled)
         parts = {
             "train": self.state,
             "evaluator": self.evaluator,
             "batches": self.batches,
             "scheduler": Wrapped("scheduler", self.scheduler),
             "grad_scaler": Wrapped("grad_scaler", self.stepper.scaler),
+            "comm": self.comm,  # PowerSGD's iteration; its error feedback and factors per rank (tensors())
+            "sync": self.sync,  # local SGD / DiLoCo: each rank's own weights and optimizer state, the anchor
             "progress": Recorded(lambda: {"epoch": self.epoch, "total_steps": self.total_steps}),
         }
         self.checkpoints = CheckpointManager(cfg, run_dir, env, model, optimizer, parts, adapter)
@@ -105,6 +111,8 @@ class Trainer:
                 micro_batches = next(steps)
                 waited = time.perf_counter() - tick
                 result = self.stepper.run(micro_batches, s.step + 1)
+                if self.comm.kind:  # ddp: the gradients' bytes, and the weights' when a periodic sync is due
+                    result.comm_bytes = self.comm.take(synced=True) + self.sync.after_step(s.step + 1)
                 s.step += 1
                 self.metrics.add_step(result, time.perf_counter() - tick, waited, self.profiler.active)
                 self.profiler.after_step(s.step)

@@ -40,6 +40,7 @@ class StepResult:
     samples: int
     held: HeldBytes | None = None  # after the first applied step: what this rank holds
     distill: torch.Tensor | None = None  # distillation: this rank's [hard loss sum, soft loss sum, teacher right]
+    comm_bytes: int | None = None  # ddp: bytes this rank put into gradient all-reduces (trainer/parallel/comm.py)
 
 
 class StepRunner:

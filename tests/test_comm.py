@@ -1,0 +1,99 @@
+"""DDP communication hooks (`parallel.comm_hook=none|fp16|bf16|powersgd`) and periodic syncs (`parallel.sync=
+local_sgd|diloco`): bytes per step in the train records, their state carried exactly through a stop/resume, and the
+layouts that cannot take them refused before start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY, run_distrain, train_losses
+
+from distrain.cli.compose import compose_train
+from distrain.cli.validate import validate
+from distrain.trainer.errors import ConfigError
+
+STEPS = 6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["parallel=fsdp", "launcher.nproc_per_node=2", "parallel.comm_hook=powersgd"],
+         "parallel.comm_hook: powersgd is a DDP communication hook; parallel=fsdp has no DDP gradient all-reduce"),
+        (["parallel=tp", "launcher.nproc_per_node=2", "parallel.comm_hook=fp16"], "parallel=tp has no DDP gradient"),
+        (["parallel=ddp", "launcher.nproc_per_node=2", "parallel.powersgd.rank=0"],
+         "parallel.powersgd.rank: expected an integer >= 1, got 0"),
+        (["parallel=ddp", "launcher.nproc_per_node=2", "parallel.powersgd.start_step=1"],
+         "parallel.powersgd.start_step: expected an integer >= 2"),
+        (["parallel=ddp", "launcher.nproc_per_node=2", "parallel.sync=local_sgd", "parallel.sync_every=0"],
+         "parallel.sync_every: expected an integer >= 1"),
+        (["parallel=fsdp", "launcher.nproc_per_node=2", "parallel.sync=diloco"],
+         "parallel.sync: diloco needs parallel=ddp"),
+        (["parallel=ddp", "launcher.nproc_per_node=2", "parallel.sync=diloco", "parallel.comm_hook=powersgd"],
+         "parallel.comm_hook: powersgd cannot combine with parallel.sync=diloco"),
+    ],
+)  # fmt: skip
+def test_bad_communication_settings_are_rejected_before_workers_start(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train(["model=bert_tiny", *overrides]))
+    assert any(expected in problem for problem in error.value.problems), error.value.problems
+
+
+def _records(run: Path) -> dict[int, dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_hooks_send_fewer_bytes_and_powersgd_resumes_exactly(tmp_path, cache_dir):
+    """Every hook against plain DDP on the same global batches: fp16/bf16 send half the bytes, PowerSGD (rank 2
+    after 3 plain steps) far fewer, all with losses close to plain DDP's; PowerSGD stopped after step 4 (its error
+    feedback and factors in the checkpoint) and resumed gives the uninterrupted losses exactly."""
+    common = [*TINY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
+              "train.micro_batch_size=4", f"train.max_steps={STEPS}", "data.max_eval_samples=16",
+              "parallel.powersgd.rank=2", "parallel.powersgd.start_step=3"]  # fmt: skip
+    for hook in ("none", "fp16", "bf16", "powersgd"):
+        run_distrain("train", *common, f"parallel.comm_hook={hook}", f"run.dir={tmp_path / hook}")
+    cut = tmp_path / "cut"
+    run_distrain("train", *common, "parallel.comm_hook=powersgd", "train.stop_at_step=4", f"run.dir={cut}")
+    result = run_distrain("train", *common, "parallel.comm_hook=powersgd", f"run.dir={cut}")
+    assert "at step 4" in result.stdout
+    resumed, uninterrupted = train_losses(cut), train_losses(tmp_path / "powersgd")
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, STEPS + 1))
+    assert all(resumed[s] == uninterrupted[s] for s in uninterrupted), (resumed, uninterrupted)
+
+    runs = {hook: _records(tmp_path / hook) for hook in ("none", "fp16", "bf16", "powersgd")}
+    full = runs["none"][1]["comm_bytes_per_step"]
+    assert full == 4 * json.loads((tmp_path / "none" / "summary.json").read_text())["trainable_params"]  # fp32 each
+    assert all(r["comm_bytes_per_step"] == full for r in runs["none"].values())
+    assert all(r["comm_bytes_per_step"] == full / 2 for hook in ("fp16", "bf16") for r in runs[hook].values())
+    powersgd = runs["powersgd"]
+    assert all(powersgd[s]["comm_bytes_per_step"] == full for s in (1, 2, 3))  # start_step=3: plain first
+    assert all(powersgd[s]["comm_bytes_per_step"] < full / 10 for s in range(4, STEPS + 1))
+    for hook in ("fp16", "bf16", "powersgd"):
+        assert abs(runs[hook][STEPS]["loss"] - runs["none"][STEPS]["loss"]) < 0.02 * runs["none"][STEPS]["loss"], hook
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local_sgd", "diloco"])
+def test_periodic_sync_sends_bytes_only_when_due_and_resumes_exactly(mode, tmp_path, cache_dir):
+    """Stopped between two syncs (each rank's own weights and optimizer state, DiLoCo's anchor and outer momentum,
+    the averager's step in the checkpoint) and resumed: the uninterrupted losses exactly. Bytes: the warm-up's
+    gradients, then the weights every sync_every steps and nothing between."""
+    common = [*TINY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
+              "train.micro_batch_size=4", "train.max_steps=7", "data.max_eval_samples=16", f"parallel.sync={mode}",
+              "parallel.sync_every=2", "parallel.sync_warmup=1"]  # fmt: skip
+    run_distrain("train", *common, f"run.dir={tmp_path / 'full'}")
+    run_distrain("train", *common, "train.stop_at_step=3", f"run.dir={tmp_path / 'cut'}")
+    run_distrain("train", *common, f"run.dir={tmp_path / 'cut'}")
+    resumed, uninterrupted = train_losses(tmp_path / "cut"), train_losses(tmp_path / "full")
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 8))
+    assert all(resumed[s] == uninterrupted[s] for s in uninterrupted), (resumed, uninterrupted)
+    sent = {s: r["comm_bytes_per_step"] for s, r in _records(tmp_path / "full").items()}
+    full = 4 * json.loads((tmp_path / "full" / "summary.json").read_text())["trainable_params"]
+    # local_sgd: step 1 all-reduces gradients (warm-up), then the weights are averaged after steps 2, 4, 6;
+    # diloco (no warm-up): the averaged change after steps 2, 4, 6
+    first = full if mode == "local_sgd" else 0
+    assert sent == {1: first, 2: full, 3: 0, 4: full, 5: 0, 6: full, 7: 0}, sent

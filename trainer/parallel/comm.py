@@ -1,0 +1,166 @@
+"""DDP's gradient communication: the hook `parallel.comm_hook` chooses (torch.distributed's own), the bytes it
+sends per step, and the state it keeps between steps (PowerSGD's error feedback), which checkpoints carry.
+
+Bytes per step are what this rank puts into gradient all-reduces: the element count of each reduced buffer times its
+element size, summed over the step's buckets (an all-reduce moves about twice that over a ring, whatever the
+payload). `none` and `fp16`/`bf16` reduce every gradient element (4 or 2 bytes); PowerSGD reduces its low-rank
+factors P (rows x rank) and Q (columns x rank) plus, whole, the tensors not worth compressing (vectors, small
+matrices), as its own statistics count them (`total_numel_after_compression`); before `start_step` it reduces
+every element in fp32.
+
+FSDP and TP have no DDP hooks: the launcher refuses `comm_hook` with them (cli/validate.py). What FSDP reduces in
+is `apply_fsdp`'s MixedPrecisionPolicy: gradients are reduce-scattered in fp32 under every precision (bf16 reduction
+would lose the low bits of a sum over ranks, and the parity tests compare to 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+ELEMENT_BYTES = {"none": 4, "fp16": 2, "bf16": 2, "powersgd": 4, "local": 4}
+
+
+class GradientComm:
+    """The hook of a DDP model and its byte count; for other layouts, nothing (0 bytes, no state)."""
+
+    def __init__(self, model: torch.nn.Module, parallel: DictConfig, seed: int):
+        self.kind = str(parallel.comm_hook) if isinstance(model, DistributedDataParallel) else None
+        if self.kind is not None and parallel.sync != "every_step":
+            self.kind = "local"  # parallel.sync: gradients stay on their rank after the warm-up (parallel/sync.py)
+        self.sent = 0  # bytes put into gradient all-reduces since the last take()
+        self.state: Any = None  # PowerSGD's (error feedback, warm-start factors, iteration)
+        self.every_element = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.layouts: dict[int, list[tuple[str, torch.Size]]] = {}  # bucket index -> its gradients, in order
+        self.pending: dict[str, torch.Tensor] = {}  # restored per-parameter memories, placed at the next hook call
+        if self.kind in (None, "none"):
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
+
+        if self.kind == "local":
+            # torch's post-local-SGD hook: all-reduce until start_localSGD_iter, then within `subgroup` only, here
+            # each rank alone (a group of one: no traffic).
+            alone, _ = torch.distributed.new_subgroups(group_size=1)
+            warmup = parallel.sync_warmup if parallel.sync == "local_sgd" else 0
+            self.state = post_localSGD_hook.PostLocalSGDState(process_group=None, subgroup=alone,
+                                                              start_localSGD_iter=warmup)  # fmt: skip
+            hook = post_localSGD_hook.post_localSGD_hook
+        elif self.kind == "powersgd":
+            self.state = powerSGD_hook.PowerSGDState(
+                process_group=None, matrix_approximation_rank=parallel.powersgd.rank,
+                start_powerSGD_iter=parallel.powersgd.start_step, random_seed=seed,
+            )  # fmt: skip
+            hook = powerSGD_hook.powerSGD_hook
+        else:
+            hook = default_hooks.fp16_compress_hook if self.kind == "fp16" else default_hooks.bf16_compress_hook
+        model.register_comm_hook(self.state, self._counted(hook))
+
+    def _counted(self, hook: Any) -> Any:
+        size = ELEMENT_BYTES[self.kind]
+
+        def counted(state, bucket):  # no annotations: DDP compares them with its own
+            if self.kind == "local":
+                self.sent += size * bucket.buffer().numel() if state.iter < state.start_localSGD_iter else 0
+                return hook(state, bucket)
+            if self.kind == "powersgd":
+                pairs = zip(bucket.parameters(), bucket.gradients(), strict=True)
+                layout = [(self.names[id(p)], g.shape) for p, g in pairs]
+                if self.layouts.get(bucket.index(), layout) != layout:  # DDP rebuilt its buckets
+                    self.pending |= self.tensors()
+                    self.layouts.clear()
+                    for memory in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
+                        memory.clear()
+                self.layouts[bucket.index()] = layout
+                if self.pending:
+                    self._place(bucket.index(), layout)
+            before = getattr(state, "total_numel_after_compression", None)
+            future = hook(state, bucket)
+            after = getattr(state, "total_numel_after_compression", None)
+            # PowerSGD counts what it reduced once it compresses; before that (and the other hooks) the bucket.
+            self.sent += size * (after - before if after != before else bucket.buffer().numel())
+            return future
+
+        return counted
+
+    def take(self, synced: bool) -> int:
+        """The bytes sent since the last call (a step: `synced` when it reduced gradients); resets the count."""
+        if self.kind == "none" and synced:
+            self.sent = 4 * self.every_element  # DDP's built-in all-reduce: every gradient element in fp32
+        sent, self.sent = self.sent, 0
+        return sent
+
+    # --- checkpoint: the iteration in trainer_state.json, the tensors per rank (tensors()) -------------------
+    # PowerSGD keeps its memories per DDP bucket, flat. A new process's DDP buckets its parameters in
+    # registration order for the first step and then rebuilds the buckets in the order gradients arrived, so a
+    # bucket's layout after a resume is not the saver's: the memories are saved per parameter and put back into
+    # the layout of the bucket the hook is given (so are they when buckets are rebuilt in one process: the first
+    # step after a resume runs PowerSGD on the registration-order buckets).
+    def _segments(self, layout: list[tuple[str, torch.Size]]) -> list[tuple[str, int, int, int]]:
+        """(name, error length, P length, Q length) per gradient, in the order PowerSGD lays each memory out
+        (errors in bucket order; P and Q grouped by shape, as its batching by shape orders them)."""
+        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
+
+        factors: dict[str, tuple[int, int]] = {}
+        by_shape: dict[torch.Size, list[str]] = {}
+        for name, shape in layout:
+            n, m = shape[0], math.prod(shape[1:])
+            r = min(n, m, self.state.matrix_approximation_rank)
+            if _should_compress(n, m, r, self.state.min_compression_rate)[0]:
+                factors[name] = (n * r, m * r)
+                by_shape.setdefault(torch.Size((n, m)), []).append(name)
+        in_factor_order = [name for names in by_shape.values() for name in names]
+        return [(name, math.prod(shape), *factors.get(name, (0, 0))) for name, shape in layout] + [
+            (name, 0, 0, 0) for name in in_factor_order
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"{self.kind}_hook_iter": self.state.iter} if self.kind in ("powersgd", "local") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if f"{self.kind}_hook_iter" in state:
+            self.state.iter = state[f"{self.kind}_hook_iter"]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's PowerSGD memories per parameter: its own compression error, and the factors it
+        warm-starts from (the same on every rank after their all-reduce)."""
+        if self.kind != "powersgd":
+            return {}
+        out = dict(self.pending)  # restored but not yet placed (a stop right after a resume)
+        s = self.state
+        for index, layout in self.layouts.items():
+            segments = self._segments(layout)
+            plain, factor_order = segments[: len(layout)], [name for name, *_ in segments[len(layout) :]]
+            lengths = {name: (p, q) for name, _, p, q in plain}
+            if index in s.error_dict:
+                out |= _split(s.error_dict[index], [(f"error/{n}", e) for n, e, _, _ in plain])
+            if index in s.p_memory_dict:
+                out |= _split(s.p_memory_dict[index], [(f"p/{n}", lengths[n][0]) for n in factor_order])
+                out |= _split(s.q_memory_dict[index], [(f"q/{n}", lengths[n][1]) for n in factor_order])
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.kind == "powersgd":
+            self.pending = dict(tensors)
+
+    def _place(self, index: int, layout: list[tuple[str, torch.Size]]) -> None:
+        segments = self._segments(layout)
+        plain, factor_order = segments[: len(layout)], [name for name, *_ in segments[len(layout) :]]
+        s, pending = self.state, self.pending
+        if all(f"error/{name}" in pending for name, *_ in plain):
+            s.error_dict[index] = torch.cat([pending.pop(f"error/{name}") for name, *_ in plain])
+        if factor_order and all(f"p/{name}" in pending for name in factor_order):
+            s.p_memory_dict[index] = torch.cat([pending.pop(f"p/{name}") for name in factor_order])
+            s.q_memory_dict[index] = torch.cat([pending.pop(f"q/{name}") for name in factor_order])
+
+
+def _split(flat: torch.Tensor, pieces: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for key, length in pieces:
+        out[key] = flat[offset : offset + length].clone()
+        offset += length
+    return out
