@@ -10,6 +10,7 @@ on the data. Layouts that cannot work are flagged with the reason. `output=FILE`
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import adapters
 from distrain.trainer.model.build import build_model, model_source
 from distrain.trainer.model.tokenizer import load_tokenizer
-from distrain.trainer.observe.accounting import activation_bytes, flops_per_token, planned_bytes, rank0_param_numels
+from distrain.trainer.observe.accounting import activation_bytes, flops_per_token, planned_bytes, rank0_param_shapes
 from distrain.trainer.optim.registry import layout_problems as optimizer_problems
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv
@@ -112,7 +113,7 @@ def main() -> None:
             cfg.train.activation_checkpointing, vocab_logits=task_class(cfg.task.name).language_model,
         )  # fmt: skip
         if teacher is not None:  # frozen fp32 weights only, sharded like the student's under FSDP
-            held["teacher_bytes"] = sum(rank0_param_numels(teacher, dims)) * 4
+            held["teacher_bytes"] = sum(math.prod(shape) for shape in rank0_param_shapes(teacher, dims)) * 4
         total = sum(held.values()) + activations
         tied_output = model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False)
         if dims.tp_enabled and tied_output:
