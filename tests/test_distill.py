@@ -85,6 +85,7 @@ def test_a_teacher_with_other_labels_or_another_tokenizer_is_refused_before_spaw
     assert "'zzqxdistrain'" in problem and "use the teacher's tokenizer" in problem, problem
 
 
+@pytest.mark.slow  # the default suite's budget: `plan` takes ~20 s on a loaded machine
 def test_plan_shows_the_teachers_memory_replicated_or_sharded(bert_parity, tmp_path):
     from safetensors.torch import load_file
 

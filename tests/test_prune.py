@@ -105,6 +105,7 @@ def test_bad_pruning_settings_are_refused_before_spawn(overrides, message):
     assert any(message in problem for problem in error.value.problems), error.value.problems
 
 
+@pytest.mark.slow  # the messages are checked in process above; this is the command's exit code
 def test_the_command_exits_2_on_a_bad_sparsity(tmp_path):
     result = run_distrain("train", *TINY, "prune=magnitude", "prune.sparsity=1", f"run.dir={tmp_path / 'run'}",
                           check=False)  # fmt: skip
