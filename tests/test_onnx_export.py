@@ -193,3 +193,15 @@ def test_an_mlm_export_matches_torch(tmp_path, cache_dir):
     assert meta["dev_metrics"]["onnx_fp32"]["perplexity"] == pytest.approx(
         meta["dev_metrics"]["torch_fp32"]["perplexity"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_a_causal_lm_is_refused_before_anything_is_written(tmp_path, cache_dir):
+    run = tmp_path / "clm"
+    run_distrain("train", "+experiment=shakespeare_clm", "model=llama_tiny", "parallel=single",
+                 "launcher.nproc_per_node=1", "data.max_length=64", "data.max_train_samples=32",
+                 "data.max_eval_samples=8", "train.max_steps=1", "train.eval_every=0", f"data.cache_dir={cache_dir}",
+                 f"run.dir={run}")  # fmt: skip
+    result = run_distrain("export", f"ckpt={run}", check=False)
+    assert result.returncode == 2 and "task clm: ONNX export covers" in result.stderr
+    assert "Traceback" not in result.stderr and not list(run.glob("onnx*"))
