@@ -145,6 +145,7 @@ def test_bench_inference_times_the_three_models_and_fills_the_card(shipped, int8
     assert "## Latency" in (int8 / "README.md").read_text()
 
 
+@pytest.mark.slow  # two more launches: the default suite's budget keeps the export and its eval only
 def test_export_refuses_a_missing_checkpoint_and_an_existing_output(shipped, tmp_path):
     missing = run_distrain("export", f"ckpt={tmp_path / 'nope'}", check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
