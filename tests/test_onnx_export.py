@@ -145,6 +145,7 @@ def test_bench_inference_times_the_three_models_and_fills_the_card(shipped, int8
     assert "## Latency" in (int8 / "README.md").read_text()
 
 
+@pytest.mark.slow  # two more launches: the default suite's budget keeps the export and its eval only
 def test_export_refuses_a_missing_checkpoint_and_an_existing_output(shipped, tmp_path):
     missing = run_distrain("export", f"ckpt={tmp_path / 'nope'}", check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
@@ -193,3 +194,15 @@ def test_an_mlm_export_matches_torch(tmp_path, cache_dir):
     assert meta["dev_metrics"]["onnx_fp32"]["perplexity"] == pytest.approx(
         meta["dev_metrics"]["torch_fp32"]["perplexity"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_a_causal_lm_is_refused_before_anything_is_written(tmp_path, cache_dir):
+    run = tmp_path / "clm"
+    run_distrain("train", "+experiment=shakespeare_clm", "model=llama_tiny", "parallel=single",
+                 "launcher.nproc_per_node=1", "data.max_length=64", "data.max_train_samples=32",
+                 "data.max_eval_samples=8", "train.max_steps=1", "train.eval_every=0", f"data.cache_dir={cache_dir}",
+                 f"run.dir={run}")  # fmt: skip
+    result = run_distrain("export", f"ckpt={run}", check=False)
+    assert result.returncode == 2 and "task clm: ONNX export covers" in result.stderr
+    assert "Traceback" not in result.stderr and not list(run.glob("onnx*"))

@@ -236,15 +236,17 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
                 batch_size: int | None, say: Any = print) -> dict[str, Any]:  # fmt: skip
     """Export, check and write `target` (via `target`.partial); the metadata. A failed logit check leaves nothing;
     int8 beyond `max_metric_drop` leaves the folder marked failed (status) and raises ExportError."""
+    from distrain.trainer.config.schema import load_run_config
     from distrain.trainer.export.model_card import distrain_version
     from distrain.trainer.inference.load import load_for_inference
 
-    cfg, env, tokenizer, task, model = load_for_inference(weights)
-    if str(task.name) not in TASKS:
+    name = str(load_run_config(weights.config).task.name)
+    if name not in TASKS:  # before any weights load
         raise ExportError(
-            f"task {task.name}: ONNX export covers {list(TASKS)}; a causal LM needs its key/value "
-            "cache in the graph, which distrain does not export yet: use the Hugging Face export/"
+            f"task {name}: ONNX export covers {list(TASKS)}; a causal LM needs its key/value cache in the graph, "
+            "which distrain does not export yet: use the Hugging Face export/"
         )
+    cfg, env, tokenizer, task, model = load_for_inference(weights)
     data = task.prepare(env)
     dev = data.splits["dev"]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
