@@ -106,6 +106,7 @@ def test_run_dir_layout_and_metrics_records(runs):
         "step_time_max",
         "step_time_min",
         "data_wait_max",
+        "comm_bytes_per_step",  # a ddp run: the gradients' all-reduce payload
     }
     assert set(train[0]) == keys
     assert all(0 <= r["padding"] < 1 for r in train)
