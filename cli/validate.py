@@ -478,7 +478,12 @@ def hub_unreachable(name: str, repo_type: str) -> str | None:
     model (transformers falls back to it; offline, only the cache counts), or offline for a dataset (the datasets
     library looks in its own cache and says so)."""
     from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(name)  # the cache lookup below raises on a name that cannot be a repo id ("-1")
+    except HFValidationError as error:
+        return f"not a folder, and not a Hub id either: {str(error).splitlines()[0][:200]}"
     if repo_type == "model":
         if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
             return None

@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 from conftest import TINY, run_distrain
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -131,6 +131,7 @@ def test_any_override_starts_or_is_refused_with_exit_2_naming_its_key(drawn, tmp
 @pytest.mark.slow
 @settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(drawn=overrides())
+@example(drawn=["model.name_or_path=-1"])  # once a traceback: the Hub's cache lookup refused the name
 def test_many_overrides_start_or_are_refused_with_exit_2_naming_their_key(drawn, tmp_path_factory):
     starts_or_is_refused_naming_a_key(drawn, tmp_path_factory.getbasetemp() / "never-written")
 
