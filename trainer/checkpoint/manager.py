@@ -32,14 +32,13 @@ from distrain.trainer.checkpoint.store import (
     read_rank_tensors,
     read_trainer_state,
 )
-from distrain.trainer.errors import Diverged, UserError
+from distrain.trainer.errors import UserError
 from distrain.trainer.model import adapters
 from distrain.trainer.observe.reporting import console
 from distrain.trainer.observe.watchdog import mark
 from distrain.trainer.optim.registry import kernel_choices, restore_kernel_choices
-from distrain.trainer.parallel.apply import unwrap
+from distrain.trainer.parallel.apply import check_weights_finite, unwrap
 from distrain.trainer.parallel.distributed import DistEnv
-from distrain.trainer.train.batches import refuse_reorder
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,9 @@ class CheckpointManager:
         where = f"checkpoint {path}"
         if self.adapter:  # the adapters are only right on the base they were trained on
             adapters.check_base(state.get("base_model"), self.adapter.base, where)
-        refuse_reorder(state.get("data_order"), self.parts["batches"].order, where, self.run_dir)
+        for part in self.parts.values():  # a part may refuse this checkpoint before anything is loaded
+            if hasattr(part, "check_resume"):
+                part.check_resume(state, where, self.run_dir)
         chosen = kernel_choices(self.optimizer)  # the kernels this layout can use, not those the saver used
         state = self.store.load(path, self.model, self.optimizer)
         restore_kernel_choices(self.optimizer, chosen)
@@ -212,13 +213,6 @@ class CheckpointManager:
 
 def _prefixed(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{name}/{key}": tensor for key, tensor in tensors.items()}
-
-
-def check_weights_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str) -> None:
-    """A checkpoint or export of non-finite weights is never written (every rank checks its shards)."""
-    local = (p.to_local() if hasattr(p, "to_local") else p for p in unwrap(model).parameters())
-    if env.any(not all(bool(torch.isfinite(t).all()) for t in local)):
-        raise Diverged(f"the weights after step {step} are not finite: no {what} written")
 
 
 def _model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distrain.trainer.checkpoint.manager import check_weights_finite
 from distrain.trainer.checkpoint.store import full_model_state, load_model_weights
 from distrain.trainer.config import run_files
 from distrain.trainer.config.schema import ExportWeights
 from distrain.trainer.export.model_card import model_card
 from distrain.trainer.model import adapters
-from distrain.trainer.parallel.apply import unwrap
+from distrain.trainer.parallel.apply import check_weights_finite, unwrap
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import Task
 from distrain.trainer.train.prune import sparsity_by_layer

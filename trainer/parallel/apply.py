@@ -18,9 +18,10 @@ from torch.distributed.tensor import Replicate
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.trainer.config.schema import Precision
-from distrain.trainer.errors import ConfigError
+from distrain.trainer.errors import ConfigError, Diverged
 from distrain.trainer.model.families import FAMILIES
 from distrain.trainer.parallel.dims import ParallelDims
+from distrain.trainer.parallel.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +143,10 @@ def parallelize(
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model without DDP's wrapper (FSDP and TP modify the model in place and need every rank to join)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def check_weights_finite(model: torch.nn.Module, env: DistEnv, step: int, what: str) -> None:
+    """A checkpoint or export of non-finite weights is never written (every rank checks its shards)."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in unwrap(model).parameters())
+    if env.any(not all(bool(torch.isfinite(t).all()) for t in local)):
+        raise Diverged(f"the weights after step {step} are not finite: no {what} written")

@@ -146,6 +146,9 @@ class BatchSource:
     def state_dict(self) -> dict[str, Any]:
         return {"data_order": self.order, **({"data": self.stream_state} if self.stream is not None else {})}
 
+    def check_resume(self, state: dict[str, Any], where: str, run_dir: Any) -> None:
+        refuse_reorder(state.get("data_order"), self.order, where, run_dir)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.stream is not None:
             if "data" not in state:
