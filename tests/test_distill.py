@@ -37,6 +37,7 @@ def test_distillation_agrees_across_single_and_fsdp_and_records_its_parts(bert_p
     assert single[0]["teacher_agreement"] > 0.3
 
 
+@pytest.mark.slow
 def test_alpha_zero_trains_exactly_the_run_without_a_teacher(bert_parity, tmp_path, cache_dir):
     run = tmp_path / "alpha0"
     run_distrain("train", *BERT_PARITY, teacher_of(bert_parity), "distill.alpha=0", f"data.cache_dir={cache_dir}",

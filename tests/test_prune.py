@@ -69,6 +69,7 @@ def test_masks_zero_the_smallest_base_weights_only(scope):
     assert all(torch.equal(model.state_dict()[name] == 0, zeros[name]) for name in names)
 
 
+@pytest.mark.slow
 def test_pruning_agrees_across_single_and_fsdp_and_the_export_holds_the_zeros(tmp_path, cache_dir):
     run_parity(tmp_path, cache_dir, "[single,fsdp]", *BERT_PARITY, *PRUNE)
     for strategy in ("single", "fsdp"):

@@ -119,6 +119,7 @@ def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrup
     assert_matches(run, uninterrupted)
 
 
+@pytest.mark.slow  # test_schedule sets a damaged checkpoint aside in process
 def test_a_garbled_complete_marker_is_damage_eval_refuses_it_and_a_rerun_resumes_before_it(
     uninterrupted, tmp_path, cache_dir
 ):
@@ -174,6 +175,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_launchers_form_one_job_through_c10d_rendezvous(uninterrupted, tmp_path, cache_dir):
     """Two `distrain train` on one host as two 'nodes' of one process each, like two machines would."""
     run = tmp_path / "two-nodes"

@@ -69,6 +69,7 @@ def train_records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, lines)) if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_a_streaming_run_trains_and_writes_no_cache(uninterrupted):
     run, cache = uninterrupted
     losses = train_losses(run)
@@ -81,6 +82,7 @@ def test_a_streaming_run_trains_and_writes_no_cache(uninterrupted):
     assert len(state["data"]["buffer"]) == 64 and len(state["data"]["sources"]) == 2
 
 
+@pytest.mark.slow
 def test_the_mixture_counts_are_recorded_and_near_the_weights(uninterrupted):
     run, _ = uninterrupted
     records = train_records(run)

@@ -174,6 +174,7 @@ def test_broken_json_is_an_error_with_its_line(cache_dir, tmp_path):
         classify_task(cache_dir, tmp_path).prepare(DistEnv())
 
 
+@pytest.mark.slow  # reads and tokenizes the whole bundled corpus
 def test_bbc_folders_give_five_classes_and_survive_non_utf8_files(cache_dir, caplog):
     cfg = compose_train(["model=bert_tiny", "+experiment=bbc_classify", f"data.cache_dir={cache_dir}"])
     data = build_task(cfg, load_tokenizer(cfg.model, DistEnv())).prepare(DistEnv())
@@ -259,6 +260,7 @@ print(json.dumps(new))
 """
 
 
+@pytest.mark.slow
 def test_forked_workers_score_with_what_the_launcher_imported(cache_dir, tmp_path):
     """The launcher imports each task's metric_modules before it forks the workers: a sweep's later jobs, forked
     from the same launcher, import nothing when they score (seqeval cost each of their workers 0.4 s)."""
