@@ -26,6 +26,15 @@ from distrain.trainer.errors import ConfigError
 register_configs()
 
 
+def register_sweeper() -> None:
+    """Hydra finds plugins by walking the `hydra_plugins` namespace package's folders, which misses a module that an
+    editable install maps there (`make install`); Hydra's public register() adds distrain's sweeper by name."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.distrain_sweeper import DistrainSweeper
+
+    Plugins.instance().register(DistrainSweeper)
+
+
 def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
     """Validate, write the run dir, train with torchrun workers. Raises ConfigError or TrainingFailed."""
     # Imported here: `--cfg job`, `--help` and a config Hydra rejects need neither torch nor the checks.
@@ -120,6 +129,7 @@ def check_command_line(args: list[str]) -> DictConfig | None:
 
 def main() -> None:
     check_command_line(sys.argv[1:])
+    register_sweeper()
     train_job()
 
 
