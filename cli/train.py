@@ -75,7 +75,7 @@ def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
 def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path:
     """start_run for a command line: a clear message, then exit 2 (bad config) or 1 (failed workers). In a
     multirun the error is re-raised instead, so that Hydra records the job as failed and the sweep goes on
-    (the Optuna sweeper marks the trial failed)."""
+    (a study tells the trial FAIL)."""
     from distrain.cli.launch import TrainingFailed
     from distrain.cli.rundir import RunDirBusy
 

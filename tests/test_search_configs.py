@@ -8,6 +8,7 @@ import importlib.resources
 
 import optuna
 import pytest
+from conftest import TINY, run_distrain
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
@@ -133,3 +134,26 @@ def test_storage_specs_resolve_to_one_place_every_trial_reaches(tmp_path):
         optuna.create_study(storage=studies.open_storage(url), study_name="s").tell(
             optuna.load_study(storage=studies.open_storage(url), study_name="s").ask(), 1.0)  # fmt: skip
         assert len(optuna.load_study(storage=studies.open_storage(url), study_name="s").trials) == 1
+
+
+def test_a_searched_key_the_schema_does_not_have_is_named_with_the_nearest_real_one():
+    space, _ = spaces.split_arguments({"optim.lrr": "interval(1e-5, 1e-3)", "model": "choice(bert_tiny, bert_huge)"},
+                                      [])  # fmt: skip
+    problems = spaces.key_problems(space)
+    assert problems[0].startswith("sweep.params: optim.lrr: no such key; did you mean optim.lr")
+    assert problems[1].startswith("sweep.params: model=bert_huge: no such option")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("sweep.pruner=hyperband", "sweep.pruner"),
+        ("optim.lrr=interval(1e-5,1e-3)", "optim.lrr: no such key; did you mean optim.lr"),
+        ("sweep.storage=not-a-url", "sweep.storage: cannot open 'not-a-url' (ArgumentError"),
+    ],
+)
+def test_bad_sweep_input_exits_2_naming_the_key_before_the_first_trial(tmp_path, override, expected):
+    result = run_distrain("train", *TINY, "hparams_search=ner_optuna", override, f"hydra.sweep.dir={tmp_path}",
+                          check=False)  # fmt: skip
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "0").exists() and not (tmp_path / "study.db").exists()

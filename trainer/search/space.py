@@ -41,6 +41,14 @@ def split_arguments(params: dict[str, str], arguments: list[str]) -> tuple[dict[
     return space, fixed
 
 
+def key_problems(space: dict[str, Override]) -> list[str]:
+    """Each searched key the schema does not have (or a group option that does not exist), with the nearest real
+    ones: `sweep.params: optim.lrr: no such key; did you mean optim.lr?`."""
+    from distrain.cli.compose import override_problems
+
+    return [f"sweep.params: {problem}" for o in space.values() for problem in override_problems([o.input_line])]
+
+
 def distribution(override: Override) -> Any:
     """The Optuna distribution of one parsed sweep override."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution

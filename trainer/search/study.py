@@ -126,10 +126,20 @@ def recover(study: Any) -> list[tuple[int, int]]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if owner_alive(trial.user_attrs.get(OWNER)):
             continue
-        study.tell(trial.number, state=TrialState.FAIL)
+        told(study, trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.number})
         recovered.append((trial.number, len(study.trials) - 1))
     return recovered
+
+
+def told(study: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+    """study.tell; the grid sampler's study.stop() once its grid is done (an error outside study.optimize, raised
+    after the trial was stored) is not a failure here: the sweeper stops at n_trials, capped at the grid's size."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as error:
+        if "Study.stop" not in str(error):
+            raise
 
 
 def finished(study: Any) -> int:

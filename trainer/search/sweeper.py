@@ -64,7 +64,6 @@ class DistrainSweeper(Sweeper):
 
     def _plan(self, arguments: list[str]) -> dict[str, Any]:
         """Everything checked before the first trial: the space, the sampler and the storage."""
-        from distrain.cli.compose import override_problems
         from distrain.cli.validate import validate
         from distrain.trainer.errors import ConfigError
         from distrain.trainer.search import space as spaces
@@ -76,7 +75,7 @@ class DistrainSweeper(Sweeper):
             space, fixed = spaces.split_arguments(dict(sweep.params), arguments)
         except ValueError as error:
             raise SweepInputError(str(error)) from None
-        problems = [f"sweep.params: {p}" for key, o in space.items() for p in override_problems([o.input_line])]
+        problems = spaces.key_problems(space)
         for key in ("n_trials", "n_jobs", "max_failures"):
             if sweep[key] < 1:
                 problems.append(f"sweep.{key}: expected an integer >= 1, got {sweep[key]}")
@@ -93,11 +92,6 @@ class DistrainSweeper(Sweeper):
             distributions = {key: spaces.distribution(o) for key, o in space.items()}
         except ValueError as error:
             raise SweepInputError(str(error)) from None
-        # The run config itself (paths, ranges), once, with the space's keys at their base values.
-        try:
-            validate(cfg)
-        except ConfigError as error:
-            raise SweepInputError("\n".join(error.problems)) from None
         sweep_dir = Path(cfg.hydra.sweep.dir).resolve()
         url = studies.resolve_storage(sweep.storage, sweep_dir)
         try:
@@ -109,6 +103,11 @@ class DistrainSweeper(Sweeper):
                 "expected null (SQLite in the sweep dir), journal, journal:PATH or an RDB URL such as "
                 "postgresql://user@host/db that this machine can reach"
             ) from None
+        # The run config itself (paths, ranges; imports torch: last), with the space's keys at their base values.
+        try:
+            validate(cfg)
+        except ConfigError as error:
+            raise SweepInputError("\n".join(error.problems)) from None
         from distrain.trainer.tasks import task_class
 
         lower = cfg.task.metric in task_class(cfg.task.name).lower_is_better
@@ -202,13 +201,15 @@ def tell(study: Any, trial: Any, run_dir: Path, exit_code: int | None = 0) -> bo
     """Tell the study how a trial's run ended; False when it failed."""
     from optuna.trial import TrialState
 
+    from distrain.trainer.search.study import told
+
     state, value, what = outcome(run_dir) if exit_code == 0 else ("fail", None, f"exit code {exit_code}")
     if state == "complete":
-        study.tell(trial, value)
+        told(study, trial, value)
     elif state == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
+        told(study, trial, state=TrialState.PRUNED)
     else:
-        study.tell(trial, state=TrialState.FAIL)
+        told(study, trial, state=TrialState.FAIL)
     shown = "-" if value is None else f"{value:.4g}"
     console.print(f"trial {trial.number} {state}: dev {shown} ({what}); {trial.params}", highlight=False)
     return state != "fail"
@@ -269,9 +270,11 @@ class LocalTrials:
             # The children got the Ctrl-C too: they write a checkpoint and stop. Their trials are tried again.
             from optuna.trial import TrialState
 
+            from distrain.trainer.search.study import told
+
             for number, (trial, process) in running.items():
                 process.wait()
-                study.tell(trial, state=TrialState.FAIL)
+                told(study, trial, state=TrialState.FAIL)
                 study.enqueue_trial(trial.params, user_attrs={studies.RETRY_OF: number})
             console.print("interrupted: rerun the same command to continue the study", highlight=False)
             raise SystemExit(130) from None
