@@ -89,14 +89,6 @@ def build_pruner(sweep: DictConfig) -> Any:
     raise ValueError(f"sweep.pruner: unknown pruner {name!r}")
 
 
-def load_study(sweep: DictConfig) -> Any:
-    """The study of a trial's run (sweep.storage resolved, sweep.study_name), with the sweep's pruner."""
-    import optuna
-
-    return optuna.load_study(study_name=sweep.study_name, storage=open_storage(sweep.storage),
-                             pruner=build_pruner(sweep))  # fmt: skip
-
-
 # --- trials of a dead sweep --------------------------------------------------------------------------------------
 def _start_time(pid: int) -> str | None:
     """A process's start time (clock ticks since boot), which tells a live process from a new one with its pid."""

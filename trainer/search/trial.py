@@ -24,12 +24,14 @@ class TrialReporter:
         if self.trial is None:
             import optuna
 
-            from distrain.trainer.search.study import load_study
+            from distrain.trainer.search.study import build_pruner, open_storage
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            study = load_study(self.sweep)
-            storage = study._storage  # Optuna's Trial takes the study and the trial's id in its storage
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, self.sweep.trial)
+            name, storage = self.sweep.study_name, open_storage(self.sweep.storage)
+            study = optuna.load_study(study_name=name, storage=storage, pruner=build_pruner(self.sweep))
+            # Optuna's Trial is the study and the trial's id in the storage (the sweeper asked for it by number)
+            study_id = storage.get_study_id_from_name(name)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, self.sweep.trial)
             self.trial = optuna.trial.Trial(study, trial_id)
         return self.trial
 
