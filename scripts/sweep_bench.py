@@ -7,7 +7,7 @@
    sets in the same order), sweep.pruner=asha and sweep.pruner=none: wall time and best dev metric of each.
 
     python scripts/sweep_bench.py [--kill-trials 8 --kill-after 3 --prune-trials 12 --steps 30 --eval-every 5]
-                                  [--out DIR] [overrides ...]
+                                  [--parts kill,prune] [--out DIR] [overrides ...]
 
 Extra overrides go to every trial (e.g. data.cache_dir=/tmp/cache). Minutes on a CPU: every trial is a run.
 """
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--parts", default="kill,prune", help="which measurements: kill, prune or both")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -110,14 +111,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"cores {os.cpu_count()}, output in {out}", highlight=False)
 
-    kill = kill_and_rerun(args, out)
+    parts = args.parts.split(",")
+    kill = kill_and_rerun(args, out) if "kill" in parts else {}
     table = Table(title=f"kill after {args.kill_after} of {args.kill_trials} trials (SIGKILL), then rerun")
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in kill.items():
         table.add_row(key, " ".join(value) if isinstance(value, list) else str(value))
-    console.print(table)
-
+    if kill:
+        console.print(table)
+    if "prune" not in parts:
+        console.print(json.dumps({"kill": kill}), highlight=False)
+        return
     results = [pruning(args, out, "none"), pruning(args, out, "asha")]
     table = Table(title=f"{args.prune_trials} trials, random sampler seed 0, with and without ASHA")
     for column in results[0]:
