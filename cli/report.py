@@ -8,6 +8,9 @@ Those keys are also plotted: the dev metric against each, one PNG per key in <fo
 axis for values spanning more than 20x, such as learning rates), the best run marked. For a run dir,
 <run>/report/training.png shows loss, learning rate, tokens/s and the dev metric against step (evaluations and
 resumes marked); for a sweep dir, <folder>/report/curves.png overlays the loss and dev metric of every run.
+The sweep dir of a study (hparams_search=..., with study.json) also gets the study's own view, read from its
+storage: trials by state and ranked (pruned ones with the step they stopped at), Optuna's parameter importances,
+and report/study_history.png, intermediate_values.png, importances.png.
 """
 
 from __future__ import annotations
@@ -224,6 +227,73 @@ def plot_runs_overlaid(plt: Any, rows: list[dict], labels: list[str], metric: st
     return path
 
 
+def study_report(folder: Path) -> list[Path]:
+    """The study of a sweep dir (study.json names its storage), as Optuna reads it; the plots written."""
+    info = json.loads((folder / "study.json").read_text())
+    import optuna
+    from optuna.trial import TrialState
+
+    from distrain.trainer.search.study import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.load_study(study_name=info["study_name"], storage=open_storage(info["storage"]))
+    except Exception as error:  # e.g. an RDB whose password study.json does not keep
+        console.print(f"study {info['study_name']}: cannot open {info['storage']} ({error})", highlight=False)
+        return []
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    states = ", ".join(f"{n} {state.name.lower()}" for state, n in counts.items() if n)
+    direction = study.direction.name.lower()
+    console.print(f"study {study.study_name} in {info['storage']} ({direction}): {len(trials)} trials, {states}",
+                  highlight=False)  # fmt: skip
+    table = Table(title=f"trials of study {study.study_name}, best first")
+    for column in ("rank", "trial", "state", "value", "stopped at step", "params"):
+        table.add_column(column, justify="left" if column in ("state", "params") else "right")
+    sign = -1 if study.direction.name == "MAXIMIZE" else 1
+    ranked = sorted(trials, key=lambda t: (t.state != TrialState.COMPLETE, t.value is None, sign * (t.value or 0)))
+    for rank, t in enumerate(ranked, start=1):
+        stopped = str(max(t.intermediate_values)) if t.state == TrialState.PRUNED and t.intermediate_values else ""
+        params = " ".join(f"{k}={short(str(v))}" for k, v in t.params.items())
+        value = "-" if t.value is None else f"{t.value:.4f}"
+        table.add_row(str(rank), str(t.number), t.state.name.lower(), value, stopped, params)
+    console.print(table)
+    plots, out = [], folder / "report"
+    out.mkdir(exist_ok=True)
+    importances = None
+    if counts[TrialState.COMPLETE] >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+            console.print("parameter importances (Optuna, fANOVA): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in importances.items()), highlight=False)  # fmt: skip
+        except (RuntimeError, ValueError) as error:  # e.g. every trial had the same value of each key
+            console.print(f"parameter importances: not available ({error})", highlight=False)
+    else:
+        console.print("parameter importances: need 2 or more complete trials", highlight=False)
+    plt = pyplot()
+    import warnings
+
+    from optuna.visualization import matplotlib as optuna_plots
+
+    drawings = [("study_history.png", optuna_plots.plot_optimization_history, counts[TrialState.COMPLETE] > 0),
+                ("intermediate_values.png", optuna_plots.plot_intermediate_values,
+                 any(t.intermediate_values for t in trials)),
+                ("importances.png", optuna_plots.plot_param_importances, bool(importances))]  # fmt: skip
+    for name, draw, wanted in drawings:
+        if not wanted:
+            continue
+        with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
+            warnings.simplefilter("ignore")
+            ax = draw(study)
+        figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+        plots.append(out / name)
+    return plots
+
+
 def main() -> None:
     args = sys.argv[1:]
     if len(args) != 1 or args[0] in ("-h", "--help"):
@@ -240,7 +310,9 @@ def main() -> None:
     rows.sort(key=lambda r: (r["value"] is None, best_first(r["value"] or 0)))
     # Show only what differs between runs (in a sweep: the swept keys).
     seen = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in rows]
-    keys = sorted({k for s in seen for k in s if len({s2.get(k) for s2 in seen}) > 1 and not k.startswith("run.")})
+    keys = sorted(
+        {k for s in seen for k in s if len({s2.get(k) for s2 in seen}) > 1 and not k.startswith(("run.", "sweep."))}
+    )
     direction = task.direction(metric)
     console.print(f"runs in {folder}", highlight=False)
     table = Table(title=f"{len(rows)} runs ranked by dev {metric} ({direction})")
@@ -268,6 +340,8 @@ def main() -> None:
         labels = [f"{row['run'].name}: " + (" ".join(f"{k}={short(over[k])}" for k in keys if k in over) or "-")
                   for row, over in zip(rows, seen, strict=True)]  # fmt: skip
         plots.append(plot_runs_overlaid(pyplot(), rows, labels, metric, direction, folder / "report" / "curves.png"))
+    if (folder / "study.json").is_file():
+        plots += study_report(folder)
     for path in plots:
         console.print(f"wrote {path}", highlight=False)
 

@@ -26,6 +26,15 @@ from distrain.trainer.errors import ConfigError
 register_configs()
 
 
+def register_sweeper() -> None:
+    """Hydra finds plugins by walking the `hydra_plugins` namespace package's folders, which misses a module that an
+    editable install maps there (`make install`); Hydra's public register() adds distrain's sweeper by name."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.distrain_sweeper import DistrainSweeper
+
+    Plugins.instance().register(DistrainSweeper)
+
+
 def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
     """Validate, write the run dir, train with torchrun workers. Raises ConfigError or TrainingFailed."""
     # Imported here: `--cfg job`, `--help` and a config Hydra rejects need neither torch nor the checks.
@@ -66,7 +75,7 @@ def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
 def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path:
     """start_run for a command line: a clear message, then exit 2 (bad config) or 1 (failed workers). In a
     multirun the error is re-raised instead, so that Hydra records the job as failed and the sweep goes on
-    (the Optuna sweeper marks the trial failed)."""
+    (a study tells the trial FAIL)."""
     from distrain.cli.launch import TrainingFailed
     from distrain.cli.rundir import RunDirBusy
 
@@ -120,6 +129,7 @@ def check_command_line(args: list[str]) -> DictConfig | None:
 
 def main() -> None:
     check_command_line(sys.argv[1:])
+    register_sweeper()
     train_job()
 
 

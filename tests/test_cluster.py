@@ -105,3 +105,44 @@ def test_a_signalled_job_checkpoints_requeues_and_finishes_like_an_uninterrupted
     assert sorted(m.step for m in history) == sorted(mine) and all(abs(m.value - mine[m.step]) <= 1e-6 for m in history)
     a, b = load_file(run / "export" / "model.safetensors"), load_file(reference / "export" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_a_study_runs_two_trials_at_once_as_slurm_jobs_sharing_the_study(slurm, tmp_path, cache_dir):
+    import optuna
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    command = [DISTRAIN, "train", *TINY, "train.max_steps=3", "task.metric=accuracy", "data.max_eval_samples=32",
+               "hparams_search=ner_optuna", "train.micro_batch_size=choice(4,8)", "sweep.sampler=random",
+               "sweep.n_trials=2", "sweep.n_jobs=2", "hydra/launcher=distrain_slurm", "hydra.launcher.cpus_per_task=1",
+               f"data.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    with open(tmp_path / "sweep.log", "w") as log:
+        sweeper = subprocess.Popen(command, cwd=tmp_path, env=slurm, stdout=log, stderr=subprocess.STDOUT)
+        queue = []
+
+        def two_running() -> bool:
+            out = subprocess.run(["squeue", "--noheader", "--states=RUNNING", "--format=%i %j %T %S"], env=slurm,
+                                 capture_output=True, text=True).stdout.strip().splitlines()  # fmt: skip
+            queue[:] = out
+            return len(out) >= 2 or sweeper.poll() is not None
+
+        wait(two_running, "two trials running as SLURM jobs")
+        print("squeue while the study ran:\n" + "\n".join(queue))
+        assert sweeper.wait(timeout=900) == 0, (tmp_path / "sweep.log").read_text()
+    assert len(queue) == 2
+    study = optuna.load_study(study_name="ner_optuna", storage=f"sqlite:///{sweep}/study.db")
+    a, b = study.trials
+    print(f"trial 0 {a.datetime_start} .. {a.datetime_complete}; trial 1 {b.datetime_start} .. {b.datetime_complete}")
+    assert a.state.name == b.state.name == "COMPLETE"
+    # the two jobs ran at the same time: each was running when the other finished
+    jobs = [json.loads((sweep / str(t.number) / "env.json").read_text())["slurm_job_id"] for t in (a, b)]
+    assert jobs[0] != jobs[1]  # two SLURM jobs (submitit submits a batch as one job array: squeue shows 1_0, 1_1)
+    # The study asks for both trials before submitting them and hears back from each: its times overlap; so do the
+    # runs' own (config.yaml written at a run's start, summary.json at its end).
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
+    spans = [((sweep / str(t.number) / "config.yaml").stat().st_mtime,
+              (sweep / str(t.number) / "summary.json").stat().st_mtime) for t in (a, b)]  # fmt: skip
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+    for trial in (a, b):
+        overrides = yaml.safe_load((sweep / str(trial.number) / "overrides.yaml").read_text())
+        assert f"sweep.trial={trial.number}" in overrides

@@ -1,5 +1,6 @@
-"""Every hyper-parameter search config composes with every sampler distrain offers (TPE, random), through Hydra's
-compose API with the hydra node, as `distrain train` composes it; the space is written once per task."""
+"""Every hyper-parameter search config composes with every sampler and pruner distrain offers, through Hydra's compose
+API as `distrain train` composes it; its space becomes the Optuna distributions the sweeper asks for; sampler draws
+are fixed by the seed, learning rates drawn on a log scale. In-process: no trial runs here."""
 
 from __future__ import annotations
 
@@ -7,86 +8,104 @@ import importlib.resources
 
 import optuna
 import pytest
+from conftest import TINY, run_distrain
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import DictConfig
 
 from distrain.cli.compose import compose_config
+from distrain.trainer.search import space as spaces
+from distrain.trainer.search import study as studies
 
 SEARCHES = sorted(
     p.name.removesuffix(".yaml")
     for p in importlib.resources.files("distrain.configs").joinpath("hparams_search").iterdir()
     if p.name.endswith(".yaml")
 )
-# What each search config must hold: its task's metric, the direction, the searched keys, the partners it needs.
+# What each search config must hold: its task's metric, the searched keys, the partners it needs.
 EXPECTED = {
-    "ner_optuna": ("f1", "maximize", {"optim.lr", "optim.weight_decay", "train.micro_batch_size"}, []),
-    "clm_optuna": ("perplexity", "minimize", {"optim.lr", "optim.weight_decay", "optim.warmup_ratio"},
+    "ner_optuna": ("f1", {"optim.lr", "optim.weight_decay", "train.micro_batch_size"}, []),
+    "clm_optuna": ("perplexity", {"optim.lr", "optim.weight_decay", "optim.warmup_ratio"},
                    ["task=clm", "data=shakespeare"]),
 }  # fmt: skip
-# The samplers the README offers (`hydra/sweeper/sampler=...`): distrain_tpe is the searches' default.
 SAMPLERS = {
-    "distrain_tpe": optuna.samplers.TPESampler,
     "tpe": optuna.samplers.TPESampler,
     "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "grid": optuna.samplers.GridSampler,
+}
+PRUNERS = {
+    "none": optuna.pruners.NopPruner,
+    "median": optuna.pruners.MedianPruner,
+    "asha": optuna.pruners.SuccessiveHalvingPruner,
 }
 
 
 def compose_search(search: str, *overrides: str) -> DictConfig:
-    return compose_config([f"hparams_search={search}", *EXPECTED[search][3], *overrides], return_hydra_config=True)
+    return compose_config([f"hparams_search={search}", *EXPECTED[search][2], *overrides], return_hydra_config=True)
+
+
+def distributions(cfg: DictConfig, arguments: tuple[str, ...] = ()) -> dict:
+    space, _ = spaces.split_arguments(dict(cfg.sweep.params), list(arguments))
+    return {key: spaces.distribution(o) for key, o in space.items()}
 
 
 def test_both_tasks_have_a_search():
     assert set(SEARCHES) == set(EXPECTED)
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+# Each sampler with a pruner (every pruner at least once), in each search.
+@pytest.mark.parametrize(("sampler", "pruner"), [("tpe", "none"), ("random", "median"), ("grid", "asha"),
+                                                 ("cmaes", "median")])  # fmt: skip
 @pytest.mark.parametrize("search", SEARCHES)
-def test_every_search_composes_with_every_sampler(search, sampler):
-    metric, direction, keys, _ = EXPECTED[search]
-    cfg = compose_search(search, f"hydra/sweeper/sampler={sampler}")
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
-    assert cfg.hydra.runtime.choices["hydra/sweeper/sampler"] == sampler
-    # The sweeper instantiates this node: it must build the sampler class, with the search's seed.
-    built = instantiate(sweeper.sampler)
-    assert type(built) is SAMPLERS[sampler] and sweeper.sampler.seed == 0
-    assert set(sweeper.params) == keys and sweeper.params["optim.lr"].startswith("tag(log, interval(")
-    assert sweeper.direction == direction and cfg.task.metric == metric
-    assert sweeper.n_trials == 10 and sweeper.n_jobs == 1
+def test_every_search_composes_with_every_sampler_and_pruner(search, sampler, pruner):
+    metric, keys, _ = EXPECTED[search]
+    cfg = compose_search(search, f"sweep.sampler={sampler}", f"sweep.pruner={pruner}")
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.distrain_sweeper.DistrainSweeper"
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweep.dir == f"runs/{cfg.run.name}/{search}"
+    assert set(cfg.sweep.params) == keys and cfg.task.metric == metric
+    grid = {"optim.lr": [1e-4, 1e-3]} if sampler == "grid" else None
+    assert type(studies.build_sampler(cfg.sweep, grid, 0)) is SAMPLERS[sampler]
+    assert type(studies.build_pruner(cfg.sweep)) is PRUNERS[pruner]
 
 
-@pytest.mark.parametrize("search", SEARCHES)
-def test_the_default_sampler_is_tpe_modelling_after_five_random_trials(search):
-    cfg = compose_search(search)
-    assert cfg.hydra.runtime.choices["hydra/sweeper/sampler"] == "distrain_tpe"
-    assert cfg.hydra.sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    assert cfg.hydra.sweeper.sampler.n_startup_trials == 5 and cfg.hydra.sweeper.sampler.seed == 0
-    # The plugin's own `tpe` keeps its 10 startup trials: all of a 10-trial study would be random.
-    assert compose_search(search, "hydra/sweeper/sampler=tpe").hydra.sweeper.sampler.n_startup_trials == 10
+def test_the_defaults_are_tpe_without_pruning_one_trial_at_a_time():
+    sweep = compose_search("ner_optuna").sweep
+    assert (sweep.sampler, sweep.pruner, sweep.n_trials, sweep.n_jobs, sweep.seed) == ("tpe", "none", 10, 1, 0)
+    assert sweep.storage is None and sweep.trial is None
 
 
-def test_budget_seed_and_parallel_trials_on_slurm_are_overrides():
-    budget = ["hydra.sweeper.n_trials=40", "hydra.sweeper.n_jobs=8", "hydra.sweeper.sampler.seed=7"]
-    cfg = compose_search("ner_optuna", "hydra/sweeper/sampler=random", "hydra/launcher=distrain_slurm", *budget)
-    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.tasks_per_node == 1
-    assert (cfg.hydra.sweeper.n_trials, cfg.hydra.sweeper.n_jobs, cfg.hydra.sweeper.sampler.seed) == (40, 8, 7)
-
-
-def test_a_tpe_only_key_with_the_random_sampler_fails_with_its_name():
+@pytest.mark.parametrize("key", ["sweep.sampler=bayes", "sweep.pruner=hyperband"])
+def test_an_unknown_sampler_or_pruner_fails_composition_naming_the_key(key):
     with pytest.raises(ConfigCompositionException) as error:
-        compose_search("ner_optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.n_startup_trials=2")
-    assert "n_startup_trials" in str(error.value) + str(error.value.__cause__)
+        compose_search("ner_optuna", key)
+    text = str(error.value) + str(error.value.__cause__)
+    assert key.split("=")[0] in text and key.split("=")[1] in text
 
 
-def draws(cfg: DictConfig, n: int) -> list[dict]:
-    """The first n values the composed sampler draws from the composed space, as the sweeper asks for them."""
-    space, _ = create_params_from_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
-    study = optuna.create_study(sampler=instantiate(cfg.hydra.sweeper.sampler), direction=cfg.hydra.sweeper.direction)
+def test_the_space_becomes_optuna_distributions_and_the_command_line_changes_it():
+    cfg = compose_search("ner_optuna")
+    space = distributions(cfg)
+    lr = space["optim.lr"]
+    assert isinstance(lr, optuna.distributions.FloatDistribution) and lr.log and (lr.low, lr.high) == (1e-5, 5e-4)
+    assert not space["optim.weight_decay"].log
+    assert space["train.micro_batch_size"].choices == (8, 16, 32)
+    # a sweep on the command line replaces a range or adds a key; a fixed value takes the key out of the search
+    changed = distributions(cfg, ("train.micro_batch_size=choice(4,8)", "optim.weight_decay=0.01",
+                                  "train.seed=range(0,3)"))  # fmt: skip
+    assert changed["train.micro_batch_size"].choices == (4, 8) and "optim.weight_decay" not in changed
+    assert isinstance(changed["train.seed"], optuna.distributions.IntDistribution)
+    assert spaces.grid_values("train.seed", spaces.split_arguments({}, ["train.seed=range(0,3)"])[0]["train.seed"]) \
+        == [0, 1, 2]  # fmt: skip
+    with pytest.raises(ValueError, match="sweep.params.optim.lr: sweep.sampler=grid needs choice"):
+        spaces.grid_values("optim.lr", spaces.split_arguments(dict(cfg.sweep.params), [])[0]["optim.lr"])
+
+
+def draws(cfg: DictConfig, n: int, seed: int) -> list[dict]:
+    """The first n values the configured sampler draws from the composed space, as the sweeper asks for them."""
+    study = optuna.create_study(sampler=studies.build_sampler(cfg.sweep, None, seed))
     values = []
     for _ in range(n):
-        trial = study.ask(space)
+        trial = study.ask(distributions(cfg))
         study.tell(trial, 0.0)
         values.append(trial.params)
     return values
@@ -95,11 +114,46 @@ def draws(cfg: DictConfig, n: int) -> list[dict]:
 @pytest.mark.parametrize("search", SEARCHES)
 def test_random_draws_are_fixed_by_the_seed_and_learning_rates_are_drawn_on_a_log_scale(search):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = compose_search(search, "hydra/sweeper/sampler=random")
-    first = draws(cfg, 100)
-    assert draws(cfg, 100) == first
-    assert draws(compose_search(search, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=1"), 100) != first
+    cfg = compose_search(search, "sweep.sampler=random")
+    first = draws(cfg, 100, 0)
+    assert draws(cfg, 100, 0) == first and draws(cfg, 100, 1) != first
     # Log-uniform: half the draws below the geometric middle of the range (uniform: 12-16% of them).
-    space, _ = create_params_from_overrides([f"optim.lr={cfg.hydra.sweeper.params['optim.lr']}"])
-    middle = (space["optim.lr"].low * space["optim.lr"].high) ** 0.5
+    lr = distributions(cfg)["optim.lr"]
+    middle = (lr.low * lr.high) ** 0.5
     assert 35 <= sum(d["optim.lr"] < middle for d in first) <= 65
+
+
+def test_storage_specs_resolve_to_one_place_every_trial_reaches(tmp_path):
+    assert studies.resolve_storage(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/study.db"
+    assert studies.resolve_storage("journal", tmp_path) == f"journal:{tmp_path.resolve()}/study.journal"
+    assert studies.resolve_storage("postgresql://u:secret@db/x", tmp_path) == "postgresql://u:secret@db/x"
+    assert "secret" not in studies.display_url("postgresql://u:secret@db/x")
+    # both file storages open and hold a study that a second process (here: a second open) finds
+    for spec in (None, "journal"):
+        url = studies.resolve_storage(spec, tmp_path)
+        optuna.create_study(storage=studies.open_storage(url), study_name="s").tell(
+            optuna.load_study(storage=studies.open_storage(url), study_name="s").ask(), 1.0)  # fmt: skip
+        assert len(optuna.load_study(storage=studies.open_storage(url), study_name="s").trials) == 1
+
+
+def test_a_searched_key_the_schema_does_not_have_is_named_with_the_nearest_real_one():
+    space, _ = spaces.split_arguments({"optim.lrr": "interval(1e-5, 1e-3)", "model": "choice(bert_tiny, bert_huge)"},
+                                      [])  # fmt: skip
+    problems = spaces.key_problems(space)
+    assert problems[0].startswith("sweep.params: optim.lrr: no such key; did you mean optim.lr")
+    assert problems[1].startswith("sweep.params: model=bert_huge: no such option")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("sweep.pruner=hyperband", "sweep.pruner"),
+        ("optim.lrr=interval(1e-5,1e-3)", "optim.lrr: no such key; did you mean optim.lr"),
+        ("sweep.storage=not-a-url", "sweep.storage: cannot open 'not-a-url' (ArgumentError"),
+    ],
+)
+def test_bad_sweep_input_exits_2_naming_the_key_before_the_first_trial(tmp_path, override, expected):
+    result = run_distrain("train", *TINY, "hparams_search=ner_optuna", override, f"hydra.sweep.dir={tmp_path}",
+                          check=False)  # fmt: skip
+    assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "0").exists() and not (tmp_path / "study.db").exists()

@@ -1,15 +1,22 @@
-"""Sweeps from the shell: a grid multirun, an Optuna (TPE) study and random searches, each job a run dir of its own,
-ranked and plotted by `distrain report`. Second CI stage (25 single-process runs of a few seconds)."""
+"""Sweeps from the shell: a grid multirun and Optuna studies (trainer/search), each trial a run dir of its own, ranked
+and plotted by `distrain report`. A study killed with SIGKILL and rerun ends with n_trials finished trials and no
+repeated parameters; the median pruner stops a hopeless trial, whose run dir keeps a loadable checkpoint; two
+trials run at once. Second CI stage (single-process runs of a few seconds each)."""
 
 from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+import os
+import signal
+import subprocess
+import time
 
+import optuna
 import pytest
 import yaml
-from conftest import TINY, run_distrain
+from conftest import DISTRAIN, TINY, run_distrain
+from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow
 # Token accuracy moves in a few steps where entity F1 is still 0: it gives the ranking something to rank.
@@ -39,75 +46,107 @@ def test_a_grid_sweep_makes_a_run_per_combination_and_the_report_ranks_them(tmp_
     assert "ranked by dev accuracy (higher is better)" in report.stdout
 
 
-def test_an_optuna_study_runs_its_trials_and_the_report_ranks_them(tmp_path, cache_dir):
-    searched = [o for o in SWEEP if not o.startswith("optim.lr=")]  # a fixed value would replace the search
-    run_distrain("train", *searched, f"data.cache_dir={cache_dir}", "hparams_search=ner_optuna",
-                 "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
-                 "train.micro_batch_size=choice(4,8)", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
-    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert results["name"] == "optuna" and set(results["best_params"]) == {
-        "optim.lr", "optim.weight_decay", "train.micro_batch_size"}  # fmt: skip
-    run_distrain("report", str(tmp_path))
+# A study over the tiny run: its space (ner_optuna's) with a batch-size choice the tiny data fits.
+STUDY = [*[o for o in SWEEP if not o.startswith("optim.lr=")], "hparams_search=ner_optuna",
+         "train.micro_batch_size=choice(4,8)"]  # fmt: skip
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def load(sweep_dir, name="ner_optuna"):
+    """The study as Optuna itself reads it from the sweep's storage."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/study.db")
+
+
+def wait(condition, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_study_killed_after_three_trials_and_rerun_ends_with_n_trials_none_repeated(tmp_path, cache_dir):
+    command = [*STUDY, f"data.cache_dir={cache_dir}", "sweep.n_trials=4", f"hydra.sweep.dir={tmp_path}"]
+    with open(tmp_path.parent / f"{tmp_path.name}-first.log", "w") as log:
+        first = subprocess.Popen([DISTRAIN, "train", *command], stdout=log, stderr=subprocess.STDOUT)
+        states = []
+
+        def three_done_one_running() -> bool:
+            nonlocal states
+            if first.poll() is not None or not (tmp_path / "study.db").exists():
+                return first.poll() is not None
+            try:
+                states = [t.state for t in load(tmp_path).trials]
+            except (KeyError, optuna.exceptions.StorageInternalError):  # the study is being created
+                return False
+            return sum(s in FINISHED for s in states) == 3 and TrialState.RUNNING in states
+
+        wait(three_done_one_running, "three finished trials and a fourth running")
+        assert first.poll() is None, (tmp_path.parent / f"{tmp_path.name}-first.log").read_text()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    before = [(t.number, t.state.name) for t in load(tmp_path).trials]
+    (killed,) = [n for n, state in before if state == "RUNNING"]
+    rerun = run_distrain("train", *command)
+    study = load(tmp_path)
+    after = [(t.number, t.state.name, t.user_attrs.get("retry_of")) for t in study.trials]
+    print(f"before the rerun: {before}\nafter it: {after}")
+    finished = [t for t in study.trials if t.state in FINISHED]
+    assert len(finished) == 4 and len({tuple(sorted(t.params.items())) for t in finished}) == 4
+    assert study.trials[killed].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == killed]
+    assert retry.params == study.trials[killed].params and retry.state in FINISHED
+    assert f"trial {killed} was running when its sweep died: marked failed" in rerun.stdout
+    assert "1 of 4 trials" not in rerun.stdout and "3 of 4 trials finished" in rerun.stdout
+    # the objective is each trial's own best dev metric, from its run dir's summary
+    for trial in finished:
+        summary = json.loads((tmp_path / str(trial.number) / "summary.json").read_text())
+        assert trial.value == pytest.approx(summary["best_metric"])
+
+
+def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp_path, cache_dir):
+    # A grid of a learning rate that trains and one that cannot move the weights: with seed 1 the grid tries
+    # 5e-3 first; 1e-7 is then below the median at its first evaluation.
+    run_distrain("train", *STUDY, f"data.cache_dir={cache_dir}", "sweep.sampler=grid", "sweep.pruner=median",
+                 "sweep.seed=1", "sweep.n_startup_trials=1", "optim.lr=choice(5e-3,1e-7)", "optim.weight_decay=0.0",
+                 "train.micro_batch_size=8", "train.max_steps=6", "train.eval_every=2",
+                 f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    study = load(tmp_path)
+    assert [t.params["optim.lr"] for t in study.trials] == [5e-3, 1e-7]
+    good, bad = study.trials
+    assert good.state == TrialState.COMPLETE and sorted(good.intermediate_values) == [2, 4]
+    assert bad.state == TrialState.PRUNED and list(bad.intermediate_values) == [2]
+    assert bad.intermediate_values[2] < good.intermediate_values[2]
+    run = tmp_path / str(bad.number)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "pruned" and summary["step"] == 2
+    assert "sweep.pruner=median stopped trial 1 at step 2: dev accuracy" in summary["pruned"]
+    assert (run / "checkpoints" / "step_2" / "COMPLETE").exists()
+    evaluated = run_distrain("eval", f"ckpt={run}", "split=dev")  # its checkpoint loads: resumable and exportable
+    assert f"{bad.intermediate_values[2]:.4f}" in evaluated.stdout
+    report = run_distrain("report", str(tmp_path))
+    assert "pruned" in report.stdout and "1 complete, 1 pruned" in report.stdout
+    assert (tmp_path / "report" / "study_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_trials_run_at_once_splitting_the_cores_and_the_report_reads_the_study(tmp_path, cache_dir):
+    run_distrain("train", *STUDY, f"data.cache_dir={cache_dir}", "sweep.sampler=random", "sweep.n_trials=2",
+                 "sweep.n_jobs=2", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
+    study = load(tmp_path)
+    a, b = study.trials
+    assert a.state == b.state == TrialState.COMPLETE
+    print(f"trial 0 {a.datetime_start} .. {a.datetime_complete}; trial 1 {b.datetime_start} .. {b.datetime_complete}")
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete  # overlapping
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for trial in (a, b):
+        assert yaml.safe_load((tmp_path / str(trial.number) / "config.yaml").read_text())["launcher"][
+            "threads_per_process"] == threads  # fmt: skip
+        assert "distrain run summary" in (tmp_path / f"trial_{trial.number}.log").read_text()
+    report = run_distrain("report", str(tmp_path))
     rows = report_rows(tmp_path)
-    assert len(rows) == 3
     values = [float(r["accuracy"]) for r in rows]
-    assert values == sorted(values, reverse=True)
-    assert values[0] == pytest.approx(results["best_value"])
-    assert {"optim.lr", "optim.weight_decay"} <= set(rows[0])
-
-
-# Random search and TPE over the same space with the same seed: six trials each.
-SEARCHED = ["optim.lr", "optim.weight_decay", "train.micro_batch_size"]
-
-
-def run_search(folder: Path, cache_dir: str, *sampler: str) -> Path:
-    searched = [o for o in SWEEP if not o.startswith("optim.lr=")]  # a fixed value would replace the search
-    run_distrain("train", *searched, f"data.cache_dir={cache_dir}", "hparams_search=ner_optuna", *sampler,
-                 "hydra.sweeper.n_trials=6", "train.micro_batch_size=choice(4,8)",
-                 f"hydra.sweep.dir={folder}")  # fmt: skip
-    return folder
-
-
-def drawn(sweep: Path) -> list[dict[str, str]]:
-    """Each trial's searched values, in trial order, as the trial's run dir recorded them (overrides.yaml)."""
-    values = []
-    for trial in range(6):
-        overrides = yaml.safe_load((sweep / str(trial) / "overrides.yaml").read_text())
-        values.append(dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in SEARCHED))
-    return values
-
-
-@pytest.fixture(scope="module")
-def random_search(tmp_path_factory, cache_dir) -> Path:
-    return run_search(tmp_path_factory.mktemp("random"), cache_dir, "hydra/sweeper/sampler=random")
-
-
-def test_a_random_search_rerun_with_its_seed_draws_the_same_values(random_search, tmp_path, cache_dir):
-    first = drawn(random_search)
-    assert all(set(trial) == set(SEARCHED) for trial in first) and len({t["optim.lr"] for t in first}) == 6
-    assert drawn(run_search(tmp_path, cache_dir, "hydra/sweeper/sampler=random")) == first
-
-
-def test_tpe_starts_with_the_random_draws_then_models_the_results(random_search, tmp_path, cache_dir):
-    tpe = drawn(run_search(tmp_path, cache_dir, "hydra.sweeper.sampler.n_startup_trials=2"))
-    random = drawn(random_search)
-    assert tpe[:2] == random[:2]  # TPE's startup trials are the seed's random draws
-    assert all(t["optim.lr"] != r["optim.lr"] for t, r in zip(tpe[2:], random[2:], strict=True))
-
-
-def test_the_report_ranks_a_random_search_and_plots_the_metric_against_each_key(random_search):
-    import matplotlib.image
-
-    report = run_distrain("report", str(random_search))
-    rows = report_rows(random_search)
-    values = [float(r["accuracy"]) for r in rows]
-    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5, 6] and values == sorted(values, reverse=True)
-    results = yaml.safe_load((random_search / "optimization_results.yaml").read_text())
-    assert values[0] == pytest.approx(results["best_value"])
-    assert float(rows[0]["optim.lr"]) == pytest.approx(results["best_params"]["optim.lr"])
-    for key in SEARCHED:
-        png = random_search / "report" / f"{key}.png"
-        assert f"wrote {png}" in report.stdout
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        height, width, _ = matplotlib.image.imread(png).shape
-        assert width > 400 and height > 300
+    assert len(rows) == 2 and values == sorted(values, reverse=True)
+    assert values[0] == pytest.approx(study.best_value) and "study ner_optuna" in report.stdout
+    for key in ("optim.lr", "optim.weight_decay", "train.micro_batch_size"):
+        png = tmp_path / "report" / f"{key}.png"
+        assert f"wrote {png}" in report.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,6 +41,7 @@ def rank_log(run_dir: Path, rank: int) -> Path:
 FINISHED = "finished"
 EARLY_STOPPED = "early stopped"
 DIVERGED = "diverged"
+PRUNED = "pruned"  # a sweep's pruner stopped the trial at a dev evaluation (summary "pruned": why); resumable
 _PREEMPTED = "preempted at step"
 _STOPPED = "stopped at step"  # train.stop_at_step reached: a rerun resumes
 

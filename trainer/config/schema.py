@@ -131,6 +131,19 @@ class PruneName(Choice):
 PruneScope = Choice("PruneScope", [("global", "global"), ("layer", "layer")])
 
 
+class SamplerName(Choice):
+    tpe = "tpe"  # Bayesian (tree-structured Parzen estimator) after sweep.n_startup_trials random trials
+    random = "random"
+    grid = "grid"  # every combination of the choice(...)/range(...) values of the space
+    cmaes = "cmaes"  # CMA-ES: numeric spaces, after sweep.n_startup_trials random trials
+
+
+class PrunerName(Choice):
+    none = "none"
+    median = "median"  # stop a trial whose dev metric is worse than the median of earlier trials at that step
+    asha = "asha"  # asynchronous successive halving: keep the best 1/3 of the trials at each rung
+
+
 class Device(Choice):
     auto = "auto"  # cuda when available, else cpu
     cpu = "cpu"
@@ -373,6 +386,25 @@ class LoggerConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A hyper-parameter search (hparams_search=...): distrain's Optuna sweeper (trainer/search)."""
+
+    params: dict[str, str] = field(default_factory=dict)  # the space: key -> interval(a, b), choice(...), ...
+    sampler: SamplerName = SamplerName.tpe
+    pruner: PrunerName = PrunerName.none  # stops hopeless trials at their dev evaluations (status "pruned")
+    n_trials: int = 10  # finished (complete or pruned) trials the study reaches, across reruns
+    n_jobs: int = 1  # trials at once: local child processes splitting the cores, or SLURM jobs
+    seed: int = 0  # the sampler's seed
+    n_startup_trials: int = 5  # random trials before TPE/CMA-ES model the results; trials before pruning starts
+    max_failures: int = 3  # failed trials (not pruned) in one invocation before the sweep gives up
+    study_name: str = "study"  # the study in the storage; a rerun with the same name continues it
+    # null: SQLite file <sweep dir>/study.db; journal: Optuna's journal file <sweep dir>/study.journal (NFS);
+    # journal:PATH: a journal file elsewhere; any other value: an RDB URL (postgresql://..., mysql://...)
+    storage: str | None = None
+    trial: int | None = None  # set by the sweeper for each trial's run: its number in the study (pruning reports)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str = MISSING  # the run directory; a rerun in the same directory resumes
@@ -393,6 +425,7 @@ class DistrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

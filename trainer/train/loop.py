@@ -33,6 +33,7 @@ from distrain.trainer.optim.schedule import build_scheduler
 from distrain.trainer.parallel.comm import GradientComm
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.parallel.sync import Synchronizer
+from distrain.trainer.search.trial import TrialReporter
 from distrain.trainer.tasks import Task, TaskData
 from distrain.trainer.train import cadence
 from distrain.trainer.train.batches import BatchSource
@@ -60,6 +61,7 @@ class Trainer:
         self.stepper = StepRunner(cfg, env, task, model, optimizer, self.scheduler, say=self.metrics.say,
                                   distiller=distiller, pruner=self._pruner())  # fmt: skip
         self.evaluator = Evaluator(cfg, env, task, data, model, report=self.metrics.report, say=self.metrics.say)
+        self.trial = TrialReporter(cfg, env)  # a sweep's trial: dev evaluations reported to its study's pruner
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, env.rank)
         self.comm = GradientComm(model, cfg.parallel, cfg.train.seed)
         self.sync = Synchronizer(model, optimizer, cfg.parallel, data_parallel=env.dims.ddp_enabled)
@@ -99,6 +101,7 @@ class Trainer:
             self.metrics.report({"kind": "resume", "step": s.step})  # report plots mark it
         started = time.perf_counter()
         stopped_early = preempted = False
+        pruned: str | None = None
         diverged: Diverged | None = None
         if t.eval_at_start and s.step == 0:
             self.evaluator.evaluate("dev", 0)  # the baseline, recorded at step 0; never a best checkpoint
@@ -129,12 +132,17 @@ class Trainer:
                     self.metrics.log_train(self.epoch, self.batches.samples_by_source(s.step))
                 improved = False
                 if cadence.eval_due(s.step, t.eval_every, self.batches.steps_per_epoch, self.total_steps, preempted):
-                    improved, stopped_early = self.evaluator.judge(self.evaluator.evaluate("dev", s.step), s.step)
-                if cadence.save_due(s.step, t.save_every, improved, ends or stopped_early):
+                    dev = self.evaluator.evaluate("dev", s.step)
+                    improved, stopped_early = self.evaluator.judge(dev, s.step)
+                    pruned = None if last or stopped_early else self.trial.prune(dev[self.cfg.task.metric], s.step)
+                    if pruned:
+                        self.metrics.say(f"pruned: {pruned}")
+                # A pruned trial ends with a checkpoint, like a stop request: its run dir resumes and exports.
+                if cadence.save_due(s.step, t.save_every, improved, ends or stopped_early or bool(pruned)):
                     self.checkpoints.save(s.step)
                 if preempted:
                     self.metrics.say(f"stop requested: checkpoint written at step {s.step}")
-                if stopped_early or preempted:
+                if stopped_early or preempted or pruned:
                     break
         except Diverged as error:
             diverged = error  # reported in the summary; the worker exits with it
@@ -143,19 +151,21 @@ class Trainer:
             raise
         finally:
             self.metrics.stop_progress()
-        return self._finish(started, self._status(stopped_early, preempted, diverged), diverged)
+        return self._finish(started, self._status(stopped_early, preempted, diverged, pruned), diverged, pruned)
 
-    def _status(self, stopped_early: bool, preempted: bool, diverged: Diverged | None) -> str:
+    def _status(self, stopped_early: bool, preempted: bool, diverged: Diverged | None, pruned: str | None) -> str:
         step = self.state.step
         if diverged:
             return run_files.DIVERGED
+        if pruned:
+            return run_files.PRUNED
         if preempted:
             return run_files.preempted(step)
         if stopped_early:
             return run_files.EARLY_STOPPED
         return run_files.FINISHED if step >= self.total_steps else run_files.stopped(step)
 
-    def _finish(self, started: float, status: str, diverged: Diverged | None) -> dict[str, Any]:
+    def _finish(self, started: float, status: str, diverged: Diverged | None, pruned: str | None) -> dict[str, Any]:
         """Export a finished run (unless this invocation trained nothing and an export exists), print the summary,
         close the trackers; return the result summary.json records."""
         s, ev = self.state, self.evaluator
@@ -186,6 +196,7 @@ class Trainer:
             **self.parameter_counts,
             **step_times,
             **({"error": str(diverged)} if diverged else {}),
+            **({"pruned": pruned} if pruned else {}),
         }
         self.metrics.close(result)
         return result
