@@ -1,8 +1,10 @@
 """`distrain bench`: distrain vs Hugging Face Trainer on the same cores, data, model, batch and learning rate.
 
-    distrain bench [--data-dir DIR] [--repeats 3] [--steps 60 | --samples N | --full] [--out DIR] [overrides ...]
+    distrain bench [--data-dir DIR] [--repeats 3] [--steps 60 | --samples N | --full] [--precision fp32|bf16]
+                   [--out DIR] [overrides ...]
 
-Training throughput: CoNLL-2003 NER, 2 processes (gloo), length-grouped batches of --batch per rank, fp32. Each
+Training throughput: CoNLL-2003 NER, 2 processes (gloo), length-grouped batches of --batch per rank, at
+--precision on both sides (bf16: distrain's precision=bf16, the Trainer's bf16=True; both autocast). Each
 repetition runs `distrain train +experiment=conll_ner` and the HF Trainer peer (cli/bench_hf.py under torchrun),
 one after the other (interleaved, so that the machine's load hits both), over the same window: --steps optimizer
 steps, or one epoch of the first --samples training sentences, or with --full 3 epochs and then each one's test
@@ -13,7 +15,9 @@ Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, expor
 first adds to a sweep of such runs (`distrain train -m`, one launcher for all its jobs); a bare torchrun of a
 trivial gloo job; interleaved (--startup-repeats, default --repeats; 0 skips it).
 `distrain bench inference --ckpt DIR`: inference latency of torch vs ONNX fp32/int8 (cli/bench_inference.py).
-Prints medians, min-max and ratios; writes <out>/bench.json with the machine and every repetition's figures.
+Prints the date, torch and transformers versions and the machine's load beside medians, min-max and ratios, and
+warns when other processes' load made the figures unreliable; writes <out>/bench.json with the machine, the
+conditions and every repetition's figures.
 The data folder (train.txt, dev.txt, test.txt): --data-dir, else $DISTRAIN_CONLL2003_DIR, else
 ../shared/data/conll2003.
 """
@@ -25,10 +29,12 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from distrain.cli.console import console, print_error
@@ -37,6 +43,7 @@ from distrain.trainer.config import run_files
 BIN = Path(sys.executable).parent
 SPLITS = ("train.txt", "dev.txt", "test.txt")
 SWEEP_JOBS = 4  # of the start-up sweep
+BUSY_LIMIT = 0.5  # other processes' load, in cores per core, above which the figures are flagged unreliable
 BARE_JOB = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"
 
 
@@ -55,6 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="per rank (default 16)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--nproc", type=int, default=2, help="processes of each run (default 2)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="of both sides (default fp32)")
     parser.add_argument("--startup-repeats", type=int, default=None, help="default: --repeats")
     parser.add_argument("overrides", nargs="*", help="passed to distrain train")
     args = parser.parse_args(argv)
@@ -92,7 +100,7 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
     command = [str(BIN / "distrain"), "train", "+experiment=conll_ner", f"data.dir={args.data_dir}",
                f"model={args.model}", f"launcher.nproc_per_node={args.nproc}", f"train.micro_batch_size={args.batch}",
                f"optim.lr={args.lr}", "data.label_subwords=first", "logger=[]", f"run.dir={run_dir}",
-               "train.export_weights=last"]  # fmt: skip
+               "train.export_weights=last", f"precision={args.precision}"]  # fmt: skip
     # data.label_subwords=first: labelled as the HF peer is (first sub-words only), so the F1s compare
     if args.steps:
         command += [f"train.max_steps={args.steps}", "data.max_eval_samples=64"]
@@ -130,6 +138,8 @@ def torchrun(nproc: int) -> list[str]:
 def run_hf(args: argparse.Namespace, out: Path) -> dict:
     command = [*torchrun(args.nproc), "-m", "distrain.cli.bench_hf", f"--data-dir={args.data_dir}", f"--out={out}",
                f"--model={args.model}", f"--batch={args.batch}", f"--lr={args.lr}"]  # fmt: skip
+    if args.precision == "bf16":
+        command.append("--bf16")
     if args.steps:
         command.append(f"--steps={args.steps}")
     elif args.samples:
@@ -188,6 +198,45 @@ def machine() -> dict:
     }
 
 
+def cpu_seconds() -> dict[str, float] | None:
+    """Busy CPU seconds of the whole machine (time the hypervisor stole included) and of this process with its
+    finished children (torchrun waits for its workers, so theirs are counted), from Linux's /proc/stat."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.read_text().split()[1:9])
+    ours = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "machine": (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+        "ours": sum(usage.ru_utime + usage.ru_stime for usage in ours),
+        "wall": time.monotonic(),
+    }
+
+
+def load_report(start: dict, cores: int) -> dict:
+    """The load the figures were measured under: load averages before and after, the cores other processes kept
+    busy on average meanwhile (the machine's busy time minus ours: the load average at the end counts our own
+    runs, which use every core), and a warning when the others' load makes the figures unreliable."""
+    report: dict = {"load_average_start": start["load_average"], "load_average_end": os.getloadavg()}
+    end = cpu_seconds()
+    if start["cpu"] and end:
+        busy = (end["machine"] - start["cpu"]["machine"]) - (end["ours"] - start["cpu"]["ours"])
+        report["other_processes_cores"] = max(0.0, busy / (end["wall"] - start["cpu"]["wall"]))
+    limit = cores * BUSY_LIMIT
+    causes = []
+    if start["load_average"][0] > limit:
+        causes.append(f"load average {start['load_average'][0]:.2f} before the runs")
+    if report.get("other_processes_cores", 0.0) > limit:
+        causes.append(f"other processes kept {report['other_processes_cores']:.2f} cores busy during them")
+    if causes:
+        report["warning"] = (
+            f"{' and '.join(causes)}, over {limit:g} ({BUSY_LIMIT:g} x {cores} cores): the figures are unreliable "
+            "(the absolute ones low and noisy; the ratio less so, as both sides were interleaved); rerun on an idle "
+            "machine before quoting them"
+        )
+    return report
+
+
 def interleaved(pairs: dict, repeats: int, out: Path, key: str) -> dict[str, list[dict]]:
     """Each side once per round, round after round; progress on the console."""
     results: dict[str, list[dict]] = {name: [] for name in pairs}
@@ -211,13 +260,16 @@ def main() -> None:
     out = Path(args.out or f"runs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     window = "full (3 epochs)" if args.full else f"{args.steps} steps" if args.steps else f"{args.samples} samples"
+    started = {"load_average": os.getloadavg(), "cpu": cpu_seconds()}
     report: dict = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "settings": {"data_dir": str(args.data_dir), "model": args.model, "nproc": args.nproc, "batch": args.batch,
-                     "lr": args.lr, "window": window, "repeats": args.repeats, "overrides": args.overrides},
-        "load_average_start": os.getloadavg(),
+                     "lr": args.lr, "window": window, "precision": args.precision, "repeats": args.repeats,
+                     "overrides": args.overrides},
     }  # fmt: skip
-    console.print(f"training throughput: CoNLL-2003, {args.model}, {args.nproc} processes, {window}, "
+    console.print(f"{conditions(report)}; load average {fmt_load(started['load_average'])}", highlight=False)
+    console.print(f"training throughput: CoNLL-2003, {args.model}, {args.nproc} processes, {window}, {args.precision}, "
                   f"{args.batch}/rank, {args.repeats} runs each, interleaved", highlight=False)  # fmt: skip
     sides = {"distrain": lambda d: run_distrain(args, d), "hf_trainer": lambda d: run_hf(args, d)}
     runs = interleaved(sides, args.repeats, out, "real_tokens_per_s")
@@ -234,16 +286,27 @@ def main() -> None:
         startup = {name: {**stats([r["seconds"] for r in rs]), "runs": rs} for name, rs in runs.items()}
         startup["difference_seconds"] = startup["distrain_tiny"]["median"] - startup["torchrun_bare"]["median"]
         report["startup"] = startup
-    report["load_average_end"] = os.getloadavg()
+    report["load"] = load_report(started, report["machine"]["cores"])
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     print_report(report, out)
+
+
+def conditions(report: dict) -> str:
+    m = report["machine"]
+    return (f"{report['date']}, torch {m['torch']}, transformers {m['transformers']}, {m['cores']} cores "
+            f"({m['cpu_model']})")  # fmt: skip
+
+
+def fmt_load(load: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in load) + " (1 / 5 / 15 min)"
 
 
 def print_report(report: dict, out: Path) -> None:
     from rich.table import Table
 
     t = report["throughput"]
-    table = Table(title=f"real tokens/s over the training steps ({report['settings']['window']})")
+    settings = report["settings"]
+    table = Table(title=f"real tokens/s over the training steps ({settings['window']}, {settings['precision']})")
     for column in ("", "median", "min - max", "runs"):
         table.add_column(column, justify="right")
     for name in ("distrain", "hf_trainer"):
@@ -265,8 +328,15 @@ def print_report(report: dict, out: Path) -> None:
                           str(s[name]["n"]))  # fmt: skip
         table.add_row("tiny run - bare torchrun", f"{s['difference_seconds']:.2f}", "", "")
         console.print(table)
-    console.print(f"load average (1, 5, 15 min): start {report['load_average_start']}, end "
-                  f"{report['load_average_end']}; written: {out / 'bench.json'}", highlight=False)  # fmt: skip
+    load = report["load"]
+    others = load.get("other_processes_cores")
+    console.print(f"distrain / HF {t['ratio']:.3f} at {settings['precision']}: {conditions(report)}; load average "
+                  f"before {fmt_load(load['load_average_start'])}, after {fmt_load(load['load_average_end'])}"
+                  + (f"; other processes kept {others:.2f} cores busy on average" if others is not None else ""),
+                  highlight=False)  # fmt: skip
+    if "warning" in load:
+        console.print(f"[yellow]warning:[/yellow] {load['warning']}", highlight=False)
+    console.print(f"written: {out / 'bench.json'}", highlight=False)
 
 
 if __name__ == "__main__":

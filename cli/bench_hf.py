@@ -1,13 +1,17 @@
 """The Hugging Face Trainer side of `distrain bench` (cli/bench.py runs it under torchrun, 2 processes, gloo):
 
     torchrun --nproc-per-node=2 -m distrain.cli.bench_hf --data-dir=DIR --out=DIR [--model=minilm] [--steps=N]
+        [--bf16] [--profile-steps FIRST LAST]
 
 NER fine-tuning with the same model (a distrain model config: the same weights, or the same random init), data
 files, per-rank batch, learning rate, weight decay, schedule, max length and length grouping as
 `distrain train +experiment=conll_ner`. Throughput is measured as distrain measures it: real (non-padding) tokens
 of the training batches of every rank, over the time of the optimizer steps with data loading, without logging,
 evaluation and saving. With --test, the test split's seqeval entity F1 over each word's first sub-word (as in
-transformers' run_ner example). Rank 0 writes <out>/result.json.
+transformers' run_ner example). --bf16: the Trainer's bf16=True (autocast through accelerate, fp32 weights).
+--profile-steps: torch.profiler from the end of step FIRST-1 to the end of step LAST (data loading included, as
+distrain's train.profile_steps); each rank writes <out>/profile/rank_<r>.pt.trace.json and rank 0 adds the
+per-step breakdown (trainer/observe/profiling.py) to the result. Rank 0 writes <out>/result.json.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from distrain.cli.compose import compose_config
 from distrain.trainer.data.conll import read_conll
 from distrain.trainer.model.build import build_model, model_source
 from distrain.trainer.model.tokenizer import load_tokenizer
+from distrain.trainer.observe.profiling import FORWARD, breakdown
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks.labels import label_head, label_list
 
@@ -57,14 +62,43 @@ class StepClock(TrainerCallback):
         self.mark = now
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over optimizer steps first..last, their data loading included."""
+
+    def __init__(self, steps: list[int] | None, out: Path) -> None:
+        self.first, self.last = steps or (None, None)
+        self.trace = out / "profile" / f"rank_{int(os.environ.get('RANK', '0'))}.pt.trace.json"
+        self.profiler: torch.profiler.profile | None = None
+
+    def _start(self, state) -> None:
+        if state.global_step + 1 == self.first:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.start()
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self._start(state)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.profiler is not None and state.global_step == self.last:
+            self.profiler.stop()
+            self.trace.parent.mkdir(parents=True, exist_ok=True)
+            self.profiler.export_chrome_trace(str(self.trace))
+            self.profiler = None
+        self._start(state)
+
+
 class CountingTrainer(Trainer):
-    """Counts the real tokens of the batches it trains on (this rank's)."""
+    """Counts the real tokens of the batches it trains on (this rank's); labels the forward for the profiler."""
 
     real_tokens = 0
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.real_tokens += int(inputs["attention_mask"].sum())
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, *args, **kwargs):
+        with torch.profiler.record_function(FORWARD):
+            return super().compute_loss(*args, **kwargs)
 
 
 def main() -> None:
@@ -81,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test", action="store_true", help="evaluate on dev each epoch and on test at the end")
+    parser.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True)")
+    parser.add_argument("--profile-steps", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"))
     args = parser.parse_args()
 
     model_cfg = compose_config([f"model={args.model}"]).model
@@ -137,8 +173,10 @@ def main() -> None:
         use_cpu=True,
         ddp_backend="gloo",
         dataloader_num_workers=0,
+        bf16=args.bf16,
     )
     clock = StepClock()
+    profiler = StepProfiler(args.profile_steps, Path(args.out))
     trainer = CountingTrainer(
         model=model,
         args=training_args,
@@ -146,7 +184,7 @@ def main() -> None:
         eval_dataset=data["dev"],
         data_collator=DataCollatorForTokenClassification(tokenizer),
         compute_metrics=metrics,
-        callbacks=[clock],
+        callbacks=[clock, profiler],
     )
     started = time.perf_counter()
     trainer.train()
@@ -160,7 +198,11 @@ def main() -> None:
         "train_wall_seconds": train_wall,
         "steps": trainer.state.global_step,
         "optim": str(training_args.optim),
+        "bf16": args.bf16,
     }
+    if args.profile_steps:
+        first, last = args.profile_steps
+        result["profile_seconds_per_step"] = breakdown(profiler.trace, last - first + 1)
     if args.test:
         test = trainer.predict(data["test"])
         result["test_f1"], result["test_accuracy"] = test.metrics["test_f1"], test.metrics["test_accuracy"]

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from conftest import DISTRAIN
 
-from distrain.cli.bench import SWEEP_JOBS
+from distrain.cli.bench import BUSY_LIMIT, SWEEP_JOBS, cpu_seconds, load_report
 
 
 def bench(*args: str, home) -> subprocess.CompletedProcess:
@@ -53,6 +53,54 @@ def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
     # The sweep's launcher imports torch and transformers once: a later job costs less than a whole tiny run.
     assert sweep["seconds"] < startup["distrain_tiny"]["median"] and sweep["sweep_seconds"] > sum(jobs), sweep
     assert "distrain / HF" in result.stdout and f"{throughput['ratio']:.3f}" in result.stdout
+
+
+def test_bench_reports_date_versions_and_load_beside_the_ratio_at_bf16(tmp_path, conll_dir):
+    """Both sides at bf16 (distrain's precision=bf16, the Trainer's bf16=True), one step each, no start-up runs:
+    the report carries the date, torch and transformers versions and the load, the console the same beside the
+    ratio."""
+    import torch
+    import transformers
+
+    result = bench(f"--data-dir={conll_dir}", "--model=bert_tiny", "--batch=1", "--steps=1", "--repeats=1",
+                   "--startup-repeats=0", "--precision=bf16", f"--out={tmp_path / 'out'}",
+                   home=tmp_path / "home")  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert report["settings"]["precision"] == "bf16"
+    (hf,) = report["throughput"]["hf_trainer"]["runs"]
+    assert hf["bf16"] is True
+    config = (tmp_path / "out" / "distrain_1" / "config.yaml").read_text()
+    assert "precision:\n  name: bf16" in config
+    assert report["date"].endswith(" UTC") and report["date"][:4].isdigit()
+    machine = report["machine"]
+    assert (machine["torch"], machine["transformers"]) == (torch.__version__, transformers.__version__)
+    load = report["load"]
+    assert len(load["load_average_start"]) == len(load["load_average_end"]) == 3
+    assert load["other_processes_cores"] >= 0
+    out = " ".join(result.stdout.split())  # rich wraps long lines
+    ratio = report["throughput"]["ratio"]
+    assert f"distrain / HF {ratio:.3f} at bf16: {report['date']}, torch {torch.__version__}" in out, out
+    assert f"transformers {transformers.__version__}" in out and "load average before" in out
+    assert ("warning:" in out) == ("warning" in load), out
+
+
+def test_load_report_warns_when_other_processes_kept_the_cores_busy():
+    """The warning's two causes, from the machine's real counters: a high load average before the runs, and other
+    processes' CPU time during them (the machine's busy seconds minus this process tree's)."""
+    cores = os.cpu_count()
+    now = cpu_seconds()
+    quiet = {"load_average": (0.0, 0.0, 0.0), "cpu": None}
+    assert "warning" not in load_report(quiet, cores)
+    busy_before = {"load_average": (cores * BUSY_LIMIT + 0.5, 0.0, 0.0), "cpu": None}
+    assert "load average" in load_report(busy_before, cores)["warning"]
+    # 10 busy CPU seconds per core, not ours, over the last 5 s: twice the machine's cores, over any limit.
+    earlier = {"machine": now["machine"] - 10 * cores, "ours": now["ours"], "wall": now["wall"] - 5}
+    busy_during = {"load_average": (0.0, 0.0, 0.0), "cpu": earlier}
+    report = load_report(busy_during, cores)
+    assert report["other_processes_cores"] >= 2 * cores - 0.5
+    assert f"kept {report['other_processes_cores']:.2f} cores busy" in report["warning"]
+    assert "rerun on an idle machine" in report["warning"]
 
 
 def test_bench_without_the_data_names_the_option_and_the_files(tmp_path):

@@ -31,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 
 from distrain.trainer import strict_json
 from distrain.trainer.config import run_files
-from distrain.trainer.config.schema import load_run_config
+from distrain.trainer.config.schema import Precision, load_run_config
 from distrain.trainer.errors import ConfigError, Diverged, UserError
 from distrain.trainer.exit import exit_now
 from distrain.trainer.model import adapters
@@ -45,6 +45,7 @@ from distrain.trainer.optim.registry import build_optimizer
 from distrain.trainer.parallel.apply import parallelize
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv, process_group
+from distrain.trainer.parallel.precision import DTYPES
 from distrain.trainer.tasks import build_task
 from distrain.trainer.train.distill import build_distiller
 from distrain.trainer.train.loop import Trainer
@@ -145,21 +146,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     torch.manual_seed(cfg.train.seed + env.dp_rank)
     optimizer = build_optimizer(model, cfg.optim)
     phase("parallelize and optimizer")
-    peak = record_peak_flops(run_dir, env)
+    peak = record_peak_flops(run_dir, env, cfg.precision.name)
     phase("peak FLOP/s")
     stop = StopRequest(run_dir, ["TERM", cfg.launcher.preempt_signal])
     return Trainer(cfg, run_dir, env, task, data, model, optimizer, peak, stop, adapter, distiller)
 
 
-def record_peak_flops(run_dir: Path, env: DistEnv) -> float:
-    """A GEMM's FLOP/s with this process's threads (the CPU's stand-in for a device's peak, for MFU): rank 0
-    measures it at every start, under the machine's present load (a value cached from a loaded moment once made
-    MFU read 1.9), tells the others and adds it to env.json."""
-    peak = env.broadcast_object(measure_peak_flops(env.device) if env.is_main else None)
+def record_peak_flops(run_dir: Path, env: DistEnv, precision: Precision) -> float:
+    """A GEMM's FLOP/s at the precision the matmuls run at (fp32, or bf16/fp16: autocast's or FSDP's cast), with
+    this process's threads (the CPU's stand-in for a device's peak, for MFU): rank 0 measures it at every start,
+    under the machine's present load (a value cached from a loaded moment once made MFU read 1.9), tells the
+    others and adds it to env.json with its dtype."""
+    dtype = DTYPES.get(precision, torch.float32)
+    peak = env.broadcast_object(measure_peak_flops(env.device, dtype=dtype) if env.is_main else None)
     if env.is_main:
         path = run_dir / run_files.ENV
         info = json.loads(path.read_text()) if path.exists() else {}
         info["peak_flops_per_process"] = peak
+        info["peak_flops_dtype"] = str(dtype).removeprefix("torch.")
         path.write_text(strict_json.dumps(info, indent=1))
     return peak
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from distrain.trainer.model.forward import forward_logits, to_device
 from distrain.trainer.observe.accounting import HeldBytes, held_bytes
+from distrain.trainer.observe.profiling import FORWARD
 from distrain.trainer.observe.watchdog import mark
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.parallel.grads import clip_grad_norm, no_sync
@@ -74,8 +75,9 @@ class StepRunner:
             batch = to_device(cpu_batch, self.env.device)
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
                 mark("forward")
-                logits = forward_logits(self.model, self.task, batch, self.precision, self.env.device)
-                micro_loss = self.task.loss_sum(logits, batch)
+                with torch.profiler.record_function(FORWARD):  # the profiler's phases (observe/profiling.py)
+                    logits = forward_logits(self.model, self.task, batch, self.precision, self.env.device)
+                    micro_loss = self.task.loss_sum(logits, batch)
                 if self.distiller:  # the objective mixes in the teacher's soft targets (train/distill.py)
                     micro_loss, parts = self.distiller.objective(logits, batch, micro_loss)
                     distill_sums += parts
