@@ -127,6 +127,12 @@ def test_model_dropout_sets_the_dropout_of_a_pretrained_and_a_random_init_model(
     assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.3
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropouts) > 6 and set(dropouts) == {0.3}  # the modules read the rates when they are built
+    # ... and they are on: the model is built for training (from_pretrained alone returns eval mode)
+    batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert model.training and all(m.training for m in model.modules())
+    assert not torch.equal(model(**batch).logits, model(**batch).logits)
+    model.eval()
+    assert torch.equal(model(**batch).logits, model(**batch).logits)
 
     cfg = compose_train(["model=llama_tiny", "task=clm", "data=shakespeare", "model.dropout=0.2"])
     task = build_task(cfg, tokenizer=None)

@@ -64,12 +64,20 @@ def build_model(
     pretrained: bool = True,
     **head: Any,
 ) -> torch.nn.Module:
-    """The model with its task head (`head`: e.g. num_labels, id2label, label2id).
+    """The model with its task head (`head`: e.g. num_labels, id2label, label2id), in training mode.
 
     Seeded so that every rank, and every world size, starts from the same weights (random heads included).
     `pretrained=False` builds the architecture only, for loading a distrain checkpoint over it. A random-init
     model takes its vocabulary size and special token ids from the tokenizer unless model.architecture sets them.
+    Training mode because `from_pretrained` returns eval mode, in which a fine-tune would silently run without
+    its dropout; inference (trainer/inference/load.py) and frozen models switch to eval mode themselves.
     """
+    return _built(model, auto_class, seed, source, tokenizer, pretrained, head).train()
+
+
+def _built(
+    model: DictConfig, auto_class: type, seed: int, source: str | None, tokenizer: Any, pretrained: bool, head: dict
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     if model.init_from is not None:  # a smaller copy of a trained model (trainer/model/student.py)
         from distrain.trainer.model.student import student_model
