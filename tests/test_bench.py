@@ -55,6 +55,7 @@ def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
     assert "distrain / HF" in result.stdout and f"{throughput['ratio']:.3f}" in result.stdout
 
 
+@pytest.mark.slow  # two 1-step runs, one per side, and their start-ups
 def test_bench_reports_date_versions_and_load_beside_the_ratio_at_bf16(tmp_path, conll_dir):
     """Both sides at bf16 (distrain's precision=bf16, the Trainer's bf16=True), one step each, no start-up runs:
     the report carries the date, torch and transformers versions and the load, the console the same beside the
