@@ -135,6 +135,7 @@ def test_a_dpo_run_starts_at_log2_and_chance_and_exports(tmp_path, cache_dir):
     assert summary["best_metric"] == max(r["reward_accuracy"] for r in eval_records(run) if r["step"] > 0)
 
 
+@pytest.mark.slow  # the default suite's budget: the same messages are checked in process below
 def test_dpo_settings_and_data_are_checked_before_any_worker_starts(tmp_path):
     data = tmp_path / "pairs"
     data.mkdir()
@@ -155,6 +156,7 @@ def test_dpo_settings_and_data_are_checked_before_any_worker_starts(tmp_path):
     (["task=ner", "dpo.beta=0.5"], "dpo.beta: only read with task=dpo (task=ner); drop it"),
     ([*DPO, "adapter=lora", "dpo.reference=."], "dpo.reference: with adapter=lora the reference is the frozen base"),
     ([*DPO, "data.labels=[a]"], "data.labels: dpo has no labels; expected null"),
+    ([*DPO, "parallel=tp", "launcher.nproc_per_node=2"], "parallel.name: expected single, ddp or fsdp with task=dpo"),
 ])  # fmt: skip
 def test_dpo_rules_name_their_key(overrides, message):
     from distrain.cli.validate import validate

@@ -130,6 +130,9 @@ class DpoTask(Task):
                 value = value[part]
             if value:
                 problems.append(f"{key}: not supported with task=dpo ({why}); expected it unset")
+        if cfg.parallel.name in ("tp", "fsdp_tp"):
+            problems.append(f"parallel.name: expected single, ddp or fsdp with task=dpo, got {cfg.parallel.name}: the "
+                            "reference is replicated or sharded like the model, never tensor-parallel")  # fmt: skip
         if cfg.adapter.name == "lora" and cfg.dpo.reference is not None:
             problems.append("dpo.reference: with adapter=lora the reference is the frozen base itself (the adapters "
                             "disabled); expected null, or adapter=none to compare with another model")  # fmt: skip
