@@ -153,6 +153,8 @@ def test_dpo_settings_and_data_are_checked_before_any_worker_starts(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
+    ([*DPO, "dpo.beta=0"], "dpo.beta: expected a finite number > 0, got 0"),
+    ([*DPO, "dpo.reference=/nowhere"], "dpo.reference: expected a run dir, checkpoint, export or Hugging Face model"),
     (["task=ner", "dpo.beta=0.5"], "dpo.beta: only read with task=dpo (task=ner); drop it"),
     ([*DPO, "adapter=lora", "dpo.reference=."], "dpo.reference: with adapter=lora the reference is the frozen base"),
     ([*DPO, "data.labels=[a]"], "data.labels: dpo has no labels; expected null"),
@@ -165,6 +167,20 @@ def test_dpo_rules_name_their_key(overrides, message):
     with pytest.raises(ConfigError) as error:
         validate(compose_train(overrides))
     assert any(p.startswith(message) for p in error.value.problems), error.value.problems
+
+
+def test_a_data_file_without_a_column_is_named_by_file_and_line(tmp_path):
+    from distrain.cli.validate import validate
+    from distrain.trainer.errors import ConfigError
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "Q: 2+2?\\nA:", "chosen": " 4", "rejected": " 5"}\n')
+    (tmp_path / "dev.jsonl").write_text('{"prompt": "Q: 1+1?\\nA:", "chosen": " 2"}\n')
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train([*DPO, f"data.dir={tmp_path}", "~data.files.test"]))
+    assert error.value.problems == [
+        f"data.files.dev: {tmp_path / 'dev.jsonl'}:1: no column 'rejected' (task=dpo "
+        "reads ['prompt', 'chosen', 'rejected']); the record has ['chosen', 'prompt']"
+    ]
 
 
 # --- slow: strategies and resume ------------------------------------------------------------------------------
