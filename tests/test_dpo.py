@@ -211,3 +211,10 @@ def test_a_stopped_dpo_run_resumes_exactly_like_the_uninterrupted_one(tmp_path, 
     assert eval_records(parts)[-1]["reward_accuracy"] == eval_records(whole)[-1]["reward_accuracy"]
     report = run_distrain("eval", f"ckpt={parts}", "split=dev").stdout
     assert "reward accuracy" in report
+    assert json.loads((parts / "export" / "eval_dev.json").read_text())["reward_accuracy"] == pytest.approx(
+        eval_records(parts)[-1]["reward_accuracy"]
+    )  # the export's rewards, against the same rebuilt reference, are the run's last evaluation's
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Headline: Oil prices rise again. Topic:\n")
+    line = run_distrain("predict", f"ckpt={parts}", f"input={prompts}", "max_new_tokens=3").stdout.splitlines()[-1]
+    assert set(json.loads(line)) == {"input", "continuation"}  # the export is a plain causal LM
