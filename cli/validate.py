@@ -113,6 +113,7 @@ def validate(cfg: DictConfig) -> None:
     problems += _stream_problems(cfg)
     problems += _mixture_problems(cfg)
     problems += _distill_problems(cfg)
+    problems += _dpo_problems(cfg)
     problems += _student_problems(cfg.model)
     problems += _prune_problems(cfg)
     if problems:
@@ -380,6 +381,45 @@ def _distill_problems(cfg: DictConfig) -> list[str]:
         except Exception as error:  # reported by the worker; the teacher's tokenizer is checked there too then
             problems.append(f"model.tokenizer: cannot be read to compare with the teacher's: {error}")
     return problems + check_teacher(cfg, tokenizer, f"model.tokenizer={source}")
+
+
+def _dpo_problems(cfg: DictConfig) -> list[str]:
+    """dpo.*: only with task=dpo (else they would silently do nothing); its reference exists and is a causal LM;
+    the first line of each local data file has the columns (the workers check every line, naming its file:line)."""
+    from distrain.trainer.config.schema import DpoConfig
+
+    if cfg.task.name != "dpo":
+        default = OmegaConf.structured(DpoConfig)
+        return [f"dpo.{key}: only read with task=dpo (task={cfg.task.name}); drop it"
+                for key in ("beta", "reference") if cfg.dpo[key] != default[key]]  # fmt: skip
+    problems = []
+    if cfg.dpo.reference is not None:
+        from distrain.trainer.train.distill import find_teacher
+
+        try:
+            source = find_teacher(cfg.dpo.reference)
+            if source.task not in (None, "clm", "dpo"):
+                problems.append(f"dpo.reference: expected a causal LM (a clm or dpo run, or a Hugging Face folder), "
+                                f"{source.path} was trained for task {source.task}")  # fmt: skip
+        except ConfigError as error:
+            problems += [p.replace("distill.teacher", "dpo.reference", 1) for p in error.problems]
+    if cfg.data.dir is None or cfg.data.format != "jsonl" or not resolve_path(cfg.data.dir).is_dir():
+        return problems  # reported with their keys already
+    from distrain.trainer.data.sources import iter_records
+    from distrain.trainer.errors import DataError
+    from distrain.trainer.tasks.dpo import checked
+
+    for split, pattern in cfg.data.files.items():
+        for path in matching_paths(cfg.data, pattern):
+            try:
+                first = next(iter(iter_records(path, cfg.data)), None)
+                if first is None:
+                    problems.append(f"data.files.{split}: {path} holds no preference pairs (empty file?)")
+                else:
+                    checked(first[0])
+            except DataError as error:
+                problems.append(f"data.files.{split}: {error}")
+    return problems
 
 
 def _prune_problems(cfg: DictConfig) -> list[str]:

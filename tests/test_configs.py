@@ -50,6 +50,8 @@ PARTNERS = {
     "task=classify": ["data=bbc_news"],
     "task=clm": ["data=shakespeare"],
     "task=mlm": ["data=shakespeare", "data.document_boundaries=false"],
+    "task=dpo": ["data=bbc_topics_dpo"],
+    "data=bbc_topics_dpo": ["task=dpo"],
     "parallel=fsdp_tp": ["launcher.nproc_per_node=2"],  # tp=2 inside: at least two processes
     "hparams_search=clm_optuna": ["task=clm", "data=shakespeare"],
     # Hub models: a local copy stands in (as model.name_or_path=/path does for a user), the tests have no network

@@ -50,6 +50,7 @@ from distrain.trainer.tasks import build_task
 from distrain.trainer.train.distill import build_distiller
 from distrain.trainer.train.loop import Trainer
 from distrain.trainer.train.preemption import StopRequest
+from distrain.trainer.train.reference import build_reference
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -141,6 +142,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     env.use_layout(dims, mesh)
     model = parallelize(model, dims, mesh, cfg, env.device)
     distiller = build_distiller(cfg, env, task, data.labels, mesh)  # the frozen teacher, laid out like the student
+    if task.needs_reference:  # dpo: the frozen reference (the base under LoRA), laid out like the model
+        task.reference = build_reference(cfg, env, task, tokenizer, model, mesh)
     # Same initial weights on every rank (seeded above); from here on each data shard has its own random
     # stream (tensor-parallel peers share theirs: they must drop the same activations).
     torch.manual_seed(cfg.train.seed + env.dp_rank)

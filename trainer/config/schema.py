@@ -32,6 +32,7 @@ class TaskName(Choice):
     classify = "classify"
     mlm = "mlm"
     clm = "clm"
+    dpo = "dpo"  # preference tuning of a causal LM (prompt, chosen, rejected) against a frozen reference
 
 
 class DataFormat(Choice):
@@ -359,6 +360,14 @@ class DistillConfig:
 
 
 @dataclass
+class DpoConfig:
+    """Preference tuning (task=dpo): the sigmoid DPO loss against a frozen reference model."""
+
+    beta: float = 0.1  # the loss is -log sigmoid(beta * (policy - reference log-ratio of chosen minus rejected))
+    reference: str | None = None  # a run dir, checkpoint, export or HF folder; null = the starting weights
+
+
+@dataclass
 class TensorBoardConfig:
     flush_secs: int = 30  # seconds between writes of the event file
 
@@ -424,6 +433,7 @@ class DistrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     run: RunConfig = field(default_factory=RunConfig)

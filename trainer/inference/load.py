@@ -134,6 +134,10 @@ def eval_report(
     """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file.
     `aggregation`: the transformers.pipeline aggregation of the raw-text score (ner; None: the documented one)."""
     cfg, env, tokenizer, task, model = load_for_inference(weights)
+    if task.needs_reference:  # dpo's rewards: against the run's reference, built apart (the weights are merged)
+        from distrain.trainer.train.reference import build_reference
+
+        task.reference = build_reference(cfg, env, task, tokenizer)
     if data_dir is not None:
         cfg.data.dir = data_dir
     data = task.prepare(env)

@@ -66,7 +66,8 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
     """Train the run's tokenizer on its training split once (model.train_tokenizer_vocab), into the run dir."""
     if cfg.model.train_tokenizer_vocab is None:
         return
-    from distrain.trainer.data.sources import column, read_splits
+    from distrain.trainer.data.sources import read_splits
+    from distrain.trainer.tasks import task_class
 
     def train(partial: Path) -> None:
         if cfg.data.streaming or cfg.data.mixture:  # the first records of each source
@@ -75,7 +76,8 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
             records = first_records(cfg.data, cfg.train.seed, TOKENIZER_SAMPLE_RECORDS)
         else:
             records = read_splits(cfg.data)["train"]
-        texts = [str(column(r, "text_column", cfg.data.text_column)) for r in records]
+        text = task_class(cfg.task.name).tokenizer_text
+        texts = [text(r, cfg.data) for r in records]
         log.info("training a %d-token BPE tokenizer on %d training texts", cfg.model.train_tokenizer_vocab, len(texts))
         train_tokenizer(texts, cfg.model.train_tokenizer_vocab, partial)
 

@@ -27,7 +27,7 @@ from distrain.trainer.config.paths import resolve_path
 from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
 from distrain.trainer.data.mixture import mix, renamed, train_sources
-from distrain.trainer.data.sources import Record, read_splits, source_files
+from distrain.trainer.data.sources import Record, column, read_splits, source_files
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks.labels import label_head
@@ -62,6 +62,9 @@ class Task:
     forward_kwargs: dict[str, Any] = {}  # fixed keyword arguments of every forward pass
     augment_ops: ClassVar[tuple[str, ...]] = ()  # what data.augment may list (trainer/data/augment.py)
     raw_columns: ClassVar[tuple[str, ...]] = ()  # the untokenized columns an augmenter reads from a sample
+    # Its loss compares the model with a frozen reference model (dpo): the worker and `distrain eval` attach one
+    # (trainer/train/reference.py) as `task.reference` before the first forward pass.
+    needs_reference: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, tokenizer: Any):
         self.cfg = cfg
@@ -137,6 +140,12 @@ class Task:
     @classmethod
     def direction(cls, metric: str) -> str:
         return "lower is better" if metric in cls.lower_is_better else "higher is better"
+
+    @classmethod
+    def tokenizer_text(cls, record: Record, data: DictConfig) -> str:
+        """The text of a raw training record that a tokenizer trained on the data learns from
+        (model.train_tokenizer_vocab)."""
+        return str(column(record, "text_column", data.text_column))
 
     # --- data ----------------------------------------------------------------------------------------------
     def prepare(self, env: DistEnv) -> TaskData:
