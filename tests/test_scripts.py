@@ -3,6 +3,7 @@ output is checked. The scripts import distrain's internals and nothing else runs
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+TINY_RUN = ["+debug=tiny", "train.max_steps=10", "data.max_eval_samples=16"]  # a record every 5 steps: one after step 5
 
 
 def run_script(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 1200):
@@ -56,3 +58,15 @@ def test_bench_compress_latency_measures_the_student_and_the_pruning_steps(tmp_p
     assert any(line.startswith("teacher, 6 layers: 22,568,841 parameters") for line in lines), result.stdout
     assert any(line.startswith("student, blocks [0,2,4]: 17,245,449 parameters") for line in lines), result.stdout
     assert sum(line.startswith("prune ") and "of 10,616,832 weights" in line for line in lines) == 2, result.stdout
+
+
+def test_bench_packing_compares_padded_and_packed_runs(tmp_path, cache_dir):
+    result = run_script("bench_packing.py", "--repeats", "1", "--out", str(tmp_path / "bench"), *TINY_RUN,
+                        f"data.cache_dir={cache_dir}", cwd=tmp_path)  # fmt: skip
+    summary = json.loads((tmp_path / "bench" / "bench_packing.json").read_text())
+    assert set(summary["runs"]) == {"padded", "packed"}, result.stdout
+    padded, packed = summary["runs"]["padded"][0], summary["runs"]["packed"][0]
+    assert packed["padding"] < padded["padding"]  # the same examples on fewer positions
+    assert summary["packed_over_padded"] == packed["tokens_per_s"] / padded["tokens_per_s"] > 0
+    assert "f1" in padded["dev"] and "f1" in packed["dev"]  # each run ends with its dev evaluation
+    assert "packed/padded" in result.stdout

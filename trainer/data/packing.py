@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 IGNORE = -100  # label of positions that carry no target (special tokens, padding, non-first sub-words)
+TRIES = 16  # row widths rows_of tries besides the longest example's
 EXAMPLES = "packed_examples"  # the batch key holding how many examples a packed batch carries (for samples/s)
 
 
@@ -55,13 +56,14 @@ def pack(features: list[dict[str, Any]], budget: int, pad_id: int) -> dict[str, 
 
 
 def rows_of(lengths: list[int], budget: int) -> list[list[int]]:
-    """The examples (indices) of each row. Every row is padded to the longest, so the layout tries each row width
+    """The examples (indices) of each row. Every row is padded to the longest, so the layout tries row widths
     from the longest example up to `budget` that some number of rows would fill (total / rows), fills rows of it
     first-fit from the longest example down, and keeps the one with the fewest positions (rows x widest row; a tie:
     fewer rows). Never more positions than padding each example to the longest (the width of the longest example
     is one of the tries), and no FLOP on padding when the examples fill the rows exactly."""
     longest, total = max(lengths), sum(lengths)
-    widths = {longest} | {-(-total // k) for k in range(1, len(lengths) + 1) if longest <= -(-total // k) <= budget}
+    widths = sorted({-(-total // k) for k in range(1, len(lengths) + 1) if longest < -(-total // k) <= budget})
+    widths = [longest, *widths[:: max(1, -(-len(widths) // TRIES))]]  # at most TRIES + 1 layouts: quick
     best: list[list[int]] = []
     best_cost = None
     for width in sorted(widths, reverse=True):
