@@ -6,12 +6,18 @@ batches (each process's micro-batch is the reference micro-batch divided by the 
 every step's loss. The table shows each strategy's largest per-step loss difference from `single` (the first
 strategy listed is the reference); the command exits 1 when one exceeds the tolerance (fp32: 1e-5).
 
+With `variant=KEY=VALUE` (e.g. variant=data.pack_examples=true) it compares a setting instead: the reference is the
+first strategy without the override, and every listed strategy runs with it (a setting that must not change the
+losses, such as packing, under each strategy).
+
 Own keys: strategies (name, or name:DPxTP such as fsdp_tp:1x2), steps (5), tolerance (1e-5), nproc (processes for
-the multi-process strategies, 2), out (the folder of the runs; default runs/parity/<run.name>/<time>).
+the multi-process strategies, 2), variant (an override, default none), out (the folder of the runs; default
+runs/parity/<run.name>/<time>).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -48,20 +54,31 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def main() -> None:
-    own, overrides = split_args(sys.argv[1:], OWN, __doc__)
+    # variant=KEY=VALUE is taken as written (Hydra's override grammar has no second `=` in a value)
+    variants = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("variant=")]
+    own, overrides = split_args([arg for arg in sys.argv[1:] if not arg.startswith("variant=")], OWN, __doc__)
     base = compose_train(overrides)
     out = Path(own["out"] or f"runs/parity/{base.run.name}/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     micro, accum = base.train.micro_batch_size, base.train.grad_accum_steps
     runs: dict[str, tuple[Path, str]] = {}
-    for spec in own["strategies"]:
+    variant = variants[-1] if variants else None
+    specs = [(str(spec), []) for spec in own["strategies"]]
+    if variant is not None:  # the reference without the override, then every strategy with it
+        if "=" not in variant:
+            print_error("invalid argument", f"variant: expected KEY=VALUE (data.pack_examples=true), got {variant!r}")
+            raise SystemExit(2)
+        specs = [(f"{specs[0][0]} (reference)", []), *((f"{spec} {variant}", [variant]) for spec, _ in specs)]
+    for label, extra in specs:
+        spec = label.split(" ", 1)[0]
         try:
             name, processes, dp, tp = parse_strategy(str(spec), own["nproc"])
         except ValueError as error:
             print_error("invalid argument", str(error))
             raise SystemExit(2) from None
-        run_dir = out / str(spec).replace(":", "_")
+        run_dir = out / re.sub(r"[^\w.-]+", "_", label).strip("_")
         strategy_overrides = [
             *overrides,
+            *extra,
             f"parallel={name}",
             f"launcher.nproc_per_node={processes}",
             f"train.max_steps={own['steps']}",
@@ -83,7 +100,7 @@ def main() -> None:
         strategy_overrides.append(f"train.micro_batch_size={micro // dims.dp}")
         cfg.train.micro_batch_size = micro // dims.dp
         run_or_exit(cfg, strategy_overrides)
-        runs[str(spec)] = (run_dir, f"{dims.dp}x{dims.tp}")
+        runs[label] = (run_dir, f"{dims.dp}x{dims.tp}")
 
     reference_name = next(iter(runs))
     reference = losses(runs[reference_name][0])

@@ -14,6 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+TINY_RUN = ["+debug=tiny", "train.max_steps=10", "data.max_eval_samples=16"]  # a record every 5 steps: one after step 5
 
 
 def run_script(name: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 1200):
@@ -66,3 +67,15 @@ def test_sweep_bench_compares_pruning(tmp_path, cache_dir):
                         f"data.cache_dir={cache_dir}", cwd=tmp_path)  # fmt: skip
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     assert [row["pruner"] for row in numbers["pruning"]] == ["none", "asha"] and numbers["wall_ratio"] > 0
+
+
+def test_bench_packing_compares_padded_and_packed_runs(tmp_path, cache_dir):
+    result = run_script("bench_packing.py", "--repeats", "1", "--out", str(tmp_path / "bench"), *TINY_RUN,
+                        f"data.cache_dir={cache_dir}", cwd=tmp_path)  # fmt: skip
+    summary = json.loads((tmp_path / "bench" / "bench_packing.json").read_text())
+    assert set(summary["runs"]) == {"padded", "packed"}, result.stdout
+    padded, packed = summary["runs"]["padded"][0], summary["runs"]["packed"][0]
+    assert packed["padding"] < padded["padding"]  # the same examples on fewer positions
+    assert summary["packed_over_padded"] == packed["tokens_per_s"] / padded["tokens_per_s"] > 0
+    assert "f1" in padded["dev"] and "f1" in packed["dev"]  # each run ends with its dev evaluation
+    assert "packed/padded" in result.stdout

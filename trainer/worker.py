@@ -36,6 +36,7 @@ from distrain.trainer.errors import ConfigError, Diverged, UserError
 from distrain.trainer.exit import exit_now
 from distrain.trainer.model import adapters
 from distrain.trainer.model.build import build_model, model_source
+from distrain.trainer.model.families import packing_problems
 from distrain.trainer.model.head import save_head
 from distrain.trainer.model.tokenizer import ensure_run_tokenizer, load_tokenizer
 from distrain.trainer.observe.accounting import measure_peak_flops
@@ -136,6 +137,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     # which the launcher could not read) is checked against it.
     dims, problems = ParallelDims.resolve(cfg.parallel, env.world_size)
     problems += dims.model_problems(model.config) if dims else []
+    problems += packing_problems(model.config.model_type, cfg.data.pack_examples)
     if problems:
         raise ConfigError(problems)
     mesh = dims.build_mesh(env.device.type)

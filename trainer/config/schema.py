@@ -208,6 +208,8 @@ class DataConfig:
     text_unit: TextUnit = TextUnit.file  # text format: one document per file, paragraph or line
     packing: bool = False  # mlm/clm: fill blocks of max_length tokens from consecutive documents, no padding
     document_boundaries: bool = True  # clm packing: attention and targets stay inside each document
+    pack_examples: bool = False  # ner/clm training: whole examples end to end in rows of <= max_length, positions
+    # and attention kept per example (trainer/data/packing.py); not with data.packing (its blocks are full)
     max_length: int = 256  # sub-word tokens per sequence, longer ones are truncated
     augment: list[str] = field(default_factory=list)  # training-sample augmentation ops per epoch (data/augment.py)
     augment_p: float = 0.1  # data.augment: probability per token, entity or segment (NER) or word (classify)

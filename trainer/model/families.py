@@ -17,6 +17,9 @@ class Family:
     tp_layer_plan: dict[str, str] = field(default_factory=dict)
     lora_targets: list[str] = field(default_factory=list)  # suffixes of module names (peft's matching)
     dropout_fields: tuple[str, ...] = ()  # the config fields model.dropout sets (hidden and attention dropout)
+    # data.pack_examples: the model passes position ids to transformers' mask builders, which then keep attention
+    # inside each packed example (trainer/data/packing.py; checked against padding in tests/test_packing.py)
+    packs: bool = False
 
 
 _DECODER_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,6 +36,7 @@ FAMILIES: dict[str, Family] = {
         },
         lora_targets=["query", "key", "value", "dense"],
         dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob"),
+        packs=True,
     ),
     "llama": Family(
         tp_layer_plan={
@@ -46,9 +50,10 @@ FAMILIES: dict[str, Family] = {
         },
         lora_targets=_DECODER_LORA,
         dropout_fields=("attention_dropout",),  # Llama has no hidden-state dropout
+        packs=True,
     ),
-    "mistral": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",)),
-    "qwen2": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",)),
+    "mistral": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",), packs=True),
+    "qwen2": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",), packs=True),
 }
 
 
@@ -62,3 +67,13 @@ def dropout_config(model_type: str, dropout: float | None) -> dict[str, float]:
         raise ConfigError([f"model.dropout: set for a {model_type!r} model, whose dropout settings distrain does not "
                            f"know (it knows {known}); expected null"])  # fmt: skip
     return dict.fromkeys(family.dropout_fields, float(dropout))
+
+
+def packing_problems(model_type: str, pack_examples: bool) -> list[str]:
+    """data.pack_examples on a family whose masks distrain has not checked to stay inside each example."""
+    family = FAMILIES.get(model_type)
+    if not pack_examples or (family is not None and family.packs):
+        return []
+    known = sorted(name for name, f in FAMILIES.items() if f.packs)
+    return [f"data.pack_examples: a {model_type!r} model is not known to keep attention inside packed examples "
+            f"(known: {known}); expected false"]  # fmt: skip

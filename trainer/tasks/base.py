@@ -27,6 +27,7 @@ from distrain.trainer.config.paths import resolve_path
 from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
 from distrain.trainer.data.mixture import mix, renamed, train_sources
+from distrain.trainer.data.packing import IGNORE, is_packed, packed_model_inputs
 from distrain.trainer.data.sources import Record, column, read_splits, source_files
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.parallel.distributed import DistEnv
@@ -34,8 +35,6 @@ from distrain.trainer.tasks.labels import label_head
 
 if TYPE_CHECKING:
     from datasets import Dataset
-
-IGNORE = -100  # label of positions that carry no target (special tokens, padding, non-first sub-words)
 
 
 @dataclass
@@ -53,6 +52,7 @@ class Task:
     metric_titles: ClassVar[dict[str, str]] = {}  # how reports name a metric (default: its key)
     formats: ClassVar[tuple[DataFormat, ...]]  # the local data formats it reads
     language_model: ClassVar[bool] = False  # documents -> token blocks: packing, no labels, logits over the vocab
+    packs_examples: ClassVar[bool] = False  # per-token targets: data.pack_examples may lay examples end to end
     pipeline_task: ClassVar[str] = ""  # the transformers.pipeline task that loads this task's export
     # What its metrics import (lazily: validation and `plan` do without). A launcher that forks its workers imports
     # them first, so that no job of a sweep imports them again in its workers (seqeval: 0.4 s).
@@ -84,7 +84,16 @@ class Task:
                 f"data.format: expected one of {[str(f) for f in cls.formats]} for task {cls.name}, got {data.format!r}"
             )
         if data.packing and not cls.language_model:
-            problems.append(f"data.packing: packing is for language modelling (mlm, clm), not {cls.name}")
+            problems.append(
+                f"data.packing: packing is for language modelling (mlm, clm), not {cls.name}"
+                + ("; data.pack_examples=true packs whole examples" if cls.packs_examples else "")
+            )
+        if data.pack_examples and not cls.packs_examples:
+            problems.append(f"data.pack_examples: packs the examples of tasks with per-token targets (ner, clm), "
+                            f"not {cls.name}; expected false")  # fmt: skip
+        if data.pack_examples and data.packing:
+            problems.append("data.pack_examples: data.packing=true already fills every row with max_length tokens; "
+                            "expected one of them")  # fmt: skip
         if data.labels is not None and cls.language_model:
             problems.append(f"data.labels: {cls.name} has no labels; expected null")
         problems += cls._class_weight_problems(cfg)
@@ -229,6 +238,8 @@ class Task:
 
     def model_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The keyword arguments of the model's forward pass for a collated batch."""
+        if is_packed(batch):  # data.pack_examples: position ids alone separate the examples
+            return {**packed_model_inputs(batch), **self.forward_kwargs}
         return {**{k: batch[k] for k in self.model_inputs}, **self.forward_kwargs}
 
     def head(self, data: TaskData) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distrain.trainer.config.schema import DataFormat, TaskName
+from distrain.trainer.data.packing import pack
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.tasks.base import IGNORE, Task
 
@@ -106,6 +108,7 @@ class LanguageModelTask(Task):
 class CausalLMTask(LanguageModelTask):
     name = TaskName.clm
     pipeline_task = "text-generation"
+    packs_examples = True
     # No KV cache in training: with one, transformers ignores the position ids when building the attention
     # mask, and packed documents would attend to each other.
     forward_kwargs = {"use_cache": False}
@@ -130,24 +133,22 @@ class CausalLMTask(LanguageModelTask):
         return AutoModelForCausalLM
 
     def collator(self, train: bool) -> Any:
-        return self.collate
+        return partial(self.collate, pack_examples=train and self.cfg.data.pack_examples)
 
-    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Labels are already shifted: labels[t] is the target of position t (the next token), or IGNORE
-        where there is none: at padding, at a block's end, and before a document start (boundaries on)."""
+    def collate(self, features: list[dict[str, Any]], pack_examples: bool = False) -> dict[str, torch.Tensor]:
+        """Labels are shifted within each example (next_token_targets); with `pack_examples` the examples are laid
+        end to end in rows (trainer/data/packing.py), else each is a row, padded to the longest."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        features = [{**f, "labels": next_token_targets(f)} for f in features]
+        if pack_examples:
+            return pack([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features],
+                        self.cfg.data.max_length, pad)  # fmt: skip
         input_ids = self._pad(features, "input_ids", pad)
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
         real = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
-        labels = torch.full_like(input_ids, IGNORE)
-        labels[:, :-1] = input_ids[:, 1:]
-        labels[:, :-1][~real[:, 1:]] = IGNORE
-        labels[:, -1] = IGNORE
-        batch = {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": real.long(), "labels": self._pad(features, "labels", IGNORE)}
         if "position_ids" in features[0]:
-            position_ids = self._pad(features, "position_ids", 0)
-            labels[:, :-1][position_ids[:, 1:] == 0] = IGNORE
-            batch["position_ids"] = position_ids
+            batch["position_ids"] = self._pad(features, "position_ids", 0)
         return batch
 
     def generation_kwargs(self, options: Any) -> dict[str, Any]:
@@ -249,3 +250,14 @@ class MaskingCollator:
             labels[row, :n][chosen] = ids[chosen]
             attention[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def next_token_targets(feature: dict[str, Any]) -> list[int]:
+    """The target of each position of one example: the next position's label (the example's own unshifted
+    `labels`, IGNORE on what is not trained, e.g. a chat prompt; else its tokens). IGNORE at the example's last
+    position, and before a document start inside a packed block (position id 0 next, data.document_boundaries),
+    so no position is trained to predict another example's or document's first token."""
+    following = list(feature["labels"] if "labels" in feature else feature["input_ids"])[1:]
+    if "position_ids" in feature:
+        following = [IGNORE if p == 0 else t for t, p in zip(following, feature["position_ids"][1:], strict=True)]
+    return [*following, IGNORE]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,6 +17,7 @@ import torch
 from distrain.trainer.config.schema import DataFormat, LabelSubwords, TaskName
 from distrain.trainer.data.augment import NER_OPS, NerAugmenter
 from distrain.trainer.data.conll import TAG_PATTERN
+from distrain.trainer.data.packing import pack
 from distrain.trainer.data.sources import Record, column
 from distrain.trainer.errors import DataError
 from distrain.trainer.tasks.base import IGNORE, Task
@@ -40,6 +42,7 @@ class NerTask(Task):
     }
     formats = (DataFormat.conll, DataFormat.jsonl)
     pipeline_task = "token-classification"
+    packs_examples = True
     augment_ops = NER_OPS
     raw_columns = ("tokens", "tags")
 
@@ -138,6 +141,8 @@ class NerTask(Task):
     def collator(self, train: bool) -> Any:
         from transformers import DataCollatorForTokenClassification
 
+        if train and self.cfg.data.pack_examples:  # whole sentences end to end (trainer/data/packing.py)
+            return partial(pack, budget=self.cfg.data.max_length, pad_id=self.tokenizer.pad_token_id)
         return DataCollatorForTokenClassification(self.tokenizer, label_pad_token_id=IGNORE)
 
     def augmenter(self, train: Dataset) -> Callable[[dict[str, Any], Any], dict[str, list]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from distrain.trainer.data.packing import examples_in
 from distrain.trainer.model.forward import forward_logits, to_device
 from distrain.trainer.observe.accounting import HeldBytes, held_bytes
 from distrain.trainer.observe.profiling import FORWARD
@@ -95,7 +96,7 @@ class StepRunner:
             lr=self.optimizer.param_groups[0]["lr"], applied=False,
             tokens=sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
             slots=sum(mb["attention_mask"].numel() for mb in micro_batches),
-            samples=sum(len(mb["attention_mask"]) for mb in micro_batches), distill=distill_sums,
+            samples=sum(examples_in(mb) for mb in micro_batches), distill=distill_sums,
         )  # fmt: skip
         if self._nonfinite(loss_sum, grad_norm, step):
             self.scaler.update()  # fp16: closes this step's unscale_ (and lowers the scale); a no-op otherwise
