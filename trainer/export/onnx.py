@@ -75,7 +75,7 @@ def export_graph(model: torch.nn.Module, fixed: dict[str, Any], sample: dict[str
         outputs = ["logits", *(f"present.{n}" for n in names)]
     else:
         module, shapes = LogitsOnly(model, fixed), {name: {0: batch, 1: seq} for name in INPUTS}
-        inputs, outputs = list(INPUTS), ["logits"]
+        inputs, outputs, sample = list(INPUTS), ["logits"], {n: sample[n] for n in INPUTS}
     try:
         torch.onnx.export(module.eval(), (), str(path), kwargs=dict(sample), dynamo=True, dynamic_shapes=shapes,
                           input_names=inputs, output_names=outputs, external_data=True, verbose=False)  # fmt: skip
