@@ -196,13 +196,68 @@ def test_an_mlm_export_matches_torch(tmp_path, cache_dir):
     )
 
 
-@pytest.mark.slow
-def test_a_causal_lm_is_refused_before_anything_is_written(tmp_path, cache_dir):
-    run = tmp_path / "clm"
-    run_distrain("train", "+experiment=shakespeare_clm", "model=llama_tiny", "parallel=single",
-                 "launcher.nproc_per_node=1", "data.max_length=64", "data.max_train_samples=32",
-                 "data.max_eval_samples=8", "train.max_steps=1", "train.eval_every=0", f"data.cache_dir={cache_dir}",
+@pytest.fixture(scope="module")
+def clm(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """A tiny Llama trained 20 steps on bundled Shakespeare (packed blocks) and its ONNX fp32 export with the cache."""
+    root = tmp_path_factory.mktemp("onnx_clm")
+    run, onnx_dir = root / "run", root / "onnx"
+    run_distrain("train", "+experiment=shakespeare_clm", "+debug=tiny", "model=llama_tiny", "parallel=single",
+                 "launcher.nproc_per_node=1", "data.max_length=64", "data.max_train_samples=64",
+                 "data.max_eval_samples=8", "train.max_steps=20", "train.eval_every=0", f"data.cache_dir={cache_dir}",
                  f"run.dir={run}")  # fmt: skip
-    result = run_distrain("export", f"ckpt={run}", check=False)
-    assert result.returncode == 2 and "task clm: ONNX export covers" in result.stderr
-    assert "Traceback" not in result.stderr and not list(run.glob("onnx*"))
+    log = run_distrain("export", f"ckpt={run}", f"output={onnx_dir}").stdout
+    return {"root": root, "run": run, "onnx": onnx_dir, "log": log}
+
+
+@pytest.mark.slow
+def test_a_causal_lm_exports_with_its_cache_and_generates_the_torch_tokens(clm):
+    """One graph (past key/values in, present out; an empty past for the prompt), checked on a padded prompt and
+    decode steps; `distrain predict` through ONNX Runtime generates greedily the torch model's tokens, one by one."""
+    meta = json.loads((clm["onnx"] / "onnx_export.json").read_text())
+    assert meta["status"] == "ok" and meta["task"] == "clm" and meta["max_abs_logit_diff"]["onnx_fp32"] < 1e-4
+    assert "2 decode steps with the cache" in " ".join(clm["log"].split())  # rich wraps long lines
+    graph = onnx.load(str(clm["onnx"] / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert inputs["input_ids"] == ["batch", "sequence"]
+    assert inputs["past_key_values.0.key"][::2] == ["batch", "past_sequence"]  # (batch, heads, past, head size)
+    assert {o.name for o in graph.output} == {"logits", *(f"present.{n}.{k}" for n in (0, 1) for k in ("key", "value"))}
+    prompts = "To be, or not to be\n\nThe king is\nWhat say you, my lord\n"
+    (clm["root"] / "in.txt").write_text(prompts, encoding="utf-8")
+    lines = {}
+    for name in ("run", "onnx"):
+        result = run_distrain("predict", f"ckpt={clm[name]}", f"input={clm['root'] / 'in.txt'}", "max_new_tokens=30")
+        lines[name] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines["onnx"] == lines["run"]
+    assert lines["onnx"][1] == {"input": "", "skipped": "empty line"}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(clm["onnx"])
+    generated = [len(tokenizer(r["continuation"], add_special_tokens=False)["input_ids"]) for r in lines["onnx"][::2]]
+    assert max(generated) >= 20, generated  # greedy ran through the cache for many steps, not one
+
+
+@pytest.mark.slow
+def test_eval_of_a_causal_lm_folder_reports_the_torch_perplexity(clm):
+    """Packed dev blocks (documents attend within themselves): ONNX Runtime's perplexity equals torch's."""
+    run_distrain("eval", f"ckpt={clm['onnx']}", "split=dev", f"output={clm['root'] / 'eval'}")
+    evaluated = json.loads((clm["root"] / "eval" / "eval_dev.json").read_text())
+    torch_dev = json.loads((clm["onnx"] / "onnx_export.json").read_text())["dev_metrics"]["torch_fp32"]
+    assert (evaluated["runtime"], evaluated["runtime_precision"]) == ("onnxruntime", "fp32")
+    assert evaluated["perplexity"] == pytest.approx(torch_dev["perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_architecture_the_exporter_cannot_handle_is_named_and_leaves_nothing(tmp_path, cache_dir):
+    """A tiny Mixtral (mixture of experts): torch.onnx has no ONNX function for transformers' grouped expert matmul.
+    The export fails with that operator's name, exit 2, and no folder (nor its .partial) is left."""
+    run = tmp_path / "moe"
+    run_distrain("train", "+experiment=shakespeare_clm", "+debug=tiny", "model=llama_tiny", "parallel=single",
+                 "launcher.nproc_per_node=1", "model.architecture.model_type=mixtral",
+                 "+model.architecture.num_local_experts=4", "+model.architecture.num_experts_per_tok=2",
+                 "data.max_length=32", "data.max_train_samples=16", "data.max_eval_samples=4", "train.max_steps=1",
+                 "train.eval_every=0", f"data.cache_dir={cache_dir}", f"run.dir={run}")  # fmt: skip
+    result = run_distrain("export", f"ckpt={run}", f"output={tmp_path / 'onnx'}", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "cannot export MixtralForCausalLM" in result.stderr and "grouped_mm" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "onnx").exists() and not (tmp_path / "onnx.partial").exists()

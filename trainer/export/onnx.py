@@ -1,5 +1,5 @@
-"""`distrain export format=onnx`: the encoder tasks' weights (ner, classify, mlm) as an ONNX graph that ONNX Runtime
-runs, optionally int8-quantized, each export checked against torch before it is marked done.
+"""`distrain export format=onnx`: a run's weights (ner, classify, mlm, clm) as an ONNX graph that ONNX Runtime runs,
+optionally int8-quantized, each export checked against torch before it is marked done.
 
 The graph comes from torch.onnx's dynamo exporter (dynamic batch and sequence axes), int8 from ONNX Runtime's own
 quantizer; distrain writes no graph surgery of its own. `OrtModel` runs a folder's graph behind the interface the
@@ -25,7 +25,7 @@ from distrain.trainer.errors import UserError
 GRAPH = "model.onnx"  # the shipped graph (weights in model.onnx.data beside it when not int8)
 METADATA = "onnx_export.json"  # runtime, precision, max |logit diff|, dev metrics, sizes, status
 FP32_TOLERANCE = 1e-4  # max |logit diff| ONNX fp32 vs torch on unpadded positions; beyond it the export fails
-TASKS = ("ner", "classify", "mlm")  # encoder tasks; clm needs the key/value cache in the graph (not built yet)
+TASKS = ("ner", "classify", "mlm", "clm")
 QUANTIZE = ("none", "int8", "int8_static")
 
 
@@ -52,8 +52,9 @@ class LogitsOnly(torch.nn.Module):
 INPUTS = ("input_ids", "attention_mask")
 
 
-def export_graph(model: torch.nn.Module, fixed: dict[str, Any], sample: dict[str, torch.Tensor], path: Path) -> None:
-    """Trace `model` on `sample` with torch.onnx's dynamo exporter into `path` (+ `path`.data)."""
+def export_graph(model: torch.nn.Module, fixed: dict[str, Any], sample: dict[str, Any], path: Path) -> None:
+    """Trace `model` on `sample` with torch.onnx's dynamo exporter into `path` (+ `path`.data); a causal LM (a
+    `sample` holding its past) with the key/value cache as inputs and outputs (CausalLMWithCache)."""
     import re
     import warnings
 
@@ -61,18 +62,106 @@ def export_graph(model: torch.nn.Module, fixed: dict[str, Any], sample: dict[str
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision ops
     warnings.filterwarnings("ignore", message=".*(LeafSpec|axis name).*")  # the exporter's notes to itself
-    batch, seq = Dim("batch"), Dim("seq")
-    shapes = {name: {0: batch, 1: seq} for name in INPUTS}
+    batch, seq = Dim("batch"), Dim("sequence")
+    if "past" in sample:
+        module: torch.nn.Module = CausalLMWithCache(model)
+        past = Dim("past_sequence")
+        names = cache_names(len(sample["past"]) // 2)
+        shapes: dict[str, Any] = {
+            "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: Dim.DYNAMIC},  # past + new tokens
+            "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past} for _ in names],
+        }  # fmt: skip
+        inputs = ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in names)]
+        outputs = ["logits", *(f"present.{n}" for n in names)]
+    else:
+        module, shapes = LogitsOnly(model, fixed), {name: {0: batch, 1: seq} for name in INPUTS}
+        inputs, outputs, sample = list(INPUTS), ["logits"], {n: sample[n] for n in INPUTS}
     try:
-        torch.onnx.export(LogitsOnly(model, fixed).eval(), (), str(path), kwargs={n: sample[n] for n in INPUTS},
-                          dynamo=True, dynamic_shapes=shapes, input_names=list(INPUTS), output_names=["logits"],
-                          external_data=True, verbose=False)  # fmt: skip
+        torch.onnx.export(module.eval(), (), str(path), kwargs=dict(sample), dynamo=True, dynamic_shapes=shapes,
+                          input_names=inputs, output_names=outputs, external_data=True, verbose=False)  # fmt: skip
     except Exception as error:  # the exporter's summary names the op or module it could not handle
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-        summary = text.split("## Exception summary", 1)[-1].strip().splitlines()
+        summary = [line for line in text.split("## Exception summary", 1)[-1].strip().splitlines()
+                   if line.strip() and line.strip() != "⬆️" and not line.startswith("(Refer to")]  # fmt: skip
         raise ExportError(
-            f"torch.onnx (dynamo) cannot export {type(model).__name__}: " + "\n".join(summary[:8])
+            f"torch.onnx (dynamo) cannot export {type(model).__name__}: "
+            + "\n".join(summary[:8])
+            + "\nExport another architecture, or ship the Hugging Face export/ and run it with torch"
         ) from None
+
+
+# --- causal LMs: the key/value cache in the graph ------------------------------------------------------------------
+# One graph serves the prompt and every generated token: the past key/values are inputs (of length 0 for the prompt,
+# which ONNX Runtime runs as empty tensors) and the present ones outputs, so no prefill/decode pair of graphs with
+# duplicated weights is needed.
+class CausalLMWithCache(torch.nn.Module):
+    """The causal LM's forward pass on flat tensors: (input_ids, attention_mask over past + new tokens, position_ids,
+    past = [key_0, value_0, key_1, ...]) -> (logits, key_0, value_0, ...) of the past and new tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True)  # fmt: skip
+        return out.logits, *to_tensors(out.cache)
+
+
+def cache_names(layers: int) -> list[str]:
+    return [f"{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
+
+
+def to_tensors(cache: Any) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def from_tensors(tensors: list[torch.Tensor]) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(zip(tensors[0::2], tensors[1::2], strict=True)))
+
+
+def causal_sample(model: torch.nn.Module) -> dict[str, Any]:
+    """Inputs to trace a causal LM on: batch 2, 3 new tokens after a past of 2 (sizes 0 and 1 would be specialised
+    into the graph by torch.export; the graph still runs past length 0, the prompt)."""
+    ids = torch.tensor([[1, 2], [3, 4]]) % model.config.vocab_size
+    with torch.no_grad():
+        past = to_tensors(model(input_ids=ids, use_cache=True).cache)
+    return {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 10]]) % model.config.vocab_size,
+            "attention_mask": torch.ones(2, 5, dtype=torch.long), "position_ids": torch.arange(2, 5).expand(2, 3),
+            "past": [t.detach() for t in past]}  # fmt: skip
+
+
+def causal_check(torch_model: torch.nn.Module, onnx_model: torch.nn.Module, dataset: Any, count: int = 4) -> float:
+    """Max |logit diff| on a left-padded batch of `count` dev prefixes of different lengths (the prompt, real tokens
+    only) and on two decode steps with the cache (each model fed its own cache and the same next tokens)."""
+    rows = [list(dataset[i]["input_ids"]) for i in range(min(count, len(dataset)))]
+    width = max(2, min(len(r) for r in rows))
+    rows = [r[: max(1, width - 3 * i)] for i, r in enumerate(rows)]  # lengths width, width-3, ...
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    worst = 0.0
+    caches: list[Any] = [None, None]
+    with torch.no_grad():
+        for step in range(3):
+            outs = [m(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=c, use_cache=True)
+                    for m, c in zip((torch_model, onnx_model), caches, strict=True)]  # fmt: skip
+            diff = (outs[0].logits.float() - outs[1].logits.float()).abs()
+            worst = max(worst, float((diff[mask[:, -ids.shape[1] :].bool()] if step == 0 else diff).max()))
+            caches = [o.cache for o in outs]
+            ids = outs[0].logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+    return worst
 
 
 def quantize(fp32: Path, out: Path, static_inputs: list[dict[str, Any]] | None = None) -> None:
@@ -123,8 +212,11 @@ class OrtOutput(dict):
 
 def ort_model(path: Path, config: Any, threads: int | None = None) -> torch.nn.Module:
     """An ONNX Runtime session behind a transformers model's interface: `model(**inputs).logits` as a torch tensor,
-    `.config`, `.device`, `.dtype`, so predict_split, the tasks' taggers and transformers.pipeline run it as is."""
-    from transformers import PreTrainedModel
+    `.config`, `.device`, `.dtype`, so predict_split, the tasks' taggers and transformers.pipeline run it as is. A
+    causal LM's graph (past key/values among its inputs) also returns its `.cache` and generates through
+    transformers' GenerationMixin (greedy, sampling: the run's generation options), one graph call per token."""
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     class OrtModel(PreTrainedModel):
         config_class = type(config)
@@ -147,10 +239,60 @@ def ort_model(path: Path, config: Any, threads: int | None = None) -> torch.nn.M
         def can_generate(self) -> bool:
             return False
 
+    class OrtCausalLM(OrtModel, GenerationMixin):
+        def __init__(self):
+            super().__init__()
+            self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+            if (path.parent / "generation_config.json").is_file():  # the run's, as the torch export loads it
+                self.generation_config = GenerationConfig.from_pretrained(path.parent)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None, cache: Any = None, **_: Any) -> Any:  # fmt: skip
+            batch, length = input_ids.shape
+            if cache is None or cache.get_seq_length() == 0:  # the prompt: an empty past
+                heads = [(i.shape[1], i.shape[3]) for i in self.past_inputs]
+                past = [torch.zeros(batch, h, 0, d) for h, d in heads]
+                if attention_mask is None and position_ids is not None and (position_ids[:, 1:] == 0).any():
+                    return self.packed(input_ids, position_ids)
+            else:
+                past = to_tensors(cache)
+            start = past[0].shape[2]
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, start + length, dtype=torch.long)
+            if position_ids is None:  # as the torch model: positions follow the cache, whatever the padding
+                position_ids = torch.arange(start, start + length).expand(batch, length)
+            feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            feeds.update((i.name, t) for i, t in zip(self.past_inputs, past, strict=True))
+            outs = self.session.run(None, {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()})
+            logits, present = torch.from_numpy(outs[0]), [torch.from_numpy(t) for t in outs[1:]]
+            return CausalLMOutputWithPast(logits=logits, cache=from_tensors(present))
+
+        def packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> CausalLMOutputWithPast:
+            """Packed blocks (position ids restarting at each document, no attention mask): the torch model attends
+            within each document only; the graph takes a 2-D mask, so each document runs as its own padded row."""
+            spans = []
+            for row in range(input_ids.shape[0]):
+                starts = [0, *(int(i) + 1 for i in (position_ids[row, 1:] == 0).nonzero().flatten())]
+                spans += [(row, a, b) for a, b in zip(starts, [*starts[1:], input_ids.shape[1]], strict=True)]
+            width = max(b - a for _, a, b in spans)
+            ids = torch.zeros(len(spans), width, dtype=input_ids.dtype)
+            mask = torch.zeros(len(spans), width, dtype=torch.long)
+            for n, (row, a, b) in enumerate(spans):
+                ids[n, : b - a], mask[n, : b - a] = input_ids[row, a:b], 1
+            logits = self(ids, mask, torch.arange(width).expand(len(spans), width)).logits
+            out = torch.zeros(*input_ids.shape, logits.shape[-1])
+            for n, (row, a, b) in enumerate(spans):
+                out[row, a:b] = logits[n, : b - a]
+            return CausalLMOutputWithPast(logits=out)
+
+        def can_generate(self) -> bool:
+            return True
+
+    cls = OrtCausalLM if is_causal(path) else OrtModel
     # Named as the exported architecture: transformers.pipeline checks the class name against its task's models
     # (and logs an error listing them all otherwise); the graph is that architecture's forward pass.
-    OrtModel.__name__ = OrtModel.__qualname__ = (getattr(config, "architectures", None) or ["OrtModel"])[0]
-    return OrtModel().eval()
+    cls.__name__ = cls.__qualname__ = (getattr(config, "architectures", None) or ["OrtModel"])[0]
+    return cls().eval()
 
 
 # --- the check of an export ---------------------------------------------------------------------------------------
@@ -242,10 +384,9 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
 
     name = str(load_run_config(weights.config).task.name)
     if name not in TASKS:  # before any weights load
-        raise ExportError(
-            f"task {name}: ONNX export covers {list(TASKS)}; a causal LM needs its key/value cache in the graph, "
-            "which distrain does not export yet: use the Hugging Face export/"
-        )
+        raise ExportError(f"task {name}: ONNX export covers {list(TASKS)}")
+    if name == "clm" and quantize_mode == "int8_static":  # calibration would need past key/values of each sample
+        raise ExportError("quantize: int8_static covers the encoder tasks; a causal LM ships quantize=int8 (dynamic)")
     cfg, env, tokenizer, task, model = load_for_inference(weights)
     data = task.prepare(env)
     dev = data.splits["dev"]
@@ -256,12 +397,20 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
     fp32_dir.mkdir(parents=True)
     try:
         batches = check_inputs(task, dev)
-        _, seconds = timed(lambda: export_graph(model, dict(task.forward_kwargs), batches[0], fp32_dir / GRAPH))
+        causal = name == "clm"
+        sample = causal_sample(model) if causal else batches[0]
+        _, seconds = timed(lambda: export_graph(model, dict(task.forward_kwargs), sample, fp32_dir / GRAPH))
+
+        def check(onnx_model: torch.nn.Module) -> float:  # clm: also a left-padded prompt and decode steps
+            diff = max_logit_diff(model, onnx_model, task, batches)
+            return max(diff, causal_check(model, onnx_model, dev)) if causal else diff
+
         fp32 = ort_model(fp32_dir / GRAPH, model.config)
-        diff = max_logit_diff(model, fp32, task, batches)
+        diff = check(fp32)
         lengths = sorted({int(b["input_ids"].shape[1]) for b in batches})
+        also = "; a padded prompt and 2 decode steps with the cache" if causal else ""
         say(f"exported {GRAPH} in {seconds:.1f} s; ONNX fp32 vs torch: max |logit diff| {diff:.3g} on dev inputs of "
-            f"lengths {lengths} (unpadded positions; tolerance {FP32_TOLERANCE:g})")  # fmt: skip
+            f"lengths {lengths} (unpadded positions{also}; tolerance {FP32_TOLERANCE:g})")  # fmt: skip
         if not diff <= FP32_TOLERANCE:
             raise ExportError(f"ONNX fp32 logits differ from torch's by {diff:.3g} > {FP32_TOLERANCE:g} on dev inputs: "
                               "the exported graph does not compute the model; nothing was written")  # fmt: skip
@@ -288,7 +437,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
                 meta["calibration_samples"] = len(feeds)
             _, qseconds = timed(lambda: quantize(fp32_dir / GRAPH, partial / GRAPH, feeds))
             int8 = ort_model(partial / GRAPH, model.config)
-            meta["max_abs_logit_diff"]["onnx_int8"] = max_logit_diff(model, int8, task, batches)
+            meta["max_abs_logit_diff"]["onnx_int8"] = check(int8)
             metrics["onnx_int8"] = dev_metrics(int8, task, dev, size, env)
             del int8
             sizes["onnx_int8"] = folder_bytes(partial, graph_files(partial))
@@ -305,6 +454,8 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
                                f"{metrics['torch_fp32'][metric]:.4f}, ONNX int8 {metrics['onnx_int8'][metric]:.4f}) "
                                f"> max_metric_drop={max_metric_drop}")  # fmt: skip
         model.config.save_pretrained(partial)  # label names (id2label) and the architecture, for the tokenizer too
+        if causal and model.generation_config is not None:  # the generation defaults, as in the Hugging Face export
+            model.generation_config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         shutil.copy(weights.config, partial / "distrain_config.yaml")
         write_json(partial / METADATA, meta)
@@ -325,6 +476,14 @@ def _singles(task: Any, dataset: Any, count: int) -> list[dict[str, torch.Tensor
     columns = [k for k in task.loader_columns if k in dataset.column_names]
     return [{k: v for k, v in collate([{c: dataset[i][c] for c in columns}]).items() if k in task.model_inputs}
             for i in range(min(count, len(dataset)))]  # fmt: skip
+
+
+def is_causal(path: Path) -> bool:
+    """A causal LM's graph: the past key/values among its inputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(i.name.startswith("past_key_values.") for i in graph.input)
 
 
 def _opset(path: Path) -> int | None:
@@ -361,6 +520,15 @@ def onnx_card(cfg: Any, task: Any, meta: dict[str, Any]) -> str:
             f"interleaved repetitions (median), lengths {lat['seq_len']}, {lat['date']}:\n\n"
             "| model | batch | p50 ms | p95 ms | sentences/s |\n|---|---|---|---|---|\n" + "\n".join(lines)
         )
+    if str(task.name) == "clm":
+        parts.append(
+            "## Use it\n\nOne graph with the key/value cache: inputs `input_ids`, `attention_mask` (past and new "
+            "tokens), `position_ids`, `past_key_values.<layer>.key|value` (batch, heads, past length, head size; "
+            "length 0 for the prompt); outputs `logits` and `present.<layer>.key|value`, the next call's past. "
+            "`distrain predict ckpt=<this folder> input=FILE` generates with it through ONNX Runtime (greedy, or the "
+            "predict options' sampling), `distrain eval ckpt=<this folder> split=test` reports its perplexity."
+        )
+        return "\n\n".join(parts) + "\n"
     parts.append(
         "## Use it\n\n```python\nimport onnxruntime as ort\nfrom transformers import AutoTokenizer\n\n"
         'tokenizer = AutoTokenizer.from_pretrained("<this folder>")\n'
