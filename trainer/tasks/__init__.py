@@ -7,11 +7,12 @@ from typing import Any
 from omegaconf import DictConfig
 
 from distrain.trainer.tasks.base import IGNORE, Task, TaskData
+from distrain.trainer.tasks.chat import ChatTask
 from distrain.trainer.tasks.classify import ClassifyTask
 from distrain.trainer.tasks.lm import CausalLMTask, MaskedLMTask
 from distrain.trainer.tasks.ner import NerTask
 
-TASKS: dict[str, type[Task]] = {str(t.name): t for t in (NerTask, ClassifyTask, MaskedLMTask, CausalLMTask)}
+TASKS: dict[str, type[Task]] = {str(t.name): t for t in (NerTask, ClassifyTask, MaskedLMTask, CausalLMTask, ChatTask)}
 
 __all__ = ["IGNORE", "TASKS", "Task", "TaskData", "build_task", "task_class"]
 

@@ -134,13 +134,16 @@ class CausalLMTask(LanguageModelTask):
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Labels are already shifted: labels[t] is the target of position t (the next token), or IGNORE
-        where there is none: at padding, at a block's end, and before a document start (boundaries on)."""
+        where there is none: at padding, at a block's end, and before a document start (boundaries on).
+        Examples with a `labels` column of their own (unshifted, IGNORE on tokens not trained: chat) are shifted
+        the same way; without one, every next token is a target."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         input_ids = self._pad(features, "input_ids", pad)
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
         real = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+        targets = self._pad(features, "labels", IGNORE) if "labels" in features[0] else input_ids
         labels = torch.full_like(input_ids, IGNORE)
-        labels[:, :-1] = input_ids[:, 1:]
+        labels[:, :-1] = targets[:, 1:]
         labels[:, :-1][~real[:, 1:]] = IGNORE
         labels[:, -1] = IGNORE
         batch = {"input_ids": input_ids, "attention_mask": real.long(), "labels": labels}
