@@ -31,7 +31,6 @@ from distrain.trainer.data.sources import Record
 from distrain.trainer.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100  # the label of a token that is not trained (as trainer/tasks/base.py)
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
@@ -150,27 +149,26 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], end_token: s
 
 @dataclass
 class Encoded:
-    """One conversation's tokens, their unshifted labels (IGNORE on untrained tokens) and the token span
-    [answer_start, answer_end) of its last assistant turn (-1, -1 when truncation cut it)."""
+    """One conversation's tokens, which of them are the assistant's, and the token span [answer_start,
+    answer_end) of its last assistant turn (-1, -1 when data.max_length cut it)."""
 
     input_ids: list[int]
-    labels: list[int]
+    assistant: list[bool]
     answer_start: int
     answer_end: int
 
 
-def encode(tokenizer: Any, renders: list[tuple[str, list]], max_length: int, train_on_prompt: bool) -> list[Encoded]:
+def encode(tokenizer: Any, renders: list[tuple[str, list]], max_length: int) -> list[Encoded]:
     """Tokenize rendered conversations (cut at max_length tokens) and mark the assistant's tokens."""
     batch = tokenizer([text for text, _ in renders], add_special_tokens=False, return_offsets_mapping=True,
                       truncation=True, max_length=max_length)  # fmt: skip
     out = []
     for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], renders, strict=True):
-        mine = [any(a < end and b > start for start, end in spans) for a, b in offsets]
-        labels = [t if train_on_prompt or m else IGNORE for t, m in zip(ids, mine, strict=True)]
+        assistant = [any(a < end and b > start for start, end in spans) for a, b in offsets]
         last_start, last_end = spans[-1]
         answer = [i for i, (a, b) in enumerate(offsets) if a < last_end and b > last_start]
         complete = answer and offsets[answer[-1]][1] >= last_end
-        out.append(Encoded(ids, labels, answer[0] if complete else -1, answer[-1] + 1 if complete else -1))
+        out.append(Encoded(ids, assistant, answer[0] if complete else -1, answer[-1] + 1 if complete else -1))
     return out
 
 

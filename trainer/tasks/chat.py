@@ -22,6 +22,7 @@ from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data import chat
 from distrain.trainer.data.sources import Record
 from distrain.trainer.errors import DataError
+from distrain.trainer.tasks.base import IGNORE
 from distrain.trainer.tasks.lm import CausalLMTask
 
 if TYPE_CHECKING:
@@ -87,10 +88,14 @@ class ChatTask(CausalLMTask):
     def tokenize(self, batch: dict[str, list]) -> dict[str, list]:
         renders = [chat.assistant_spans(self.tokenizer, messages, self.end_token, where)
                    for messages, where in zip(batch["messages"], batch["where"], strict=True)]  # fmt: skip
-        encoded = chat.encode(self.tokenizer, renders, self.cfg.data.max_length, self.cfg.task.train_on_prompt)
+        encoded = chat.encode(self.tokenizer, renders, self.cfg.data.max_length)
+        every = self.cfg.task.train_on_prompt
         return {
             "input_ids": [e.input_ids for e in encoded],
-            "labels": [e.labels for e in encoded],
+            "labels": [
+                [t if every or mine else IGNORE for t, mine in zip(e.input_ids, e.assistant, strict=True)]
+                for e in encoded
+            ],  # fmt: skip
             "length": [len(e.input_ids) for e in encoded],
             # eval's answer accuracy: the last assistant turn's tokens (the loader passes only loader_columns)
             "answer_start": [e.answer_start for e in encoded],
