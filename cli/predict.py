@@ -45,7 +45,7 @@ def predict_job(cfg: DictConfig) -> None:
         print_error("cannot predict", str(error))
         raise SystemExit(2) from None
     torch.manual_seed(cfg.seed)
-    predict_batch = task.text_tagger(model, env)  # NER: eval's own words and labels (see NerTask.text_tagger)
+    predict_batch = task.text_tagger(model, env, cfg)  # NER: eval's own words and labels (see NerTask.text_tagger)
     if predict_batch is None:
         runner = pipeline(
             task.pipeline_task, model=model, tokenizer=tokenizer, device=env.device, **task.pipeline_kwargs(cfg)

@@ -46,6 +46,8 @@ def test_the_tree_has_every_group():
 PARTNERS = {
     "data=bbc_news": ["task=classify"],
     "data=shakespeare": ["task=clm"],
+    "data=bbc_topics": ["task=chat", "model=smollm2"],
+    "task=chat": ["data=bbc_topics", "model=smollm2"],
     "data=custom": ["task=classify", "data.format=jsonl"],
     "task=classify": ["data=bbc_news"],
     "task=clm": ["data=shakespeare"],

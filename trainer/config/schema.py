@@ -33,6 +33,7 @@ class TaskName(Choice):
     mlm = "mlm"
     clm = "clm"
     dpo = "dpo"  # preference tuning of a causal LM (prompt, chosen, rejected) against a frozen reference
+    chat = "chat"  # causal LM fine-tuned on conversations, trained on the assistant's turns (trainer/tasks/chat.py)
 
 
 class DataFormat(Choice):
@@ -41,6 +42,7 @@ class DataFormat(Choice):
     csv = "csv"
     text = "text"
     folders = "folders"  # one sub-folder of .txt files per class
+    chat = "chat"  # jsonl, one conversation per line: {"messages": [{"role", "content"}, ...]} or prompt/response
 
 
 class TextUnit(Choice):
@@ -203,6 +205,9 @@ class DataConfig:
     label_column: str = "label"
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
+    prompt_column: str = "prompt"  # chat: a record without messages is this user turn ...
+    response_column: str = "response"  # ... answered by this assistant turn
+    chat_template: str | None = None  # chat: null = the tokenizer's own template; chatml = a named one (no own)
     labels: list[str] | None = None  # the label set, in id order; null = the labels seen in training data
     label_subwords: LabelSubwords = LabelSubwords.all  # ner: which sub-words of a word are trained (README: why all)
     text_unit: TextUnit = TextUnit.file  # text format: one document per file, paragraph or line
@@ -229,6 +234,7 @@ class TaskConfig:
     metric: str = "f1"  # dev metric for the best checkpoint and early stopping; one of the task's metrics
     mask_probability: float = 0.15  # mlm: fraction of tokens to predict (80% [MASK], 10% random, 10% kept)
     class_weights: Any = "none"  # ner/classify loss weight per label: none, balanced (from train labels) or [w, ...]
+    train_on_prompt: bool = False  # chat: also train on system and user turns and headers (default: assistant only)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def iter_records(
         first = 0
         for line in lines():
             line = line.rstrip("\r\n")
-            if data.format == "jsonl":
+            if data.format in ("jsonl", "chat"):  # chat: a JSON conversation per line (trainer/data/chat.py)
                 if line.strip():
                     yield _jsonl_record(path, number, line), (f.tell(), number)
             elif data.text_unit == TextUnit.line:

@@ -49,6 +49,7 @@ class Exporter:
             else:
                 model.save_pretrained(partial, state_dict=state)
             self.task.tokenizer.save_pretrained(partial)
+            self.task.finish_export(partial)
             shutil.copy(self.run_dir / run_files.CONFIG, partial / run_files.EXPORT_CONFIG)
             # (a one-process run's full state comes back empty here; its model's own state is the same tensors)
             sparsity = sparsity_by_layer(state or model.state_dict(), model) if self.cfg.prune.name != "none" else None

@@ -129,10 +129,10 @@ def eval_report(
     batch_size: int | None,
     data_dir: str | None,
     output: Path | None,
-    aggregation: str | None = None,
+    options: DictConfig,
 ) -> dict[str, Any]:
     """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file.
-    `aggregation`: the transformers.pipeline aggregation of the raw-text score (ner; None: the documented one)."""
+    `options`: eval's settings of the task's raw-text scores (Task.raw_text_report)."""
     cfg, env, tokenizer, task, model = load_for_inference(weights)
     if task.needs_reference:  # dpo's rewards: against the run's reference, built apart (the weights are merged)
         from distrain.trainer.train.reference import build_reference
@@ -153,7 +153,7 @@ def eval_report(
     precision = "fp32" if weights.kind == "onnx" else cfg.precision.name  # autocast is torch's, not ORT's
     predictions = predict_split(model, task, dataset, size, env, precision)
     report = task.report(predictions, dataset)
-    report.update(task.raw_text_report(model, dataset, size, env, aggregation))
+    report.update(task.raw_text_report(model, dataset, size, env, options))
     # metric: the run's task.metric (what it picked its best checkpoint by), not the task's first metric.
     report.update({"task": str(task.name), "metric": str(cfg.task.metric), "split": split, "examples": len(dataset),
                    "weights": str(weights.path), **runtime(weights, cfg)})  # fmt: skip

@@ -43,8 +43,9 @@ def load_tokenizer(model: DictConfig, env: DistEnv, run_dir: Path | None = None)
     return tokenizer
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
-    """A byte-level BPE tokenizer (GPT-2 style: any text, no unknown tokens) trained on `texts`."""
+def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, special: list[str] | None = None) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style: any text, no unknown tokens) trained on `texts`, with `special`
+    tokens besides its end of text (a chat template's turn markers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,10 +53,13 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=[EOS, *(special or [])],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                      extra_special_tokens=special or [])  # fmt: skip
     wrapped.save_pretrained(folder)
 
 
@@ -66,6 +70,7 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
     """Train the run's tokenizer on its training split once (model.train_tokenizer_vocab), into the run dir."""
     if cfg.model.train_tokenizer_vocab is None:
         return
+    from distrain.trainer.data import chat
     from distrain.trainer.data.sources import read_splits
     from distrain.trainer.tasks import task_class
 
@@ -78,7 +83,9 @@ def ensure_run_tokenizer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
             records = read_splits(cfg.data)["train"]
         text = task_class(cfg.task.name).tokenizer_text
         texts = [text(r, cfg.data) for r in records]
+        # a named template's turn markers become tokens of their own
+        special = chat.template_tokens(cfg.data.chat_template) if cfg.data.format == "chat" else []
         log.info("training a %d-token BPE tokenizer on %d training texts", cfg.model.train_tokenizer_vocab, len(texts))
-        train_tokenizer(texts, cfg.model.train_tokenizer_vocab, partial)
+        train_tokenizer(texts, cfg.model.train_tokenizer_vocab, partial, special)
 
     build_once(run_dir / run_files.TOKENIZER, train, env, "the run's tokenizer")

@@ -81,7 +81,8 @@ class Task:
             problems.append(f"task.metric: expected one of {list(cls.metrics_reported)} for {cls.name}, got {metric!r}")
         if data.dir is not None and data.format not in cls.formats:
             problems.append(
-                f"data.format: expected one of {[str(f) for f in cls.formats]} for task {cls.name}, got {data.format!r}"
+                f"data.format: expected one of {[str(f) for f in cls.formats]} for task {cls.name}, "
+                f"got {str(data.format)!r}"
             )
         if data.packing and not cls.language_model:
             problems.append(
@@ -89,7 +90,7 @@ class Task:
                 + ("; data.pack_examples=true packs whole examples" if cls.packs_examples else "")
             )
         if data.pack_examples and not cls.packs_examples:
-            problems.append(f"data.pack_examples: packs the examples of tasks with per-token targets (ner, clm), "
+            problems.append(f"data.pack_examples: packs the examples of tasks with per-token targets (ner, clm, chat), "
                             f"not {cls.name}; expected false")  # fmt: skip
         if data.pack_examples and data.packing:
             problems.append("data.pack_examples: data.packing=true already fills every row with max_length tokens; "
@@ -313,18 +314,24 @@ class Task:
         """Why `distrain predict` cannot take this input line, or None."""
         return None
 
-    def text_tagger(self, model: torch.nn.Module, env: DistEnv) -> Callable[..., list[Any]] | None:
+    def text_tagger(
+        self, model: torch.nn.Module, env: DistEnv, options: DictConfig | None = None
+    ) -> Callable[..., list[Any]] | None:
         """`distrain predict`'s runner (texts, batch_size=...) -> one output per text, when the task has its own;
-        None: the transformers pipeline of `pipeline_task`."""
+        None: the transformers pipeline of `pipeline_task`. `options`: predict's settings (generation)."""
         return None
 
     def raw_text_report(
-        self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: DistEnv, aggregation: str | None
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: DistEnv, options: DictConfig
     ) -> dict[str, Any]:
-        """Scores of the raw-text path (predict, the export's pipeline) that `distrain eval` adds to its report."""
+        """Scores of the raw-text path (predict, the export's pipeline) that `distrain eval` adds to its report;
+        `options`: eval's settings (ner: aggregation; chat: max_new_tokens)."""
         return {}
 
     card_example: ClassVar[str] = "Paris is the capital of France."  # the model card's example input
+
+    def finish_export(self, folder: Path) -> None:
+        """Add the task's own settings to an export folder (a plain Hugging Face model folder)."""
 
     def card_usage(self) -> str:
         """The model card's "Use it" section (trainer/export/model_card.py writes the rest)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from omegaconf import DictConfig
 
 from distrain.trainer.config.schema import DataFormat, LabelSubwords, TaskName
 from distrain.trainer.data.augment import NER_OPS, NerAugmenter
@@ -218,7 +219,9 @@ class NerTask(Task):
     # `distrain eval` scores on raw text (pipeline_f1). Chosen from the measurements in the README.
     pipeline_aggregation: ClassVar[str] = "first"
 
-    def text_tagger(self, model: torch.nn.Module, env: Any) -> Callable[..., list[list[dict[str, Any]]]]:
+    def text_tagger(
+        self, model: torch.nn.Module, env: Any, options: DictConfig | None = None
+    ) -> Callable[..., list[list[dict[str, Any]]]]:
         """`distrain predict`'s tagger: lines of raw text -> each line's entities, as `distrain eval` sees them.
 
         A line's words are its whitespace-separated tokens (a sentence of the data joined by spaces gives back its
@@ -273,16 +276,16 @@ class NerTask(Task):
         return CARD_USAGE.format(trained=trained, subwords=subwords, aggregation=self.pipeline_aggregation)
 
     def raw_text_report(
-        self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: Any, aggregation: str | None
+        self, model: torch.nn.Module, dataset: Dataset, batch_size: int, env: Any, options: DictConfig
     ) -> dict[str, Any]:
         """Entity F1 on raw text (each sentence's words joined by spaces; an entity counts when its type and
         character span are exact): of `distrain predict` (predict_f1) and of transformers.pipeline with the
-        given aggregation (pipeline_f1; default: the documented one). Beside the word-level scores, so a gap
-        between what evaluation measures and what a deployed tagger does is visible."""
+        aggregation options.aggregation (pipeline_f1; default: the documented one). Beside the word-level scores,
+        so a gap between what evaluation measures and what a deployed tagger does is visible."""
         from seqeval.metrics.sequence_labeling import get_entities
         from transformers import pipeline
 
-        aggregation = aggregation or self.pipeline_aggregation
+        aggregation = options.aggregation or self.pipeline_aggregation
         names = dataset.features["tags"].feature.names
         texts, gold = [], []
         for example in dataset:
