@@ -211,16 +211,24 @@ def test_train_eval_predict_a_tiny_chat_model(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_chat_losses_agree_across_strategies(tmp_path, cache_dir):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_chat_losses_agree_across_strategies(tmp_path, cache_dir, packed):
     """Masked assistant-token losses: the same global batches give the same losses under single, ddp and fsdp
-    (the loss is summed over each rank's assistant tokens and divided by the global count)."""
+    (the loss is summed over each rank's assistant tokens and divided by the global count); packed, whole
+    conversations laid end to end (data.pack_examples) give the padded ddp run's losses under ddp and fsdp."""
+    strategies, variant = (
+        (["ddp", "fsdp"], ["variant=data.pack_examples=true"]) if packed else (["single", "ddp", "fsdp"], [])
+    )
     run_distrain("parity", "+experiment=smollm2_chat", "+debug=tiny", "model=llama_tiny", "data.chat_template=chatml",
-                 "train.micro_batch_size=4", f"data.cache_dir={cache_dir}", "strategies=[single,ddp,fsdp]", "steps=5",
-                 f"out={tmp_path}")  # fmt: skip
+                 "train.micro_batch_size=4", f"data.cache_dir={cache_dir}", f"strategies=[{','.join(strategies)}]",
+                 "steps=5", *variant, f"out={tmp_path}")  # fmt: skip
     report = json.loads((tmp_path / "parity.json").read_text())
-    assert set(report["strategies"]) == {"single", "ddp", "fsdp"}
+    names = ({"ddp (reference)", "ddp data.pack_examples=true", "fsdp data.pack_examples=true"} if packed
+             else {"single", "ddp", "fsdp"})  # fmt: skip
+    assert set(report["strategies"]) == names, report
     for name, result in report["strategies"].items():
         assert len(result["per_step"]) == 5 and result["max_abs_diff"] <= 1e-5, (name, result)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
+    first = tmp_path / ("ddp_reference" if packed else "single")
+    losses = [json.loads(line)["loss"] for line in (first / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]  # fmt: skip
     assert losses[-1] < losses[0]  # it learns

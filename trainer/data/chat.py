@@ -79,11 +79,6 @@ def training_conversation(record: Record, data: DictConfig) -> list[dict[str, st
     return messages
 
 
-def texts_of(records: list[Record], data: DictConfig) -> list[str]:
-    """The text of each turn (to train a tokenizer on)."""
-    return [m["content"] for r in records for m in training_conversation(r, data)]
-
-
 def template_tokens(name: str | None) -> list[str]:
     """The special tokens a named template needs (a tokenizer trained for the run gets them)."""
     return list(TEMPLATE_TOKENS.get(name, ())) if name else []

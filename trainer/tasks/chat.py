@@ -44,6 +44,10 @@ class ChatTask(CausalLMTask):
         self.end_id, self.end_token = chat.end_of_turn(tokenizer)
 
     @classmethod
+    def tokenizer_text(cls, record: Record, data: DictConfig) -> str:
+        return "\n".join(message["content"] for message in chat.training_conversation(record, data))
+
+    @classmethod
     def check(cls, cfg: DictConfig) -> list[str]:
         problems = super().check(cfg)
         data = cfg.data
