@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distrain.trainer.config.schema import DataFormat, TaskName
+from distrain.trainer.data import chat
 from distrain.trainer.data.sources import Record
 from distrain.trainer.errors import DataError
 from distrain.trainer.tasks.base import IGNORE, Task
@@ -39,21 +40,19 @@ COLUMNS = ("prompt", "chosen", "rejected")
 
 def render(tokenizer: Any, prompt: str | list[dict], response: str | list[dict]) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one example. Plain text: both tokenized without special tokens, the response
-    ending with EOS (as clm's documents do). Chat: the tokenizer's chat template over the prompt's messages and the
-    assistant's answer; the response is what the answer adds after the prompt with its generation prompt (the
-    template's end-of-turn token included). The one place that renders; the chat data module can replace it."""
+    ending with EOS (as clm's documents do). Chat: the conversation rendered with the tokenizer's chat template
+    (trainer/data/chat.py, as task=chat renders it); the response is everything from the answer's first assistant
+    turn on (its end-of-turn token included)."""
     if isinstance(prompt, str):
         ids = tokenizer([prompt, response], add_special_tokens=False)["input_ids"]
         return ids[0], ids[1] + [tokenizer.eos_token_id]
     answer = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-    head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-    head_ids, full_ids = tokenizer([head, full], add_special_tokens=False)["input_ids"]
-    # Where the two differ: the response begins (a template may tokenize the prompt's end differently once the
-    # answer follows, so this is the common prefix, not len(head_ids)).
-    common = next((i for i, (a, b) in enumerate(zip(head_ids, full_ids, strict=False)) if a != b),
-                  min(len(head_ids), len(full_ids)))  # fmt: skip
-    return full_ids[:common], full_ids[common:]
+    _, end_token = chat.end_of_turn(tokenizer)
+    text, spans = chat.assistant_spans(tokenizer, [*prompt, *answer], end_token, "a preference pair")
+    start = spans[-len(answer)][0]  # the answer's turns are the conversation's last assistant turns
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    first = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > start)
+    return encoded["input_ids"][:first], encoded["input_ids"][first:]
 
 
 def truncated(prompt: list[int], response: list[int], size: int) -> tuple[list[int], int]:
