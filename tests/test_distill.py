@@ -21,6 +21,7 @@ def teacher_of(bert_parity: Path) -> str:
     return f"distill.teacher={bert_parity / 'single'}"  # the tiny BERT trained 5 steps, with its export
 
 
+@pytest.mark.slow
 def test_distillation_agrees_across_single_and_fsdp_and_records_its_parts(bert_parity, tmp_path, cache_dir):
     # `distrain parity` exits 1 (and run_parity fails) when a step's loss differs by more than 1e-5.
     run_parity(tmp_path, cache_dir, "[single,fsdp]", *BERT_PARITY, teacher_of(bert_parity), "distill.alpha=0.5",

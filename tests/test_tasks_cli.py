@@ -12,9 +12,9 @@ import yaml
 from conftest import run_distrain, train_losses
 
 STEPS = 4
-# The masked LM trains in the slow stage (its ONNX export is tested there too); the default suite keeps ner and
-# classify (encoders, 1 and 2 processes) and clm (a decoder, its own tokenizer, the cache built once per node).
-SLOW_TASKS = {"mlm"}
+# The language models train in the slow stage (their ONNX exports are tested there too); the default suite keeps
+# ner and classify (encoders, 1 and 2 processes), and test_chat trains, evaluates and predicts with a decoder.
+SLOW_TASKS = {"mlm", "clm"}
 TASKS = {
     # task: (overrides, pipeline task, a predict input, the keys of a predict output)
     "ner": (["model=bert_tiny", "data.max_train_samples=128", "data.max_eval_samples=32"],
@@ -227,6 +227,7 @@ def test_predict_reads_one_line_from_standard_input_and_uses_checkpoints_too(tas
     check_prediction(task, line, export_labels(task_runs[task]))
 
 
+@pytest.mark.slow
 def test_preprocessing_runs_once_per_node(task_runs):
     """In the 2-process clm run, rank 0 built the tokenized cache; rank 1 waited and read it."""
     logs = task_runs["clm"] / "logs"
@@ -241,6 +242,7 @@ def test_preprocessing_runs_once_per_node(task_runs):
     ]
 
 
+@pytest.mark.slow
 def test_a_run_trains_its_own_tokenizer_and_exports_it(task_runs):
     run = task_runs["clm"]
     assert (run / "tokenizer" / "tokenizer.json").is_file()
