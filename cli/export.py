@@ -26,6 +26,9 @@ def check(cfg: DictConfig) -> list[str]:
         problems.append(f"quantize: expected one of {list(QUANTIZE)}, got {cfg.quantize!r}")
     if not isinstance(cfg.max_metric_drop, int | float) or isinstance(cfg.max_metric_drop, bool):
         problems.append(f"max_metric_drop: expected a number, got {cfg.max_metric_drop!r}")
+    tolerance = cfg.fp32_tolerance
+    if not isinstance(tolerance, int | float) or isinstance(tolerance, bool) or not tolerance > 0:
+        problems.append(f"fp32_tolerance: expected a number > 0, got {tolerance!r}")
     if not isinstance(cfg.calibration_samples, int) or cfg.calibration_samples < 1:
         problems.append(f"calibration_samples: expected an integer >= 1, got {cfg.calibration_samples!r}")
     return problems
@@ -50,7 +53,7 @@ def export_job(cfg: DictConfig) -> None:
         say = lambda text: console.print(text, highlight=False)  # noqa: E731
         try:
             meta = export_onnx(weights, target, cfg.quantize, float(cfg.max_metric_drop), cfg.calibration_samples,
-                               cfg.batch_size, say)  # fmt: skip
+                               cfg.batch_size, float(cfg.fp32_tolerance), say)  # fmt: skip
         except QuantizationLoss as error:
             print_error("export failed its check", str(error))
             raise SystemExit(1) from None

@@ -167,6 +167,19 @@ def test_export_refuses_a_damaged_checkpoint_and_a_bad_key(shipped, tmp_path):
 
 
 @pytest.mark.slow
+def test_logits_beyond_the_fp32_tolerance_fail_the_export_and_leave_nothing(shipped, tmp_path):
+    """The check is real: a tolerance below fp32 rounding fails it; the message names the key that ships anyway."""
+    target = tmp_path / "strict"
+    result = run_distrain("export", f"ckpt={shipped['run']}", "fp32_tolerance=1e-12", f"output={target}",
+                          check=False)  # fmt: skip
+    assert result.returncode == 2 and "ONNX fp32 logits differ from torch's by" in result.stderr, result.stderr
+    assert "raise fp32_tolerance" in result.stderr and "Traceback" not in result.stderr
+    assert not target.exists() and not list(tmp_path.glob("*.partial"))
+    bad = run_distrain("export", f"ckpt={shipped['run']}", "fp32_tolerance=0", check=False)
+    assert bad.returncode == 2 and "fp32_tolerance: expected a number > 0, got 0" in bad.stderr
+
+
+@pytest.mark.slow
 def test_int8_beyond_max_metric_drop_is_written_but_marked_failed(shipped, int8):
     """A threshold below the drop the int8 export measured (the same weights, the same deterministic quantizer):
     the folder is written, marked failed, and the command exits 1 naming both numbers."""

@@ -24,7 +24,6 @@ from distrain.trainer.errors import UserError
 
 GRAPH = "model.onnx"  # the shipped graph (weights in model.onnx.data beside it when not int8)
 METADATA = "onnx_export.json"  # runtime, precision, max |logit diff|, dev metrics, sizes, status
-FP32_TOLERANCE = 1e-4  # max |logit diff| ONNX fp32 vs torch on unpadded positions; beyond it the export fails
 TASKS = ("ner", "classify", "mlm", "clm")
 QUANTIZE = ("none", "int8", "int8_static")
 
@@ -375,8 +374,9 @@ def default_output(weights: Any, quantize_mode: str) -> Path:
 
 
 def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop: float, calibration_samples: int,
-                batch_size: int | None, say: Any = print) -> dict[str, Any]:  # fmt: skip
-    """Export, check and write `target` (via `target`.partial); the metadata. A failed logit check leaves nothing;
+                batch_size: int | None, fp32_tolerance: float, say: Any = print) -> dict[str, Any]:  # fmt: skip
+    """Export, check and write `target` (via `target`.partial); the metadata. A logit check beyond `fp32_tolerance`
+    (max |logit diff| ONNX fp32 vs torch on unpadded positions) leaves nothing;
     int8 beyond `max_metric_drop` leaves the folder marked failed (status) and raises ExportError."""
     from distrain.trainer.config.schema import load_run_config
     from distrain.trainer.export.model_card import distrain_version
@@ -410,10 +410,12 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
         lengths = sorted({int(b["input_ids"].shape[1]) for b in batches})
         also = "; a padded prompt and 2 decode steps with the cache" if causal else ""
         say(f"exported {GRAPH} in {seconds:.1f} s; ONNX fp32 vs torch: max |logit diff| {diff:.3g} on dev inputs of "
-            f"lengths {lengths} (unpadded positions{also}; tolerance {FP32_TOLERANCE:g})")  # fmt: skip
-        if not diff <= FP32_TOLERANCE:
-            raise ExportError(f"ONNX fp32 logits differ from torch's by {diff:.3g} > {FP32_TOLERANCE:g} on dev inputs: "
-                              "the exported graph does not compute the model; nothing was written")  # fmt: skip
+            f"lengths {lengths} (unpadded positions{also}; tolerance {fp32_tolerance:g})")  # fmt: skip
+        if not diff <= fp32_tolerance:
+            raise ExportError(f"ONNX fp32 logits differ from torch's by {diff:.3g} > {fp32_tolerance:g} on dev inputs: "
+                              "the exported graph does not compute the model; nothing was written (a deep model "
+                              "with large logits can differ by fp32 rounding alone: SmolLM2-135M 4e-4; to ship it "
+                              "anyway, raise fp32_tolerance)")  # fmt: skip
         metric = str(cfg.task.metric)
         metrics = {
             "torch_fp32": dev_metrics(model, task, dev, size, env),
@@ -425,7 +427,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
             "format": "onnx", "runtime": "onnxruntime", "precision": "fp32" if quantize_mode == "none" else "int8",
             "quantize": quantize_mode, "task": str(task.name), "metric": metric, "source": str(weights.path),
             "source_kind": weights.kind, "opset": _opset(fp32_dir / GRAPH), "export_seconds": round(seconds, 2),
-            "max_abs_logit_diff": {"onnx_fp32": diff}, "check_lengths": lengths, "fp32_tolerance": FP32_TOLERANCE,
+            "max_abs_logit_diff": {"onnx_fp32": diff}, "check_lengths": lengths, "fp32_tolerance": fp32_tolerance,
             "dev_metrics": metrics, "bytes": sizes, "max_metric_drop": max_metric_drop,
             "distrain_version": distrain_version(),
         }  # fmt: skip
