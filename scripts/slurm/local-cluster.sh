@@ -67,11 +67,32 @@ start_munge() {
   fi
 }
 
+# Stop the daemons and job steps; those that do not leave in 10 s are killed.
+stop_daemons() {
+  pkill -x slurmd 2>/dev/null || true
+  pkill -x slurmctld 2>/dev/null || true
+  pkill -f '^slurmstepd' 2>/dev/null || true
+  for _ in $(seq 20); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.5; done
+  pkill -9 -x slurmd 2>/dev/null || true
+  pkill -9 -x slurmctld 2>/dev/null || true
+  pkill -9 -f '^slurmstepd' 2>/dev/null || true
+}
+
+# Whether each running daemon is this cluster's (its pid in this state dir): another cluster's daemons, e.g. left
+# by a killed test run, would serve another slurm.conf, and the node would never come up here.
+ours() {
+  for daemon in slurmctld slurmd; do
+    pgrep -x "$daemon" >/dev/null || continue
+    [ "$(pgrep -x "$daemon")" = "$(cat "$STATE/run/$daemon.pid" 2>/dev/null)" ] || return 1
+  done
+}
+
 case "${1:-}" in
   start)
     install
     start_munge
     write_conf
+    ours || stop_daemons
     pgrep -x slurmctld >/dev/null || slurmctld
     pgrep -x slurmd >/dev/null || slurmd
     for _ in $(seq 60); do
@@ -86,10 +107,7 @@ case "${1:-}" in
     ;;
   stop)
     scancel --quiet --user="$(id -un)" 2>/dev/null || true
-    for daemon in slurmd slurmctld; do
-      pkill -x "$daemon" 2>/dev/null || true
-    done
-    for _ in $(seq 20); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.5; done
+    stop_daemons
     echo "SLURM stopped (state kept in $STATE)"
     ;;
   status)
