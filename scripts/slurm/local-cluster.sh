@@ -76,6 +76,7 @@ stop_daemons() {
   pkill -9 -x slurmd 2>/dev/null || true
   pkill -9 -x slurmctld 2>/dev/null || true
   pkill -9 -f '^slurmstepd' 2>/dev/null || true
+  for _ in $(seq 20); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.25; done
 }
 
 # Whether each running daemon is this cluster's (its pid in this state dir): another cluster's daemons, e.g. left
