@@ -173,10 +173,11 @@ def test_bad_layouts_are_rejected_before_workers_start(overrides, expected):
 
 
 @pytest.mark.slow
-# Both models accumulate; the plain case (accumulation 1) once: it differs from 2 in no model-specific way.
-@pytest.mark.parametrize(("model", "accumulation"), [("bert", 1), ("bert", 2), ("llama", 2)])
-def test_the_full_matrix_matches_with_and_without_gradient_accumulation(tmp_path, cache_dir, model, accumulation):
-    parity(tmp_path, model, cache_dir, f"train.grad_accum_steps={accumulation}")
+# Both models accumulate over the six layouts; without accumulation, bert_parity (the default suite) covers five of
+# them, and the sixth (fsdp_tp:2x1) differs from them in no accumulation-specific way.
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_the_full_matrix_matches_with_gradient_accumulation(tmp_path, cache_dir, model):
+    parity(tmp_path, model, cache_dir, "train.grad_accum_steps=2")
     report = json.loads((tmp_path / "parity.json").read_text())
     assert len(report["strategies"]) == 6
     assert all(len(r["per_step"]) == STEPS for r in report["strategies"].values()), report  # no vacuous pass

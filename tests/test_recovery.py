@@ -87,17 +87,9 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(un
     assert_matches(run, uninterrupted)
 
 
-@pytest.mark.parametrize(
-    "how", [pytest.param("stop file", marks=pytest.mark.slow), pytest.param("preempt signal", marks=pytest.mark.slow),
-            pytest.param("SIGTERM", marks=pytest.mark.slow), "Ctrl-C"],
-)  # fmt: skip
-def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp_path, cache_dir, how):
-    run = tmp_path / "stopped"
-    process = start(run, cache_dir)
-    if how == "Ctrl-C":  # while the first one starts its workers
-        wait_for(lambda: (run / "config.yaml").exists(), "the run dir", process)
-        assert_a_second_launch_is_refused(run, cache_dir, process)
-    wait_for(lambda: len(steps_logged(run)) >= 15, "step 15", process)
+def stop(run: Path, process: subprocess.Popen, how: str) -> tuple[int, str]:
+    """Ask the running `process` to stop the way `how` says; the step it stopped at and its output, after checking
+    it left a complete checkpoint there, said how to resume and removed its request."""
     if how == "stop file":
         (run / "STOP").touch()
     elif how == "Ctrl-C":
@@ -108,12 +100,41 @@ def test_a_stop_request_checkpoints_and_a_rerun_finishes_the_same_run(uninterrup
     assert process.returncode == 0, output
     summary = json.loads((run / "summary.json").read_text())
     stopped = int(summary["status"].removeprefix("preempted at step "))
-    assert 15 <= stopped < STEPS and summary["step"] == stopped
+    assert summary["step"] == stopped and stopped < STEPS
     assert (run / "checkpoints" / f"step_{stopped}" / "COMPLETE").exists()
     assert "to resume" in output
     if how == "Ctrl-C":
         assert "Ctrl-C: the workers finish their step and write a checkpoint" in output and "Traceback" not in output
     assert not (run / "STOP").exists()  # the request does not outlive the run
+    return stopped, output
+
+
+def test_ctrl_c_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp_path, cache_dir):
+    run = tmp_path / "stopped"
+    process = start(run, cache_dir)
+    wait_for(lambda: (run / "config.yaml").exists(), "the run dir", process)  # while it starts its workers
+    assert_a_second_launch_is_refused(run, cache_dir, process)
+    wait_for(lambda: len(steps_logged(run)) >= 15, "step 15", process)
+    stopped, _ = stop(run, process, "Ctrl-C")
+    assert stopped >= 15
+    rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
+    assert f"at step {stopped}" in rerun.stdout
+    assert_matches(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_stop_file_a_preempt_signal_and_sigterm_each_checkpoint_and_the_reruns_finish_the_same_run(
+    uninterrupted, tmp_path, cache_dir
+):
+    """One run stopped three times, each way a scheduler or a user asks (every rerun resumes where the last one
+    stopped), then finished: it ends with the uninterrupted run's losses and weights."""
+    run, stopped = tmp_path / "stopped", 0
+    for how, after in (("stop file", 15), ("preempt signal", 30), ("SIGTERM", 45)):
+        process = start(run, cache_dir)
+        wait_for(lambda after=after: max(steps_logged(run), default=0) >= after, f"step {after}", process)
+        resumed_from, (stopped, output) = stopped, stop(run, process, how)
+        assert stopped >= after, how
+        assert not resumed_from or f"at step {resumed_from}" in output, output
     rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
     assert f"at step {stopped}" in rerun.stdout
     assert_matches(run, uninterrupted)

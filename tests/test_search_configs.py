@@ -5,6 +5,7 @@ are fixed by the seed, learning rates drawn on a log scale. In-process: no trial
 from __future__ import annotations
 
 import importlib.resources
+import multiprocessing
 
 import optuna
 import pytest
@@ -157,3 +158,28 @@ def test_bad_sweep_input_exits_2_naming_the_key_before_the_first_trial(tmp_path,
                           check=False)  # fmt: skip
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "0").exists() and not (tmp_path / "study.db").exists()
+
+
+def _open_at_once(url: str, barrier, errors) -> None:
+    barrier.wait()  # every process opens the new database in the same instant
+    try:
+        studies.open_storage(url)
+    except Exception as error:  # reported to the test, which names it
+        errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_opening_a_new_sqlite_study_at_once_all_get_it(tmp_path):
+    """A sweep starting while `distrain report` or the dashboard opens its study.db: they race to create the tables
+    and the schema version (Optuna alone fails a loser with IntegrityError or 'table ... already exists')."""
+    context = multiprocessing.get_context("fork")  # the children only open the file: fork is quick
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / str(attempt) / 'study.db'}"
+        barrier, errors = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_open_at_once, args=(url, barrier, errors)) for _ in range(4)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+        assert [p.exitcode for p in processes] == [0] * 4
+        assert errors.empty(), errors.get()
+        assert optuna.get_all_study_names(storage=url) == []  # one complete, readable schema

@@ -18,6 +18,8 @@ import yaml
 from conftest import DISTRAIN, TINY, run_distrain
 from optuna.trial import TrialState
 
+from distrain.trainer.search.study import open_storage
+
 pytestmark = pytest.mark.slow
 # Token accuracy moves in a few steps where entity F1 is still 0: it gives the ranking something to rank.
 SWEEP = [*TINY, "train.max_steps=3", "task.metric=accuracy", "data.max_eval_samples=32"]
@@ -55,7 +57,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 def load(sweep_dir, name="ner_optuna"):
     """The study as Optuna itself reads it from the sweep's storage."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/study.db")
+    # distrain's own opener: the sweep may be writing the new file's schema at this moment (it retries that race)
+    return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{sweep_dir}/study.db"))
 
 
 def wait(condition, what: str, timeout: float = 300) -> None:

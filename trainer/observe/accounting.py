@@ -123,7 +123,7 @@ def activation_bytes(
 
 
 def measure_peak_flops(
-    device: torch.device, size: int = 1024, repeats: int = 2, dtype: torch.dtype = torch.float32
+    device: torch.device, size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32
 ) -> float:
     """FLOP/s of a square GEMM of `dtype` (the run's: precision=bf16 runs its matmuls in bf16, which CPUs with
     AVX512-BF16 or AMX do several times faster than fp32) on this device with this process's threads: the 'peak' for

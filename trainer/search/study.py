@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ def open_storage(url: str) -> Any:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # Many trial processes write to one SQLite file at once: wait for its lock instead of failing at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except (IntegrityError, OperationalError) as error:
+            # Processes opening a new database at once (a sweep starting while `distrain report` or the dashboard
+            # reads it) race to create its tables and schema version: the losers' CREATE or INSERT fails, and the
+            # schema is complete when they try again.
+            if isinstance(error, OperationalError) and "already exists" not in str(error):
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return optuna.storages.RDBStorage(url, engine_kwargs=engine)
 
 

@@ -17,6 +17,7 @@ ties, reads 0.5: chance), the mean reward margin, the mean chosen and rejected r
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -38,16 +39,18 @@ if TYPE_CHECKING:
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def render(tokenizer: Any, prompt: str | list[dict], response: str | list[dict]) -> tuple[list[int], list[int]]:
+def render(
+    tokenizer: Any, prompt: str | list[dict], response: str | list[dict], end_token: str | None = None
+) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one example. Plain text: both tokenized without special tokens, the response
     ending with EOS (as clm's documents do). Chat: the conversation rendered with the tokenizer's chat template
     (trainer/data/chat.py, as task=chat renders it); the response is everything from the answer's first assistant
-    turn on (its end-of-turn token included)."""
+    turn on (its end-of-turn token included; `end_token`, the template's, found here when not given)."""
     if isinstance(prompt, str):
         ids = tokenizer([prompt, response], add_special_tokens=False)["input_ids"]
         return ids[0], ids[1] + [tokenizer.eos_token_id]
     answer = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
-    _, end_token = chat.end_of_turn(tokenizer)
+    end_token = end_token or chat.end_of_turn(tokenizer)[1]
     text, spans = chat.assistant_spans(tokenizer, [*prompt, *answer], end_token, "a preference pair")
     start = spans[-len(answer)][0]  # the answer's turns are the conversation's last assistant turns
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -115,6 +118,11 @@ class DpoTask(Task):
         self.beta = float(cfg.dpo.beta)
         self.reference: Any = None  # trainer/train/reference.py's Reference, set by whoever runs the model
 
+    @functools.cached_property
+    def end_token(self) -> str:
+        """The chat template's end-of-turn token: asked of the template once, for the first chat example."""
+        return chat.end_of_turn(self.tokenizer)[1]
+
     @classmethod
     def check(cls, cfg: DictConfig) -> list[str]:
         problems = super().check(cfg)
@@ -166,7 +174,8 @@ class DpoTask(Task):
         for prompt, chosen, rejected in zip(*(batch[key] for key in COLUMNS), strict=True):
             prompt = json.loads(prompt)
             for key, response in (("chosen", chosen), ("rejected", rejected)):
-                ids, start = truncated(*render(self.tokenizer, prompt, json.loads(response)), size)
+                end_token = None if isinstance(prompt, str) else self.end_token
+                ids, start = truncated(*render(self.tokenizer, prompt, json.loads(response), end_token), size)
                 out[f"{key}_ids"].append(ids)
                 out[f"{key}_start"].append(start)
         out["length"] = [max(len(c), len(r)) for c, r in zip(out["chosen_ids"], out["rejected_ids"], strict=True)]
