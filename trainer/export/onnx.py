@@ -338,8 +338,11 @@ def folder_bytes(folder: Path, names: list[str]) -> int:
 
 
 def metric_drop(task: Any, metric: str, reference: float, value: float) -> float:
-    """How much worse `value` is than `reference` (positive: worse), in the metric's own units."""
-    return value - reference if metric in task.lower_is_better else reference - value
+    """How much worse `value` is than `reference` (positive: worse), as a fraction of `reference`: one threshold
+    means the same for an F1 near 0.9 and a perplexity near 800 (in the metric's units, 0.01 would refuse any
+    int8 language model)."""
+    worse = value - reference if metric in task.lower_is_better else reference - value
+    return worse / abs(reference) if reference else worse
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -452,7 +455,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
         failed = quantize_mode != "none" and not meta["metric_drop"] <= max_metric_drop
         meta["status"] = "failed" if failed else "ok"
         if failed:
-            meta["failure"] = (f"int8 loses {meta['metric_drop']:.4f} dev {metric} (torch fp32 "
+            meta["failure"] = (f"int8 loses {meta['metric_drop']:.2%} of dev {metric} (torch fp32 "
                                f"{metrics['torch_fp32'][metric]:.4f}, ONNX int8 {metrics['onnx_int8'][metric]:.4f}) "
                                f"> max_metric_drop={max_metric_drop}")  # fmt: skip
         model.config.save_pretrained(partial)  # label names (id2label) and the architecture, for the tokenizer too
