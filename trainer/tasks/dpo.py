@@ -173,8 +173,8 @@ class DpoTask(Task):
         out: dict[str, list] = {"chosen_ids": [], "chosen_start": [], "rejected_ids": [], "rejected_start": []}
         for prompt, chosen, rejected in zip(*(batch[key] for key in COLUMNS), strict=True):
             prompt = json.loads(prompt)
+            end_token = None if isinstance(prompt, str) else self.end_token
             for key, response in (("chosen", chosen), ("rejected", rejected)):
-                end_token = None if isinstance(prompt, str) else self.end_token
                 ids, start = truncated(*render(self.tokenizer, prompt, json.loads(response), end_token), size)
                 out[f"{key}_ids"].append(ids)
                 out[f"{key}_start"].append(start)
