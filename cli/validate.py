@@ -25,7 +25,7 @@ from distrain.trainer.data.sources import STREAM_FORMATS, matching_paths
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import adapters
 from distrain.trainer.model.adapters import no_default_targets, target_modules
-from distrain.trainer.model.families import dropout_config
+from distrain.trainer.model.families import dropout_config, feed_forward_names
 from distrain.trainer.optim.registry import COMMON_KEYS, unused_keys
 from distrain.trainer.optim.registry import layout_problems as optimizer_layout_problems
 from distrain.trainer.optim.registry import spec as optimizer_spec
@@ -444,6 +444,17 @@ def _prune_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"prune.start_step: expected less than prune.end_step ({end}), got {prune.start_step}")
     if prune.end_step is not None and max_steps is not None and prune.end_step > max_steps:
         problems.append(f"prune.end_step: expected at most train.max_steps ({max_steps}), got {prune.end_step}")
+    if prune.name == "structured":
+        if prune.scope != "layer":
+            problems.append(f"prune.scope: expected layer with prune=structured (every layer loses the same number "
+                            f"of feed-forward neurons: the exported config has one intermediate_size), got "
+                            f"{prune.scope}")  # fmt: skip
+        model_type = getattr(model_config_if_local(cfg.model), "model_type", None)  # a Hub model's: the workers'
+        if model_type is not None:
+            try:
+                feed_forward_names(model_type)
+            except ConfigError as error:
+                problems += error.problems
     return problems
 
 

@@ -127,6 +127,7 @@ class AdapterName(Choice):
 class PruneName(Choice):
     none = "none"
     magnitude = "magnitude"  # unstructured: the smallest weights of the base model's Linear layers are zeroed
+    structured = "structured"  # whole feed-forward neurons removed: the export is a smaller dense model
 
 
 # global: one magnitude threshold over every pruned weight; layer: each weight matrix pruned to the sparsity on its
@@ -250,11 +251,13 @@ class AdapterConfig:
 @dataclass
 class PruneConfig:
     name: PruneName = PruneName.none
-    sparsity: float = 0.5  # final fraction of pruned weights set to zero, in [0, 1)
-    scope: PruneScope = PruneScope["global"]  # global: one threshold for all pruned weights; layer: per matrix
+    # final fraction of pruned weights set to zero (structured: of each layer's feed-forward neurons), in [0, 1)
+    sparsity: float = 0.5
+    # global: one threshold for all pruned weights; layer: per matrix (structured: per layer, the only choice)
+    scope: PruneScope = PruneScope["global"]
     start_step: int = 0  # the schedule's first step (sparsity 0 there)
     end_step: int | None = None  # the step that reaches prune.sparsity (cubic ramp between); null = the last step
-    every: int = 50  # steps between re-choosing the masks by magnitude (in between, zeros stay zero)
+    every: int = 50  # steps between re-choosing the masks (in between, zeros stay zero)
 
 
 @dataclass

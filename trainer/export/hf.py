@@ -4,6 +4,7 @@ adapter folder, and the merged model beside it when adapter.merge_on_export."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,12 @@ from omegaconf import DictConfig
 from distrain.trainer.checkpoint.store import full_model_state, load_model_weights
 from distrain.trainer.config import run_files
 from distrain.trainer.config.schema import ExportWeights
-from distrain.trainer.export.model_card import model_card
+from distrain.trainer.export.model_card import Pruning, model_card
 from distrain.trainer.model import adapters
 from distrain.trainer.parallel.apply import check_weights_finite, unwrap
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.tasks import Task
-from distrain.trainer.train.prune import sparsity_by_layer
+from distrain.trainer.train.prune import shrunk_state, sparsity_by_layer
 
 
 class Exporter:
@@ -44,21 +45,38 @@ class Exporter:
         if self.env.is_main:
             partial = self.run_dir / f"{run_files.EXPORT}.partial"
             shutil.rmtree(partial, ignore_errors=True)
+            # (a one-process run's full state comes back empty here; its model's own state is the same tensors)
+            state = state or model.state_dict()
+            pruning = None
             if self.adapter:
                 self._export_adapter(partial, state)
+            elif self.cfg.prune.name == "structured":
+                pruning = self._export_smaller(partial, state)
             else:
                 model.save_pretrained(partial, state_dict=state)
             self.task.tokenizer.save_pretrained(partial)
             self.task.finish_export(partial)
             shutil.copy(self.run_dir / run_files.CONFIG, partial / run_files.EXPORT_CONFIG)
-            # (a one-process run's full state comes back empty here; its model's own state is the same tensors)
-            sparsity = sparsity_by_layer(state or model.state_dict(), model) if self.cfg.prune.name != "none" else None
-            card = model_card(self.cfg, self.task, dev_metrics, sparsity)
+            if self.cfg.prune.name == "magnitude":
+                pruning = Pruning(sparsity=sparsity_by_layer(state, model))
+            card = model_card(self.cfg, self.task, dev_metrics, pruning)
             (partial / "README.md").write_text(card, encoding="utf-8")
             shutil.rmtree(self.target, ignore_errors=True)
             partial.rename(self.target)
         self.env.barrier()
         return self.target
+
+    def _export_smaller(self, folder: Path, state: dict[str, torch.Tensor]) -> Pruning:
+        """Rank 0, prune=structured: the model without its pruned feed-forward neurons, with the smaller
+        intermediate_size in its config."""
+        model = unwrap(self.model)
+        smaller, size = shrunk_state(state, model)
+        model.save_pretrained(folder, state_dict=smaller)
+        config = copy.deepcopy(model.config)
+        config.intermediate_size = size
+        config.save_pretrained(folder)
+        parameters = (sum(t.numel() for t in state.values()), sum(t.numel() for t in smaller.values()))
+        return Pruning(intermediate_size=(model.config.intermediate_size, size), parameters=parameters)
 
     def _export_adapter(self, folder: Path, state: dict[str, torch.Tensor]) -> None:
         """Rank 0: the adapter folder (peft), and the merged model beside it when adapter.merge_on_export; both

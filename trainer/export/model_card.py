@@ -6,6 +6,7 @@ distrain version; so `huggingface-cli upload <repo> <run>/export` publishes a do
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -33,11 +34,17 @@ def _data_lines(data: DictConfig) -> list[str]:
     return lines
 
 
-def model_card(
-    cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None, sparsity: dict[str, float] | None = None
-) -> str:
-    """The README.md of an export; `dev_metrics`: the dev eval record of the exported weights (None: none ran);
-    `sparsity`: the measured fraction of zeros of each pruned weight matrix (prune=magnitude)."""
+@dataclass(frozen=True)
+class Pruning:
+    """What pruning left in an export, measured on its weights."""
+
+    sparsity: dict[str, float] | None = None  # magnitude: the fraction of zeros of each pruned weight matrix
+    intermediate_size: tuple[int, int] | None = None  # structured: feed-forward neurons per layer, before and after
+    parameters: tuple[int, int] | None = None  # structured: the model's parameters, before and after
+
+
+def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None, pruning: Pruning | None = None) -> str:
+    """The README.md of an export; `dev_metrics`: the dev eval record of the exported weights (None: none ran)."""
     adapter = cfg.get("adapter")
     adapter = adapter if adapter is not None and adapter.get("name") not in (None, "none") else None
     datasets = [cfg.data.hub_name] if cfg.data.dir is None and cfg.data.hub_name else []
@@ -66,13 +73,20 @@ def model_card(
     if adapter:
         settings = yaml.safe_dump(OmegaConf.to_container(adapter, resolve=True, enum_to_str=True), sort_keys=False)
         parts.append(f"## Adapter\n\n```yaml\n{settings}```")
-    if sparsity:
-        rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in sparsity.items())
-        mean = sum(sparsity.values()) / len(sparsity)
+    if pruning and pruning.sparsity:
+        rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in pruning.sparsity.items())
+        mean = sum(pruning.sparsity.values()) / len(pruning.sparsity)
         parts.append(
             f"## Pruning\n\nprune={cfg.prune.name} (scope {cfg.prune.scope}, target sparsity {cfg.prune.sparsity}). "
             f"Measured fraction of zero weights per pruned matrix (mean {mean:.4f}); the zeros are stored, so the "
             f"files and the speed are those of the dense model:\n\n| weight | sparsity |\n|---|---|\n{rows}"
+        )
+    if pruning and pruning.intermediate_size:
+        (before, after), (params_before, params_after) = pruning.intermediate_size, pruning.parameters
+        parts.append(
+            f"## Pruning\n\nprune=structured (target {cfg.prune.sparsity} of the feed-forward neurons): every layer "
+            f"keeps {after} of its {before} feed-forward neurons (intermediate_size {before} -> {after}); the "
+            f"pruned ones are removed, so the model has {params_after:,} parameters instead of {params_before:,}."
         )
     parts.append("## Use it\n\n" + task.card_usage())
     config = OmegaConf.to_yaml(cfg, resolve=True)

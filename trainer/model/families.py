@@ -20,8 +20,12 @@ class Family:
     # data.pack_examples: the model passes position ids to transformers' mask builders, which then keep attention
     # inside each packed example (trainer/data/packing.py; checked against padding in tests/test_packing.py)
     packs: bool = False
+    # prune=structured: the block-relative names of the feed-forward's input Linears (one row per neuron) and of
+    # its output Linear (one column per neuron); config.intermediate_size is the neuron count
+    feed_forward: tuple[tuple[str, ...], str] | None = None
 
 
+_GATED_FEED_FORWARD = (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
 _DECODER_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 FAMILIES: dict[str, Family] = {
@@ -37,6 +41,7 @@ FAMILIES: dict[str, Family] = {
         lora_targets=["query", "key", "value", "dense"],
         dropout_fields=("hidden_dropout_prob", "attention_probs_dropout_prob"),
         packs=True,
+        feed_forward=(("intermediate.dense",), "output.dense"),
     ),
     "llama": Family(
         tp_layer_plan={
@@ -51,9 +56,14 @@ FAMILIES: dict[str, Family] = {
         lora_targets=_DECODER_LORA,
         dropout_fields=("attention_dropout",),  # Llama has no hidden-state dropout
         packs=True,
+        feed_forward=_GATED_FEED_FORWARD,
     ),
-    "mistral": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",), packs=True),
-    "qwen2": Family(lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",), packs=True),
+    "mistral": Family(
+        lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",), packs=True, feed_forward=_GATED_FEED_FORWARD
+    ),
+    "qwen2": Family(
+        lora_targets=_DECODER_LORA, dropout_fields=("attention_dropout",), packs=True, feed_forward=_GATED_FEED_FORWARD
+    ),
 }
 
 
@@ -77,3 +87,13 @@ def packing_problems(model_type: str, pack_examples: bool) -> list[str]:
     known = sorted(name for name, f in FAMILIES.items() if f.packs)
     return [f"data.pack_examples: a {model_type!r} model is not known to keep attention inside packed examples "
             f"(known: {known}); expected false"]  # fmt: skip
+
+
+def feed_forward_names(model_type: str) -> tuple[tuple[str, ...], str]:
+    """prune=structured's (input Linears, output Linear) of a block of a `model_type` model."""
+    family = FAMILIES.get(model_type)
+    if family is None or family.feed_forward is None:
+        known = sorted(name for name, f in FAMILIES.items() if f.feed_forward)
+        raise ConfigError([f"prune.name: structured pruning of a {model_type!r} model, whose feed-forward layers "
+                           f"distrain does not know (it knows {known}); expected prune=magnitude or none"])  # fmt: skip
+    return family.feed_forward

@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 # --- tensor parallel ---------------------------------------------------------------------------------------------
 def transformer_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The repeated blocks (BertLayer, LlamaDecoderLayer, ...): the modules of a ModuleList whose class
-    transformers lists in _no_split_modules (which also names non-repeated ones, like BertEmbeddings)."""
+    transformers lists in _no_split_modules (which also names non-repeated ones, like BertEmbeddings); a class or
+    its base, as fully_shard makes each sharded block an FSDPBertLayer subclass."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [
         (f"{parent}.{child}", module)
         for parent, container in model.named_modules()
         if isinstance(container, torch.nn.ModuleList)
         for child, module in container.named_children()
-        if type(module).__name__ in names
+        if any(cls.__name__ in names for cls in type(module).__mro__)
     ]
     if not blocks:
         raise ConfigError([f"parallel.name: cannot find the transformer blocks of {type(model).__name__}"])

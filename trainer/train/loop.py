@@ -40,7 +40,7 @@ from distrain.trainer.train.batches import BatchSource
 from distrain.trainer.train.distill import Distiller
 from distrain.trainer.train.evaluator import Evaluator
 from distrain.trainer.train.preemption import StopRequest
-from distrain.trainer.train.prune import Pruner
+from distrain.trainer.train.prune import NeuronPruner, Pruner, make_pruner
 from distrain.trainer.train.state import TrainState
 from distrain.trainer.train.step import StepRunner
 
@@ -78,15 +78,16 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg, run_dir, env, model, optimizer, parts, adapter)
         self.exporter = Exporter(cfg, run_dir, env, task, model, adapter)
 
-    def _pruner(self) -> Pruner | None:
-        """prune=magnitude's Pruner, once the run's length is known (an epoch-based run's comes from the data)."""
+    def _pruner(self) -> Pruner | NeuronPruner | None:
+        """The pruner of prune=magnitude or structured, once the run's length is known (an epoch-based run's comes
+        from the data)."""
         prune = self.cfg.prune
         if prune.name == "none":
             return None
         end = prune.end_step if prune.end_step is not None else self.total_steps
         if end > self.total_steps:
             raise ConfigError([f"prune.end_step: expected at most the run's {self.total_steps} steps, got {end}"])
-        return Pruner(self.model, prune, self.total_steps)
+        return make_pruner(self.model, prune, self.total_steps)
 
     @property
     def epoch(self) -> float:

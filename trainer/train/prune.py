@@ -1,4 +1,7 @@
-"""Unstructured magnitude pruning during training (`prune=magnitude`): the one home of the schedule and the masks.
+"""Pruning during training: the one home of the schedule and the masks. `prune=magnitude` zeroes single weights;
+`prune=structured` removes whole feed-forward neurons, so that the export is a smaller dense model.
+
+Magnitude pruning (class Pruner).
 
 The weights pruned are those of every Linear layer of the base model (attention and feed-forward projections, the
 pooler); embeddings, norms, biases and the task head are kept whole. Every prune.every steps from prune.start_step
@@ -22,11 +25,14 @@ step), so every rank zeroes the same weights as one process would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from omegaconf import DictConfig
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from distrain.trainer.parallel.apply import unwrap
+from distrain.trainer.model.families import feed_forward_names
+from distrain.trainer.parallel.apply import transformer_blocks, unwrap
 
 
 def target_sparsity(step: int, prune: DictConfig, total_steps: int) -> float:
@@ -110,3 +116,115 @@ def sparsity_by_layer(state: dict[str, torch.Tensor], model: torch.nn.Module) ->
     """The measured fraction of zeros of each pruned weight matrix in a full state dict (the export's)."""
     names = [f"{name}.weight" for name, _ in pruned_modules(model)]
     return {name: float((state[name] == 0).float().mean()) for name in names if name in state}
+
+
+@dataclass(frozen=True)
+class FeedForward:
+    """The feed-forward of one block: `inputs` hold a row per neuron, `output` a column per neuron."""
+
+    name: str  # the block's qualified name, as in the model's state dict
+    input_names: tuple[str, ...]  # block-relative
+    output_name: str
+    inputs: tuple[torch.nn.Linear, ...]
+    output: torch.nn.Linear
+
+
+def feed_forwards(model: torch.nn.Module) -> list[FeedForward]:
+    model = unwrap(model)
+    input_names, output_name = feed_forward_names(model.config.model_type)
+    return [
+        FeedForward(
+            name,
+            input_names,
+            output_name,
+            tuple(block.get_submodule(n) for n in input_names),
+            block.get_submodule(output_name),
+        )  # fmt: skip
+        for name, block in transformer_blocks(model)
+    ]
+
+
+def _pruned_neurons(output_weight: torch.Tensor) -> torch.Tensor:
+    """Which neurons are pruned: those whose column of the (whole) output weight is all zero."""
+    return (output_weight == 0).all(dim=0)
+
+
+def _mask_(parameter: torch.Tensor | None, keep: torch.Tensor) -> None:
+    """Zero `parameter` (a whole-shaped mask `keep` broadcast over it) on this rank's part of it."""
+    if parameter is None:
+        return
+    keep = keep.expand(parameter.shape).to(parameter.dtype)
+    if isinstance(parameter, DTensor):  # this rank's part; every rank holds the same whole mask: no scatter
+        mesh, placements = parameter.device_mesh, parameter.placements
+        keep = distribute_tensor(keep.contiguous(), mesh, placements, src_data_rank=None).to_local()
+    _local(parameter).mul_(keep)
+
+
+class NeuronPruner:
+    """prune=structured: the same interface as Pruner (before_step, then apply after the optimizer step)."""
+
+    def __init__(self, model: torch.nn.Module, prune: DictConfig, total_steps: int):
+        self.model, self.prune, self.total_steps = model, prune, total_steps
+        self.layers = feed_forwards(model)
+        self.pruned: list[torch.Tensor] | None = None  # per layer, the neurons pruned before this step
+
+    def chooses(self, step: int) -> bool:
+        return chooses(step, self.prune, self.total_steps)
+
+    @torch.no_grad()
+    def before_step(self, step: int) -> None:
+        after_start = step > self.prune.start_step
+        self.pruned = [_pruned_neurons(_whole(f.output.weight)) for f in self.layers] if after_start else None
+
+    @torch.no_grad()
+    def apply(self, step: int) -> None:
+        pruned, self.pruned = self.pruned, None
+        fraction = target_sparsity(step, self.prune, self.total_steps)
+        if self.chooses(step) and fraction > 0:
+            pruned = [self._choose(layer, fraction, before) for layer, before in
+                      zip(self.layers, pruned or [None] * len(self.layers), strict=True)]  # fmt: skip
+        if pruned is None:
+            return
+        for layer, gone in zip(self.layers, pruned, strict=True):
+            keep = ~gone
+            for linear in layer.inputs:
+                _mask_(linear.weight, keep[:, None])
+                _mask_(linear.bias, keep)
+            _mask_(layer.output.weight, keep[None, :])
+
+    def _choose(self, layer: FeedForward, fraction: float, before: torch.Tensor | None) -> torch.Tensor:
+        """The floor(fraction * neurons) neurons of least importance (those pruned before first)."""
+        score = _whole(layer.output.weight).float().norm(dim=0)
+        for linear in layer.inputs:
+            score = score * _whole(linear.weight).float().norm(dim=1)
+        if before is not None:
+            score = score.masked_fill(before, -torch.inf)
+        gone = torch.zeros_like(score, dtype=torch.bool)
+        gone[score.argsort(stable=True)[: int(fraction * score.numel())]] = True
+        return gone
+
+
+def make_pruner(model: torch.nn.Module, prune: DictConfig, total_steps: int) -> Pruner | NeuronPruner | None:
+    if prune.name == "none":
+        return None
+    return (NeuronPruner if prune.name == "structured" else Pruner)(model, prune, total_steps)
+
+
+def shrunk_state(state: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int]:
+    """A full state dict without the pruned feed-forward neurons, and the intermediate_size it has. Every layer
+    keeps the same number of neurons: were one layer to have more pruned (all-zero) neurons than the others,
+    the extra ones stay, as zeros."""
+    layers = feed_forwards(model)
+    pruned = [_pruned_neurons(state[f"{f.name}.{f.output_name}.weight"]) for f in layers]
+    drop = min(int(gone.sum()) for gone in pruned)
+    out = dict(state)
+    for layer, gone in zip(layers, pruned, strict=True):
+        keep = torch.ones_like(gone)
+        keep[gone.nonzero().flatten()[:drop]] = False
+        for name in layer.input_names:
+            for kind in ("weight", "bias"):
+                if (key := f"{layer.name}.{name}.{kind}") in out:
+                    out[key] = out[key][keep].contiguous()
+        key = f"{layer.name}.{layer.output_name}.weight"
+        out[key] = out[key][:, keep].contiguous()
+    return out, len(pruned[0]) - drop

@@ -25,7 +25,7 @@ from distrain.trainer.parallel.grads import clip_grad_norm, no_sync
 from distrain.trainer.parallel.precision import autocast_precision, grad_scaler
 from distrain.trainer.tasks import Task
 from distrain.trainer.train.distill import Distiller
-from distrain.trainer.train.prune import Pruner
+from distrain.trainer.train.prune import NeuronPruner, Pruner
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class StepRunner:
     def __init__(self, cfg: DictConfig, env: DistEnv, task: Task, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  say: Callable[[str], None], distiller: Distiller | None = None,
-                 pruner: Pruner | None = None):  # fmt: skip
+                 pruner: Pruner | NeuronPruner | None = None):  # fmt: skip
         self.env, self.task, self.model, self.distiller, self.pruner = env, task, model, distiller, pruner
         self.optimizer, self.scheduler = optimizer, scheduler
         self.parameters = [p for p in model.parameters() if p.requires_grad]
