@@ -3,9 +3,11 @@ model's FLOPs per token, for the chosen layout and its alternatives, without sta
 
 The model is built on the meta device (no memory, no weights read); parameters are split as the strategies split
 them (tensor-parallel plan, FSDP's row chunks), so parameter, gradient and optimizer figures are exact for rank 0
-(fp32 weights and gradients, AdamW's two moments plus a step counter per tensor). Activations are an estimate
-for one micro-batch of data.max_length tokens (Korthikanti et al. 2022, scaled to 4-byte floats): they depend
-on the data. Layouts that cannot work are flagged with the reason. `output=FILE` also writes the table as JSON.
+(fp32 weights and gradients, AdamW's two moments plus a step counter per tensor), and so are those of a frozen
+second model (a distillation teacher, a DPO reference). Activations are an estimate for one micro-batch of
+data.max_length tokens (a DPO pair is two rows, chosen and rejected; Korthikanti et al. 2022, scaled to 4-byte
+floats): they depend on the data. Layouts that cannot work are flagged with the reason. `output=FILE` also writes
+the table as JSON.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class _SizedVocab:
 
 def meta_model(cfg: DictConfig) -> torch.nn.Module:
     """The run's model (with its task head) on the meta device: structure and shapes, no storage."""
+    return meta_model_and_task(cfg)[0]
+
+
+def meta_model_and_task(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
+    """meta_model's model, and the run's task."""
     env = DistEnv()
     if cfg.model.train_tokenizer_vocab is not None:
         tokenizer: Any = _SizedVocab(cfg.model.train_tokenizer_vocab)
@@ -63,7 +70,7 @@ def meta_model(cfg: DictConfig) -> torch.nn.Module:
     with torch.device("meta"):
         model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env),
                             tokenizer, pretrained=False, **head)  # fmt: skip
-        return adapters.apply_lora(model, cfg.adapter) if adapters.enabled(cfg) else model
+        return (adapters.apply_lora(model, cfg.adapter) if adapters.enabled(cfg) else model), task
 
 
 def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
@@ -85,11 +92,11 @@ def main() -> None:
         console.print(f"[yellow]note: the chosen config would not start: {'; '.join(error.problems)}")
     world = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
     try:
-        model = meta_model(cfg)
+        model, task = meta_model_and_task(cfg)
     except Exception as error:  # the model or its tokenizer cannot be read here (e.g. a Hub id offline)
         print_error("cannot plan", f"{type(error).__name__}: {error}")
         raise SystemExit(2) from None
-    teacher = _teacher_model(cfg)
+    frozen = _frozen_model(cfg, model, task.auto_model_class())
     available = _memory_per_process(cfg)
     flops = flops_per_token(model, cfg.data.max_length)
     rows = []
@@ -100,8 +107,9 @@ def main() -> None:
             row.update(adapters.parameter_counts(model))
         if dims is not None:
             problems += dims.model_problems(model.config) + adapters.layout_problems(cfg, dims)
-            if teacher is not None and dims.tp_enabled:
-                problems.append("distill.teacher: a tensor-parallel teacher is not built (single, ddp or fsdp)")
+            if frozen is not None and dims.tp_enabled:
+                key = "distill.teacher" if frozen[0] == "teacher" else "task=dpo"
+                problems.append(f"{key}: a tensor-parallel {frozen[0]} is not built (single, ddp or fsdp)")
             problems += optimizer_problems(cfg.optim, dims.fsdp_enabled or dims.tp_enabled)
         if dims is None or problems:
             rows.append({**row, "problems": problems})
@@ -109,11 +117,12 @@ def main() -> None:
         planned = planned_bytes(model, dims, cfg.optim)
         held = {"params_bytes": planned.params, "grads_bytes": planned.grads, "optimizer_bytes": planned.optimizer}
         activations = activation_bytes(
-            model.config, cfg.train.micro_batch_size, cfg.data.max_length, dims.tp,
-            cfg.train.activation_checkpointing, vocab_logits=task_class(cfg.task.name).language_model,
+            model.config, cfg.train.micro_batch_size * task.rows_per_sample, cfg.data.max_length, dims.tp,
+            cfg.train.activation_checkpointing, vocab_logits=model.get_output_embeddings() is not None,
         )  # fmt: skip
-        if teacher is not None:  # frozen fp32 weights only, sharded like the student's under FSDP
-            held["teacher_bytes"] = sum(math.prod(shape) for shape in rank0_param_shapes(teacher, dims)) * 4
+        if frozen is not None:  # frozen fp32 weights only, sharded like the model's under FSDP
+            kind, frozen_model = frozen
+            held[f"{kind}_bytes"] = sum(math.prod(shape) for shape in rank0_param_shapes(frozen_model, dims)) * 4
         total = sum(held.values()) + activations
         tied_output = model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False)
         if dims.tp_enabled and tied_output:
@@ -127,14 +136,21 @@ def main() -> None:
         Path(own["output"]).write_text(strict_json.dumps(rows, indent=1))
 
 
-def _teacher_model(cfg: DictConfig) -> torch.nn.Module | None:
-    """The distillation teacher (distill.teacher) on the meta device, or None."""
-    if cfg.distill.teacher is None:
-        return None
-    from distrain.trainer.train.distill import find_teacher
+def _frozen_model(cfg: DictConfig, model: torch.nn.Module, auto_class: type) -> tuple[str, torch.nn.Module] | None:
+    """The frozen model a run holds beside its own, on the meta device, and what it is: distill.teacher's
+    ("teacher"), or dpo's ("reference": dpo.reference's, else a copy of the run's starting model; none with
+    adapter=lora, whose reference is the base itself with the adapters off); None without one."""
+    if cfg.distill.teacher is not None:
+        from distrain.trainer.train.distill import find_teacher
 
-    task = build_task(cfg, load_tokenizer(cfg.model, DistEnv()))
-    return find_teacher(cfg.distill.teacher).meta_model(task.auto_model_class())
+        return "teacher", find_teacher(cfg.distill.teacher).meta_model(auto_class)
+    if not task_class(cfg.task.name).needs_reference or adapters.enabled(cfg):
+        return None
+    if cfg.dpo.reference is not None:
+        from distrain.trainer.train.distill import find_teacher
+
+        return "reference", find_teacher(cfg.dpo.reference).meta_model(auto_class)
+    return "reference", model
 
 
 def _memory_per_process(cfg: DictConfig) -> int | None:
@@ -158,8 +174,9 @@ def plan_table(cfg: DictConfig, rows: list[dict[str, Any]], flops: float) -> Tab
     if "trainable_params" in rows[0]:
         title += f"; adapter=lora trains {rows[0]['trainable_params']:,} of {rows[0]['total_params']:,} parameters"
     table = Table(title=title)
-    teacher = any("teacher_bytes" in row for row in rows)  # distill.teacher: its frozen weights per rank
-    columns = ("layout", "dp x tp", "params", "grads", "optimizer", *(["teacher"] if teacher else []),
+    # distill.teacher's or dpo's reference: its frozen weights per rank
+    frozen = next((kind for kind in ("teacher", "reference") if any(f"{kind}_bytes" in row for row in rows)), None)
+    columns = ("layout", "dp x tp", "params", "grads", "optimizer", *([frozen] if frozen else []),
                "activations (est.)", "total", "notes")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right" if column not in ("layout", "notes") else "left")
@@ -169,7 +186,7 @@ def plan_table(cfg: DictConfig, rows: list[dict[str, Any]], flops: float) -> Tab
             continue
         table.add_row(
             row["layout"], f"{row['dp']} x {row['tp']}", _mib(row["params_bytes"]), _mib(row["grads_bytes"]),
-            _mib(row["optimizer_bytes"]), *([_mib(row["teacher_bytes"])] if teacher else []),
+            _mib(row["optimizer_bytes"]), *([_mib(row[f"{frozen}_bytes"])] if frozen else []),
             _mib(row["activation_bytes"]), _mib(row["total_bytes"]),
             "; ".join(row["problems"]),
         )  # fmt: skip

@@ -218,3 +218,24 @@ def test_a_stopped_dpo_run_resumes_exactly_like_the_uninterrupted_one(tmp_path, 
     prompts.write_text("Headline: Oil prices rise again. Topic:\n")
     line = run_distrain("predict", f"ckpt={parts}", f"input={prompts}", "max_new_tokens=3").stdout.splitlines()[-1]
     assert set(json.loads(line)) == {"input", "continuation"}  # the export is a plain causal LM
+
+
+def test_plan_counts_the_reference_and_both_answers_of_a_pair(tmp_path):
+    from distrain.cli.plan import _frozen_model, meta_model_and_task
+    from distrain.trainer.observe.accounting import activation_bytes
+
+    out = tmp_path / "plan.json"
+    run_distrain("plan", *DPO, "parallel=ddp", "launcher.nproc_per_node=2", f"output={out}")
+    rows = {row["layout"].split()[0]: row for row in json.loads(out.read_text())}
+    # the reference: a frozen fp32 copy of the starting model, replicated under ddp and sharded under fsdp
+    assert rows["ddp"]["reference_bytes"] == rows["ddp"]["params_bytes"] > 0
+    assert rows["fsdp"]["reference_bytes"] == rows["fsdp"]["params_bytes"] < rows["ddp"]["params_bytes"]
+    assert "a tensor-parallel reference is not built" in " ".join(rows["tp"]["problems"])
+    # activations: a micro-batch of 8 pairs is 16 rows (chosen and rejected), each with its logits over the vocab
+    cfg = compose_train([*DPO, f"run.dir={tmp_path / 'run'}"])
+    model, task = meta_model_and_task(cfg)
+    rows16 = activation_bytes(model.config, 2 * cfg.train.micro_batch_size, cfg.data.max_length, 1, False,
+                              vocab_logits=True)  # fmt: skip
+    assert rows["ddp"]["activation_bytes"] == rows16
+    lora = compose_train([*DPO, "adapter=lora", f"run.dir={tmp_path / 'run'}"])
+    assert _frozen_model(lora, meta_model_and_task(lora)[0], task.auto_model_class()) is None  # the base, adapters off

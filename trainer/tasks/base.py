@@ -65,6 +65,7 @@ class Task:
     # Its loss compares the model with a frozen reference model (dpo): the worker and `distrain eval` attach one
     # (trainer/train/reference.py) as `task.reference` before the first forward pass.
     needs_reference: ClassVar[bool] = False
+    rows_per_sample: ClassVar[int] = 1  # model rows a sample makes in a batch (dpo: the chosen and rejected answer)
 
     def __init__(self, cfg: DictConfig, tokenizer: Any):
         self.cfg = cfg

@@ -107,6 +107,7 @@ class DpoTask(Task):
     formats = (DataFormat.jsonl,)
     pipeline_task = "text-generation"
     needs_reference = True
+    rows_per_sample = 2
     forward_kwargs = {"use_cache": False}
     loader_columns = ("chosen_ids", "rejected_ids", "chosen_start", "rejected_start")
     # The export is a causal LM: `distrain predict` continues prompts as clm's does.
