@@ -297,7 +297,9 @@ def ort_model(path: Path, config: Any, threads: int | None = None) -> torch.nn.M
 # --- the check of an export ---------------------------------------------------------------------------------------
 def check_inputs(task: Any, dataset: Any, count: int = 8) -> list[dict[str, torch.Tensor]]:
     """Real inputs of several lengths with padding: a batch of `count` dev examples spread from the shortest to
-    the longest (so most rows are padded), and the longest and shortest alone (no padding)."""
+    the longest (so most rows are padded), the longest and shortest alone (no padding), and the spread batch with
+    its rows cut to decreasing lengths (when every dev example has the same length, as truncated documents do,
+    the only inputs of other lengths)."""
     lengths = list(dataset["length"]) if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     spread = sorted({order[round(i * (len(order) - 1) / max(count - 1, 1))] for i in range(count)})
@@ -308,7 +310,18 @@ def check_inputs(task: Any, dataset: Any, count: int = 8) -> list[dict[str, torc
         rows = [{k: dataset[i][k] for k in columns if k in dataset.column_names} for i in indices]
         return {k: v for k, v in collate(rows).items() if k in task.model_inputs}
 
-    return [batch(spread), batch([order[-1]]), batch([order[0]])]
+    spread_batch = batch(spread)
+    cut = dict(spread_batch)
+    real = cut["attention_mask"].sum(1)
+    keep = [max(1, int(n) * (count - i) // count) for i, n in enumerate(real)]  # row i keeps (count - i) / count
+    cut["attention_mask"] = (torch.arange(cut["attention_mask"].shape[1]) < torch.tensor(keep)[:, None]).long()
+    cut["attention_mask"] &= spread_batch["attention_mask"]  # (padding stays padding)
+    return [spread_batch, batch([order[-1]]), batch([order[0]]), cut]
+
+
+def real_lengths(batches: list[dict[str, torch.Tensor]]) -> list[int]:
+    """The unpadded lengths of the rows of `batches`."""
+    return sorted({int(n) for b in batches for n in b["attention_mask"].sum(1)})
 
 
 def max_logit_diff(torch_model: torch.nn.Module, onnx_model: torch.nn.Module, task: Any,
@@ -410,7 +423,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
 
         fp32 = ort_model(fp32_dir / GRAPH, model.config)
         diff = check(fp32)
-        lengths = sorted({int(b["input_ids"].shape[1]) for b in batches})
+        lengths = real_lengths(batches)
         also = "; a padded prompt and 2 decode steps with the cache" if causal else ""
         say(f"exported {GRAPH} in {seconds:.1f} s; ONNX fp32 vs torch: max |logit diff| {diff:.3g} on dev inputs of "
             f"lengths {lengths} (unpadded positions{also}; tolerance {fp32_tolerance:g})")  # fmt: skip
