@@ -25,15 +25,16 @@ def teacher_of(bert_parity: Path) -> str:
 def test_distillation_agrees_across_single_and_fsdp_and_records_its_parts(bert_parity, tmp_path, cache_dir):
     # `distrain parity` exits 1 (and run_parity fails) when a step's loss differs by more than 1e-5.
     run_parity(tmp_path, cache_dir, "[single,fsdp]", *BERT_PARITY, teacher_of(bert_parity), "distill.alpha=0.5",
-               f"distill.temperature={TEMPERATURE}")  # fmt: skip
+               f"distill.temperature={TEMPERATURE}", "distill.hidden_weight=0.5")  # fmt: skip
     single, fsdp = records(tmp_path / "single"), records(tmp_path / "fsdp")
     assert [r["step"] for r in single] == list(range(1, PARITY_STEPS + 1))
     for a, b in zip(single, fsdp, strict=True):
-        for key in ("hard_loss", "soft_loss", "teacher_agreement"):
+        for key in ("hard_loss", "soft_loss", "teacher_agreement", "hidden_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
-        assert 0 <= a["teacher_agreement"] <= 1 and a["soft_loss"] > 0
-        # the objective is the documented mix of its two parts
-        assert a["loss"] == pytest.approx(0.5 * a["hard_loss"] + 0.5 * TEMPERATURE**2 * a["soft_loss"], rel=1e-6)
+        assert 0 <= a["teacher_agreement"] <= 1 and a["soft_loss"] > 0 and a["hidden_loss"] > 0
+        # the objective is the documented mix of its parts
+        mix = 0.5 * a["hard_loss"] + 0.5 * TEMPERATURE**2 * a["soft_loss"] + 0.5 * a["hidden_loss"]
+        assert a["loss"] == pytest.approx(mix, rel=1e-6)
     # the teacher was trained on the same data: it is right on more targets than chance over 21 labels
     assert single[0]["teacher_agreement"] > 0.3
 
@@ -195,3 +196,60 @@ def test_a_distilled_student_trains_exports_and_evaluates(bert_parity, tmp_path,
     # a checkpoint of the student loads over the student's architecture (not the teacher's)
     run_distrain("eval", f"ckpt={run / 'checkpoints' / 'step_4'}", "split=dev")
     assert json.loads((run / "checkpoints" / "step_4" / "eval_dev.json").read_text())["examples"] == 16
+
+
+def test_the_hidden_state_loss_compares_each_student_block_with_its_teacher_block(bert_parity):
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from distrain.trainer.config.schema import Precision
+    from distrain.trainer.errors import ConfigError
+    from distrain.trainer.model.build import build_model
+    from distrain.trainer.model.forward import forward_logits_and_hidden
+    from distrain.trainer.model.tokenizer import load_tokenizer
+    from distrain.trainer.parallel.distributed import DistEnv
+    from distrain.trainer.tasks import build_task
+    from distrain.trainer.train.distill import Distiller, hidden_layers
+
+    source = bert_parity / "single"
+    teacher = AutoModelForTokenClassification.from_pretrained(source / "export").eval()
+    cfg = compose_train([*TINY, f"model.init_from={source}", "model.keep_layers=[1]", f"distill.teacher={source}",
+                         "distill.hidden_weight=2", "distill.alpha=0.5"])  # fmt: skip
+    head = {"id2label": teacher.config.id2label, "label2id": teacher.config.label2id}
+    student = build_model(cfg.model, AutoModelForTokenClassification, 0, None, None, **head).eval()
+    layers = hidden_layers(cfg, student.config, teacher.config)
+    assert layers == [1]  # the block the student's block 0 was copied from
+    task = build_task(cfg, load_tokenizer(cfg.model, DistEnv()))
+    distiller = Distiller(teacher, task, cfg.distill, Precision.fp32, layers)
+    batch = {"input_ids": torch.tensor([[101, 7592, 2088, 2003, 102, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]),
+             "labels": torch.tensor([[-100, 1, 2, 0, -100, -100]])}  # fmt: skip
+    logits, hidden = forward_logits_and_hidden(student, task, batch, Precision.fp32, torch.device("cpu"))
+    hard = task.loss_sum(logits, batch)
+    loss, (hard_sum, soft_sum, _, hidden_sum) = distiller.objective(logits, batch, hard, hidden)
+    with torch.no_grad():  # by hand: block outputs at the 3 labelled tokens, squared difference averaged over width
+        theirs = teacher(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        mine = student(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+        expected = ((mine.hidden_states[1][0, 1:4] - theirs.hidden_states[2][0, 1:4]) ** 2).mean(-1).sum()
+    assert float(hidden_sum) == pytest.approx(float(expected), rel=1e-5) and float(expected) > 0
+    assert float(loss.detach()) == pytest.approx(0.5 * float(hard_sum) + 0.5 * TEMPERATURE**2 * float(soft_sum)
+                                        + 2 * float(expected), rel=1e-5)  # fmt: skip
+    # without model.keep_layers, evenly spaced; a map that does not fit either model is refused
+    plain = compose_train([*TINY, f"distill.teacher={source}", "distill.hidden_weight=1"])
+    assert hidden_layers(plain, teacher.config, teacher.config) == [0, 1]
+    wrong = compose_train([*TINY, f"distill.teacher={source}", "distill.hidden_weight=1", "distill.layers=[0,2]"])
+    with pytest.raises(ConfigError, match=r"distill.layers: expected one teacher block in \[0, 1\] for each of"):
+        hidden_layers(wrong, teacher.config, teacher.config)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["distill.hidden_weight=-1"], "distill.hidden_weight: expected a finite number >= 0, got -1"),
+    (["task=classify", "distill.hidden_weight=1"], "distill.hidden_weight: the hidden-state loss is per target token"),
+])  # fmt: skip
+def test_bad_hidden_state_settings_are_refused(bert_parity, overrides, message):
+    from distrain.cli.validate import validate
+    from distrain.trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        validate(compose_train([*TINY, teacher_of(bert_parity), *overrides]))
+    assert any(message in problem for problem in error.value.problems), error.value.problems

@@ -43,7 +43,7 @@ from distrain.trainer.observe.accounting import measure_peak_flops
 from distrain.trainer.observe.reporting import make_console
 from distrain.trainer.observe.watchdog import fail_if_collective_failed, start_watchdog
 from distrain.trainer.optim.registry import build_optimizer
-from distrain.trainer.parallel.apply import parallelize
+from distrain.trainer.parallel.apply import parallelize, unwrap
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv, process_group
 from distrain.trainer.parallel.precision import DTYPES
@@ -143,7 +143,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, env: DistEnv) -> Trainer:
     mesh = dims.build_mesh(env.device.type)
     env.use_layout(dims, mesh)
     model = parallelize(model, dims, mesh, cfg, env.device)
-    distiller = build_distiller(cfg, env, task, data.labels, mesh)  # the frozen teacher, laid out like the student
+    distiller = build_distiller(
+        cfg, env, task, data.labels, mesh, unwrap(model).config
+    )  # the frozen teacher, laid out like the student
     if task.needs_reference:  # dpo: the frozen reference (the base under LoRA), laid out like the model
         task.reference = build_reference(cfg, env, task, tokenizer, model, mesh)
     # Same initial weights on every rank (seeded above); from here on each data shard has its own random

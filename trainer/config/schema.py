@@ -368,6 +368,12 @@ class DistillConfig:
     teacher: str | None = None  # a distrain run dir, checkpoint or export, or a Hugging Face folder; null = off
     alpha: float = 0.5  # loss = (1 - alpha) * hard loss + alpha * temperature^2 * KL(teacher || student)
     temperature: float = 2.0  # both distributions are softmax(logits / temperature) in the soft loss
+    # weight of the hidden-state loss: per target token, the mean over mapped layers of the mean squared difference
+    # of the student's and teacher's block outputs (same hidden size); 0 = off. Token targets only (not classify)
+    hidden_weight: float = 0.0
+    # the teacher block each student block learns from (0-based); null: model.keep_layers for a student built from
+    # the teacher, else evenly spaced (student block j of n -> teacher block (j + 1) * m // n - 1)
+    layers: list[int] | None = None
 
 
 @dataclass

@@ -34,6 +34,15 @@ def forward_logits(
     return logits.full_tensor() if isinstance(logits, DTensor) else logits
 
 
+def forward_logits_and_hidden(
+    model: torch.nn.Module, task: Task, batch: dict[str, torch.Tensor], precision: Precision, device: torch.device
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """forward_logits, and the hidden states (the embeddings' output, then each block's) of the same pass."""
+    with autocast(precision, device):
+        out = model(**task.model_batch(batch), output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
 @torch.no_grad()
 def predict_split(
     model: torch.nn.Module,

@@ -85,7 +85,7 @@ class MetricsProcessor:
         """The train record of the window since the last one (every rank takes part: it reduces)."""
         w, s = self.window, self.state
         counts = [w["tokens"], w["samples"], w["slots"]]
-        distill = [] if w["distill"] is None else list(w["distill"].unbind())  # hard, soft, teacher right
+        distill = [] if w["distill"] is None else list(w["distill"].unbind())  # hard, soft, teacher right, hidden
         totals = torch.stack([w["loss_sum"], *(torch.tensor(float(c)) for c in counts), *distill])
         totals = self.env.all_reduce_sum(totals.to(self.env.device).double(), data_parallel=True).tolist()
         grad_norm = w["grad_norm"]
@@ -117,9 +117,11 @@ class MetricsProcessor:
             "data_wait_max": max(r[1] for r in per_rank),
         }
         if distill:  # train/distill.py: loss = (1 - alpha) * hard_loss + alpha * T^2 * soft_loss, per target
-            hard, soft, right = totals[4:]
+            hard, soft, right, hidden = totals[4:]
             targets = max(float(w["targets"]), 1.0)
             record.update(hard_loss=hard / targets, soft_loss=soft / targets, teacher_agreement=right / targets)
+            if self.cfg.distill.hidden_weight:  # ... + hidden_weight * hidden_loss
+                record["hidden_loss"] = hidden / targets
         if samples_by_source is not None:
             record["samples_by_source"] = samples_by_source
         if w["comm_bytes"] is not None:  # ddp: rank 0's gradient all-reduce payload per step (parallel/comm.py)
@@ -185,5 +187,5 @@ class MetricsProcessor:
             "comm_bytes": None,
             "grad_norm": None,
             "lr": None,
-            "distill": None,  # distillation: [hard loss sum, soft loss sum, targets the teacher gets right]
+            "distill": None,  # distillation: [hard loss sum, soft loss sum, targets the teacher gets right, hidden]
         }

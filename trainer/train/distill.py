@@ -13,6 +13,11 @@ for mlm/clm) the objective is
 summed over this rank's targets like the hard loss, so the step's normalisation by the global number of targets
 (train/step.py) applies to both parts and 1 and N processes agree. T^2 keeps the soft gradients' scale independent
 of T (Hinton et al. 2015).
+
+With distill.hidden_weight > 0, each target token also adds hidden_weight times the mean over the mapped blocks of
+the mean squared difference between the student's block output and its teacher block's (TinyBERT's hidden-state
+loss; the student's block j learns from teacher block distill.layers[j], by default the block it was copied from).
+The hidden sizes must be equal: no projection is learned. Token targets only: a classify target is a sample.
 """
 
 from __future__ import annotations
@@ -149,6 +154,13 @@ def check_teacher(cfg: DictConfig, run_tokenizer: Any, run_source: str) -> list[
     problems = []
     if not 0 <= d.alpha <= 1:
         problems.append(f"distill.alpha: expected a number in [0, 1] (the soft loss's weight), got {d.alpha}")
+    if not (d.hidden_weight >= 0 and d.hidden_weight < float("inf")):
+        problems.append(f"distill.hidden_weight: expected a finite number >= 0, got {d.hidden_weight}")
+    elif d.hidden_weight and str(cfg.task.name) == "classify":
+        problems.append("distill.hidden_weight: the hidden-state loss is per target token; task=classify's targets "
+                        "are samples: expected 0")  # fmt: skip
+    if d.layers is not None and not all(isinstance(b, int) and b >= 0 for b in d.layers):
+        problems.append(f"distill.layers: expected null or a list of teacher block numbers >= 0, got {list(d.layers)}")
     if not (d.temperature > 0 and d.temperature < float("inf")):
         problems.append(f"distill.temperature: expected a finite number > 0, got {d.temperature}")
     if cfg.model.train_tokenizer_vocab is not None:
@@ -174,17 +186,27 @@ def check_teacher(cfg: DictConfig, run_tokenizer: Any, run_source: str) -> list[
 class Distiller:
     """The frozen teacher and the distillation objective of each micro-batch."""
 
-    def __init__(self, teacher: torch.nn.Module, task: Any, distill: DictConfig, precision: Any):
+    def __init__(self, teacher: torch.nn.Module, task: Any, distill: DictConfig, precision: Any,
+                 layers: list[int] | None = None):  # fmt: skip
         self.teacher, self.task, self.precision = teacher, task, precision
         self.alpha, self.temperature = float(distill.alpha), float(distill.temperature)
+        self.hidden_weight = float(distill.hidden_weight)
+        self.layers = layers  # hidden_weight > 0: the teacher block of each student block
 
-    def objective(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor],
-                  hard: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(the loss sum to minimise, [hard loss sum, soft loss sum, targets where the teacher is right])."""
-        from distrain.trainer.model.forward import forward_logits
+    def objective(self, student_logits: torch.Tensor, batch: dict[str, torch.Tensor], hard: torch.Tensor,
+                  student_hidden: tuple[torch.Tensor, ...] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(the loss sum to minimise, [hard loss sum, soft loss sum, targets where the teacher is right, hidden
+        loss sum]); `student_hidden`: the student's hidden states, when hidden_weight > 0."""
+        from distrain.trainer.model.forward import forward_logits, forward_logits_and_hidden
 
+        device = student_logits.device
         with torch.no_grad():
-            teacher_logits = forward_logits(self.teacher, self.task, batch, self.precision, student_logits.device)
+            if self.hidden_weight:
+                teacher_logits, teacher_hidden = forward_logits_and_hidden(self.teacher, self.task, batch,
+                                                                           self.precision, device)  # fmt: skip
+            else:
+                teacher_logits = forward_logits(self.teacher, self.task, batch, self.precision, device)
         targets = batch["labels"].flatten() != IGNORE
         t = self.temperature
         student = student_logits.flatten(0, -2)[targets].float() / t
@@ -192,10 +214,19 @@ class Distiller:
         soft = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="sum")
         agree = (teacher.argmax(-1) == batch["labels"].flatten()[targets]).sum()
         loss = (1 - self.alpha) * hard + (self.alpha * t * t) * soft
-        return loss, torch.stack([hard.detach(), soft.detach(), agree.to(hard.dtype)])
+        hidden = torch.zeros_like(hard)
+        if self.hidden_weight:
+            for j, teacher_block in enumerate(self.layers):  # hidden states [0] are the embeddings' output
+                s_j = student_hidden[j + 1].flatten(0, -2)[targets].float()
+                t_j = teacher_hidden[teacher_block + 1].flatten(0, -2)[targets].float()
+                hidden = hidden + F.mse_loss(s_j, t_j, reduction="none").mean(-1).sum()
+            hidden = hidden / len(self.layers)
+            loss = loss + self.hidden_weight * hidden
+        return loss, torch.stack([hard.detach(), soft.detach(), agree.to(hard.dtype), hidden.detach()])
 
 
-def build_distiller(cfg: DictConfig, env: Any, task: Any, labels: list[str], mesh: Any) -> Distiller | None:
+def build_distiller(cfg: DictConfig, env: Any, task: Any, labels: list[str], mesh: Any,
+                    student_config: Any = None) -> Distiller | None:  # fmt: skip
     """The run's Distiller (None without distill.teacher): the teacher loaded on every rank, its labels checked
     against the data's, frozen, and sharded like the student under FSDP."""
     if cfg.distill.teacher is None:
@@ -216,4 +247,26 @@ def build_distiller(cfg: DictConfig, env: Any, task: Any, labels: list[str], mes
         teacher = apply_fsdp(teacher, mesh["dp"], cfg.parallel, cfg.precision.name)
     from distrain.trainer.parallel.precision import autocast_precision
 
-    return Distiller(teacher, task, cfg.distill, autocast_precision(env.dims, cfg.precision.name))
+    layers = hidden_layers(cfg, student_config, teacher.config) if cfg.distill.hidden_weight else None
+    return Distiller(teacher, task, cfg.distill, autocast_precision(env.dims, cfg.precision.name), layers)
+
+
+def hidden_layers(cfg: DictConfig, student: Any, teacher: Any) -> list[int]:
+    """The teacher block of each student block for the hidden-state loss (distill.layers, else model.keep_layers
+    of a student built from the teacher, else evenly spaced), checked against both models."""
+    n, m = student.num_hidden_layers, teacher.num_hidden_layers
+    if student.hidden_size != teacher.hidden_size:
+        raise ConfigError([f"distill.hidden_weight: the student's hidden size ({student.hidden_size}) differs from "
+                           f"the teacher's ({teacher.hidden_size}); the hidden-state loss compares them as they are "
+                           "(no projection is learned): expected 0"])  # fmt: skip
+    key = "distill.layers"
+    if cfg.distill.layers is not None:
+        layers = list(cfg.distill.layers)
+    elif cfg.model.init_from is not None and cfg.model.keep_layers is not None:
+        layers, key = list(cfg.model.keep_layers), "model.keep_layers"
+    else:
+        layers = [(j + 1) * m // n - 1 for j in range(n)]
+    if len(layers) != n or not all(0 <= b < m for b in layers):
+        raise ConfigError([f"{key}: expected one teacher block in [0, {m - 1}] for each of the student's {n} "
+                           f"blocks, got {layers}"])  # fmt: skip
+    return layers

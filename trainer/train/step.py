@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.trainer.data.packing import examples_in
-from distrain.trainer.model.forward import forward_logits, to_device
+from distrain.trainer.model.forward import forward_logits, forward_logits_and_hidden, to_device
 from distrain.trainer.observe.accounting import HeldBytes, held_bytes
 from distrain.trainer.observe.profiling import FORWARD
 from distrain.trainer.observe.watchdog import mark
@@ -41,7 +41,8 @@ class StepResult:
     slots: int  # this rank's token positions, padding included
     samples: int
     held: HeldBytes | None = None  # after the first applied step: what this rank holds
-    distill: torch.Tensor | None = None  # distillation: this rank's [hard loss sum, soft loss sum, teacher right]
+    # distillation: this rank's [hard loss sum, soft loss sum, targets the teacher gets right, hidden loss sum]
+    distill: torch.Tensor | None = None
     comm_bytes: int | None = None  # ddp: bytes this rank put into gradient all-reduces (trainer/parallel/comm.py)
 
 
@@ -71,16 +72,21 @@ class StepRunner:
         # into a sum, so the gradient is that of (sum of losses over the global batch) / (global targets).
         scale = self.env.dp_size / global_targets.clamp(min=1)
         loss_sum = torch.zeros((), device=self.env.device)
-        distill_sums = torch.zeros(3, device=self.env.device) if self.distiller else None
+        distill_sums = torch.zeros(4, device=self.env.device) if self.distiller else None
         for i, cpu_batch in enumerate(micro_batches):
             batch = to_device(cpu_batch, self.env.device)
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
                 mark("forward")
                 with torch.profiler.record_function(FORWARD):  # the profiler's phases (observe/profiling.py)
-                    logits = forward_logits(self.model, self.task, batch, self.precision, self.env.device)
+                    hidden = None
+                    if self.distiller and self.distiller.hidden_weight:
+                        logits, hidden = forward_logits_and_hidden(self.model, self.task, batch, self.precision,
+                                                                   self.env.device)  # fmt: skip
+                    else:
+                        logits = forward_logits(self.model, self.task, batch, self.precision, self.env.device)
                     micro_loss = self.task.loss_sum(logits, batch)
                 if self.distiller:  # the objective mixes in the teacher's soft targets (train/distill.py)
-                    micro_loss, parts = self.distiller.objective(logits, batch, micro_loss)
+                    micro_loss, parts = self.distiller.objective(logits, batch, micro_loss, hidden)
                     distill_sums += parts
                 mark("backward")
                 # 0 * loss is 0, or NaN when this rank's loss is not finite: then its gradients are NaN, and so are
