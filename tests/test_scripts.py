@@ -59,8 +59,10 @@ def test_bench_compress_latency_measures_the_student_and_the_pruning_steps(tmp_p
     assert any(line.startswith("student, blocks [0,2,4]: 17,245,449 parameters") for line in lines), result.stdout
     assert sum(line.startswith("prune ") and "of 10,616,832 weights" in line for line in lines) == 2, result.stdout
     # 768 of each layer's 1,536 neurons removed: 6 x 768 x (384 + 384 + 1) parameters fewer
-    assert any(line.startswith("structured 50% of the feed-forward neurons (intermediate_size 768): 19,025,289 "
-                               "parameters") for line in lines), result.stdout  # fmt: skip
+    assert any(line.startswith("teacher, structured 50% of the feed-forward neurons (intermediate_size 768): "
+                               "19,025,289 parameters") for line in lines), result.stdout  # fmt: skip
+    assert any(line.startswith("student, structured 50% of the feed-forward neurons (intermediate_size 768): "
+                               "15,473,673 parameters") for line in lines), result.stdout  # fmt: skip
 
 
 def test_sweep_bench_compares_pruning(tmp_path, cache_dir):
