@@ -47,7 +47,8 @@ class Exporter:
             shutil.rmtree(partial, ignore_errors=True)
             # (a one-process run's full state comes back empty here; its model's own state is the same tensors)
             state = state or model.state_dict()
-            pruning = None
+            # (measured before saving: save_pretrained may change the state dict it is given)
+            pruning = Pruning(sparsity=sparsity_by_layer(state, model)) if self.cfg.prune.name == "magnitude" else None
             if self.adapter:
                 self._export_adapter(partial, state)
             elif self.cfg.prune.name == "structured":
@@ -57,8 +58,6 @@ class Exporter:
             self.task.tokenizer.save_pretrained(partial)
             self.task.finish_export(partial)
             shutil.copy(self.run_dir / run_files.CONFIG, partial / run_files.EXPORT_CONFIG)
-            if self.cfg.prune.name == "magnitude":
-                pruning = Pruning(sparsity=sparsity_by_layer(state, model))
             card = model_card(self.cfg, self.task, dev_metrics, pruning)
             (partial / "README.md").write_text(card, encoding="utf-8")
             shutil.rmtree(self.target, ignore_errors=True)
@@ -71,11 +70,11 @@ class Exporter:
         intermediate_size in its config."""
         model = unwrap(self.model)
         smaller, size = shrunk_state(state, model)
+        parameters = (sum(t.numel() for t in state.values()), sum(t.numel() for t in smaller.values()))
         model.save_pretrained(folder, state_dict=smaller)
         config = copy.deepcopy(model.config)
         config.intermediate_size = size
         config.save_pretrained(folder)
-        parameters = (sum(t.numel() for t in state.values()), sum(t.numel() for t in smaller.values()))
         return Pruning(intermediate_size=(model.config.intermediate_size, size), parameters=parameters)
 
     def _export_adapter(self, folder: Path, state: dict[str, torch.Tensor]) -> None:

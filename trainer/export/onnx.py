@@ -311,6 +311,8 @@ def check_inputs(task: Any, dataset: Any, count: int = 8) -> list[dict[str, torc
         return {k: v for k, v in collate(rows).items() if k in task.model_inputs}
 
     spread_batch = batch(spread)
+    if "attention_mask" not in spread_batch:  # clm: full blocks; causal_check adds a padded prompt
+        return [spread_batch, batch([order[-1]]), batch([order[0]])]
     cut = dict(spread_batch)
     real = cut["attention_mask"].sum(1)
     keep = [max(1, int(n) * (count - i) // count) for i, n in enumerate(real)]  # row i keeps (count - i) / count
@@ -321,7 +323,8 @@ def check_inputs(task: Any, dataset: Any, count: int = 8) -> list[dict[str, torc
 
 def real_lengths(batches: list[dict[str, torch.Tensor]]) -> list[int]:
     """The unpadded lengths of the rows of `batches`."""
-    return sorted({int(n) for b in batches for n in b["attention_mask"].sum(1)})
+    lengths = (b["attention_mask"].sum(1) if "attention_mask" in b else [b["input_ids"].shape[1]] for b in batches)
+    return sorted({int(n) for rows in lengths for n in rows})
 
 
 def max_logit_diff(torch_model: torch.nn.Module, onnx_model: torch.nn.Module, task: Any,
