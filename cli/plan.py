@@ -140,15 +140,13 @@ def _frozen_model(cfg: DictConfig, model: torch.nn.Module, auto_class: type) -> 
     """The frozen model a run holds beside its own, on the meta device, and what it is: distill.teacher's
     ("teacher"), or dpo's ("reference": dpo.reference's, else a copy of the run's starting model; none with
     adapter=lora, whose reference is the base itself with the adapters off); None without one."""
-    if cfg.distill.teacher is not None:
-        from distrain.trainer.train.distill import find_teacher
+    from distrain.trainer.train.distill import find_teacher
 
+    if cfg.distill.teacher is not None:
         return "teacher", find_teacher(cfg.distill.teacher).meta_model(auto_class)
     if not task_class(cfg.task.name).needs_reference or adapters.enabled(cfg):
         return None
     if cfg.dpo.reference is not None:
-        from distrain.trainer.train.distill import find_teacher
-
         return "reference", find_teacher(cfg.dpo.reference).meta_model(auto_class)
     return "reference", model
 

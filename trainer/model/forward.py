@@ -29,18 +29,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def forward_logits(
     model: torch.nn.Module, task: Task, batch: dict[str, torch.Tensor], precision: Precision, device: torch.device
 ) -> torch.Tensor:
-    with autocast(precision, device):
-        logits = model(**task.model_batch(batch)).logits
-    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+    return forward_logits_and_hidden(model, task, batch, precision, device, hidden_states=False)[0]
 
 
 def forward_logits_and_hidden(
-    model: torch.nn.Module, task: Task, batch: dict[str, torch.Tensor], precision: Precision, device: torch.device
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """forward_logits, and the hidden states (the embeddings' output, then each block's) of the same pass."""
+    model: torch.nn.Module,
+    task: Task,
+    batch: dict[str, torch.Tensor],
+    precision: Precision,
+    device: torch.device,
+    hidden_states: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """The logits (whole, also from a tensor-parallel model), and with `hidden_states` those of the same pass (the
+    embeddings' output, then each block's; else None)."""
     with autocast(precision, device):
-        out = model(**task.model_batch(batch), output_hidden_states=True)
-    return out.logits, out.hidden_states
+        out = model(**task.model_batch(batch), **({"output_hidden_states": True} if hidden_states else {}))
+    logits = out.logits.full_tensor() if isinstance(out.logits, DTensor) else out.logits
+    return logits, out.hidden_states if hidden_states else None
 
 
 @torch.no_grad()

@@ -198,15 +198,12 @@ class Distiller:
                   ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(the loss sum to minimise, [hard loss sum, soft loss sum, targets where the teacher is right, hidden
         loss sum]); `student_hidden`: the student's hidden states, when hidden_weight > 0."""
-        from distrain.trainer.model.forward import forward_logits, forward_logits_and_hidden
+        from distrain.trainer.model.forward import forward_logits_and_hidden
 
-        device = student_logits.device
         with torch.no_grad():
-            if self.hidden_weight:
-                teacher_logits, teacher_hidden = forward_logits_and_hidden(self.teacher, self.task, batch,
-                                                                           self.precision, device)  # fmt: skip
-            else:
-                teacher_logits = forward_logits(self.teacher, self.task, batch, self.precision, device)
+            teacher_logits, teacher_hidden = forward_logits_and_hidden(
+                self.teacher, self.task, batch, self.precision, student_logits.device, bool(self.hidden_weight)
+            )
         targets = batch["labels"].flatten() != IGNORE
         t = self.temperature
         student = student_logits.flatten(0, -2)[targets].float() / t

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.trainer.data.packing import examples_in
-from distrain.trainer.model.forward import forward_logits, forward_logits_and_hidden, to_device
+from distrain.trainer.model.forward import forward_logits_and_hidden, to_device
 from distrain.trainer.observe.accounting import HeldBytes, held_bytes
 from distrain.trainer.observe.profiling import FORWARD
 from distrain.trainer.observe.watchdog import mark
@@ -78,12 +78,9 @@ class StepRunner:
             with no_sync(self.model, sync=i == len(micro_batches) - 1):
                 mark("forward")
                 with torch.profiler.record_function(FORWARD):  # the profiler's phases (observe/profiling.py)
-                    hidden = None
-                    if self.distiller and self.distiller.hidden_weight:
-                        logits, hidden = forward_logits_and_hidden(self.model, self.task, batch, self.precision,
-                                                                   self.env.device)  # fmt: skip
-                    else:
-                        logits = forward_logits(self.model, self.task, batch, self.precision, self.env.device)
+                    wants_hidden = bool(self.distiller and self.distiller.hidden_weight)
+                    logits, hidden = forward_logits_and_hidden(self.model, self.task, batch, self.precision,
+                                                               self.env.device, wants_hidden)  # fmt: skip
                     micro_loss = self.task.loss_sum(logits, batch)
                 if self.distiller:  # the objective mixes in the teacher's soft targets (train/distill.py)
                     micro_loss, parts = self.distiller.objective(logits, batch, micro_loss, hidden)
