@@ -8,11 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY, run_distrain, train_losses
+from safetensors.torch import load_file
 
 from distrain.cli.compose import compose_train
 from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
+from distrain.trainer.parallel.comm import row_sparse_embedding
 
 STEPS = 6
 
@@ -41,6 +44,51 @@ def test_bad_communication_settings_are_rejected_before_workers_start(overrides,
     assert any(expected in problem for problem in error.value.problems), error.value.problems
 
 
+def _tiny(tied: bool) -> torch.nn.Module:
+    from transformers import BertConfig, BertForTokenClassification, LlamaConfig, LlamaForCausalLM
+
+    if not tied:
+        return BertForTokenClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, tie_word_embeddings=True))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tied", "overrides", "expected"),
+    [
+        (False, [], "bert.embeddings.word_embeddings.weight"),
+        (False, ["parallel.sparse_embedding_grads=false"], None),
+        (False, ["parallel.comm_hook=fp16"], None),  # the hook compresses it with the rest
+        (False, ["parallel.sync=local_sgd"], None),  # gradients stay on their rank between syncs
+        (True, [], None),  # the output layer gives every row of a tied embedding a gradient
+    ],
+)  # fmt: skip
+def test_which_embedding_ddp_leaves_to_the_row_sparse_all_reduce(tied, overrides, expected):
+    parallel = compose_train(["model=bert_tiny", "parallel=ddp", "launcher.nproc_per_node=2", *overrides]).parallel
+    model = _tiny(tied)
+    assert row_sparse_embedding(model, parallel) == expected
+    model.get_input_embeddings().weight.requires_grad_(False)  # frozen (LoRA): no gradient to reduce
+    assert row_sparse_embedding(model, parallel) is None
+
+
+def test_the_row_sparse_embedding_all_reduce_gives_ddps_dense_result_for_fewer_bytes(tmp_path, cache_dir):
+    """DDP with the word embedding's touched rows all-reduced apart (the default) against DDP's own dense
+    all-reduce of every gradient: the same losses and the same final weights, bit for bit, and fewer bytes."""
+    run_distrain("parity", *TINY, f"data.cache_dir={cache_dir}", "strategies=[ddp]", "steps=4",
+                 "variant=parallel.sparse_embedding_grads=false", f"out={tmp_path}")  # fmt: skip
+    sparse, dense = tmp_path / "ddp_reference", tmp_path / "ddp_parallel.sparse_embedding_grads_false"
+    assert train_losses(sparse) == train_losses(dense) and len(train_losses(dense)) == 4
+    weights = [load_file(run / "export" / "model.safetensors") for run in (sparse, dense)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    embedding = weights[0]["bert.embeddings.word_embeddings.weight"].numel()
+    full = 4 * json.loads((dense / "summary.json").read_text())["trainable_params"]
+    assert all(r["comm_bytes_per_step"] == full for r in _records(dense).values())
+    for record in _records(sparse).values():  # the rest dense, the embedding's row mask, and some of its rows
+        assert full - 4 * embedding < record["comm_bytes_per_step"] < full - 2 * embedding, record
+
+
 def _records(run: Path) -> dict[int, dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == "train"}
@@ -54,8 +102,9 @@ def test_hooks_send_fewer_bytes_and_powersgd_resumes_exactly(tmp_path, cache_dir
     common = [*TINY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
               "train.micro_batch_size=4", f"train.max_steps={STEPS}", "data.max_eval_samples=16",
               "parallel.powersgd.rank=2", "parallel.powersgd.start_step=3"]  # fmt: skip
-    for hook in ("none", "fp16", "bf16", "powersgd"):
-        run_distrain("train", *common, f"parallel.comm_hook={hook}", f"run.dir={tmp_path / hook}")
+    for hook in ("none", "fp16", "bf16", "powersgd"):  # none: DDP's own dense all-reduce of every gradient
+        run_distrain("train", *common, f"parallel.comm_hook={hook}", "parallel.sparse_embedding_grads=false",
+                     f"run.dir={tmp_path / hook}")  # fmt: skip
     cut = tmp_path / "cut"
     run_distrain("train", *common, "parallel.comm_hook=powersgd", "train.stop_at_step=4", f"run.dir={cut}")
     result = run_distrain("train", *common, "parallel.comm_hook=powersgd", f"run.dir={cut}")

@@ -118,7 +118,13 @@ def apply_fsdp(model: torch.nn.Module, dp_mesh: Any, parallel: DictConfig, preci
     return model
 
 
-def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def apply_ddp(model: torch.nn.Module, device: torch.device, parallel: DictConfig) -> torch.nn.Module:
+    from distrain.trainer.parallel.comm import row_sparse_embedding
+
+    sparse = row_sparse_embedding(model, parallel)
+    if sparse is not None:  # reduced by GradientComm.reduce_embedding_rows; DDP would broadcast it at start
+        model._ddp_params_and_buffers_to_ignore = [sparse]  # what DDP's constructor reads
+        torch.distributed.broadcast(model.get_parameter(sparse).data, src=0)
     # The encoders' buffers (position ids) never change: syncing them before every forward is waste.
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
@@ -137,7 +143,7 @@ def parallelize(
     if dims.fsdp_enabled:
         return apply_fsdp(model, mesh["dp"], cfg.parallel, cfg.precision.name)
     if dims.ddp_enabled:
-        return apply_ddp(model, device)
+        return apply_ddp(model, device, cfg.parallel)
     return model
 
 

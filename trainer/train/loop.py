@@ -58,12 +58,12 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.batches.steps_per_epoch
         self.scheduler = build_scheduler(optimizer, cfg.optim, self.total_steps)
         self.metrics = MetricsProcessor(cfg, run_dir, env, model, peak_flops, self.state, self.total_steps)
+        self.comm = GradientComm(model, cfg.parallel, cfg.train.seed)
         self.stepper = StepRunner(cfg, env, task, model, optimizer, self.scheduler, say=self.metrics.say,
-                                  distiller=distiller, pruner=self._pruner())  # fmt: skip
+                                  comm=self.comm, distiller=distiller, pruner=self._pruner())  # fmt: skip
         self.evaluator = Evaluator(cfg, env, task, data, model, report=self.metrics.report, say=self.metrics.say)
         self.trial = TrialReporter(cfg, env)  # a sweep's trial: dev evaluations reported to its study's pruner
         self.profiler = StepProfiler(cfg.train.profile_steps, run_dir, env.rank)
-        self.comm = GradientComm(model, cfg.parallel, cfg.train.seed)
         self.sync = Synchronizer(model, optimizer, cfg.parallel, data_parallel=env.dims.ddp_enabled)
         parts = {
             "train": self.state,

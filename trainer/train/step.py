@@ -20,6 +20,7 @@ from distrain.trainer.model.forward import forward_logits_and_hidden, to_device
 from distrain.trainer.observe.accounting import HeldBytes, held_bytes
 from distrain.trainer.observe.profiling import FORWARD
 from distrain.trainer.observe.watchdog import mark
+from distrain.trainer.parallel.comm import GradientComm
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.parallel.grads import clip_grad_norm, no_sync
 from distrain.trainer.parallel.precision import autocast_precision, grad_scaler
@@ -49,9 +50,10 @@ class StepResult:
 class StepRunner:
     def __init__(self, cfg: DictConfig, env: DistEnv, task: Task, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                 say: Callable[[str], None], distiller: Distiller | None = None,
+                 say: Callable[[str], None], comm: GradientComm | None = None, distiller: Distiller | None = None,
                  pruner: Pruner | NeuronPruner | None = None):  # fmt: skip
         self.env, self.task, self.model, self.distiller, self.pruner = env, task, model, distiller, pruner
+        self.comm = comm
         self.optimizer, self.scheduler = optimizer, scheduler
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.optim.max_grad_norm
@@ -91,6 +93,8 @@ class StepRunner:
                 poisoned = scale + 0.0 * micro_loss.detach()
                 self.scaler.scale(micro_loss * poisoned).backward()
             loss_sum += micro_loss.detach()
+        if self.comm:  # ddp: the word embedding's touched rows, which DDP's buckets leave out (parallel/comm.py)
+            self.comm.reduce_embedding_rows()
         mark("optimizer")
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm(self.parameters, self.max_grad_norm)
