@@ -223,17 +223,22 @@ def _parallel_problems(cfg: DictConfig) -> list[str]:
     if dims is not None:
         problems += dims.model_problems(model_config_if_local(cfg.model)) + adapters.layout_problems(cfg, dims)
         problems += optimizer_layout_problems(cfg.optim, dims.fsdp_enabled or dims.tp_enabled)
-    return problems + _comm_problems(cfg.parallel)
+    return problems + _comm_problems(cfg.parallel, dims)
 
 
-def _comm_problems(parallel: DictConfig) -> list[str]:
+def _comm_problems(parallel: DictConfig, dims: ParallelDims | None) -> list[str]:
     problems = []
-    if parallel.comm_hook != "none" and parallel.name != "ddp":
-        # FSDP reduce-scatters gradient shards and TP reduces activations: neither has DDP's gradient buckets,
-        # the unit torch's hooks work on (FSDP's reduction precision is its MixedPrecisionPolicy instead).
-        problems.append(f"parallel.comm_hook: {parallel.comm_hook} is a DDP communication hook; parallel="
-                        f"{parallel.name} has no DDP gradient all-reduce to apply it to (use parallel=ddp, or "
-                        "parallel.comm_hook=none)")  # fmt: skip
+    hook = str(parallel.comm_hook)
+    if hook != "none" and dims is not None and not dims.ddp_enabled:  # no dims: its problem is reported already
+        if not dims.fsdp_enabled:  # single, tp: no gradient reduction between data-parallel ranks
+            problems.append(f"parallel.comm_hook: {hook} changes how gradients are reduced between data-parallel "
+                            f"ranks; parallel={parallel.name} has no such reduction (use parallel=ddp, fsdp or "
+                            "fsdp_tp, or parallel.comm_hook=none)")  # fmt: skip
+        elif hook == "powersgd":
+            # torch's PowerSGD compresses DDP's gradient buckets; FSDP reduce-scatters shards in a dtype (fsdp_dtypes).
+            problems.append(f"parallel.comm_hook: powersgd is a DDP communication hook; parallel={parallel.name} "
+                            "reduce-scatters gradient shards and takes only fp16 or bf16 (its reduce dtype): use "
+                            "parallel=ddp for powersgd, or parallel.comm_hook=bf16")  # fmt: skip
     if parallel.sync != "every_step":
         if parallel.name != "ddp":
             problems.append(f"parallel.sync: {parallel.sync} needs parallel=ddp (each rank holds whole weights to "

@@ -65,10 +65,10 @@ class Strategy(Choice):
 
 
 class CommHook(Choice):
-    none = "none"  # DDP's all-reduce of fp32 gradients
-    fp16 = "fp16"  # gradients cast to fp16 for the all-reduce (half the bytes)
+    none = "none"  # fp32 gradients: DDP's all-reduce, FSDP's reduce-scatter
+    fp16 = "fp16"  # gradients cast to fp16 for the all-reduce or reduce-scatter (half the bytes)
     bf16 = "bf16"  # ... to bf16
-    powersgd = "powersgd"  # low-rank (PowerSGD) compression with error feedback
+    powersgd = "powersgd"  # ddp only: low-rank (PowerSGD) compression with error feedback
 
 
 class SyncMode(Choice):
@@ -280,7 +280,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, more comm)
     cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
     backend: Backend | None = None  # null: nccl on CUDA, gloo on CPU
-    comm_hook: CommHook = CommHook.none  # ddp: how gradients are all-reduced (trainer/parallel/comm.py)
+    comm_hook: CommHook = CommHook.none  # ddp, fsdp, fsdp_tp: how gradients are reduced (trainer/parallel/comm.py)
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)  # comm_hook=powersgd
     # ddp, comm_hook=none: all-reduce only the word-embedding rows a step touched (same gradient, ~2% of its bytes)
     sparse_embedding_grads: bool = True

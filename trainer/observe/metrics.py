@@ -124,7 +124,7 @@ class MetricsProcessor:
                 record["hidden_loss"] = hidden / targets
         if samples_by_source is not None:
             record["samples_by_source"] = samples_by_source
-        if w["comm_bytes"] is not None:  # ddp: rank 0's gradient all-reduce payload per step (parallel/comm.py)
+        if w["comm_bytes"] is not None:  # ddp, fsdp: rank 0's gradient reduction payload per step (parallel/comm.py)
             record["comm_bytes_per_step"] = w["comm_bytes"] / w["steps"]
         if w["profiled"]:
             record["profiled"] = True  # the profiler slowed these steps: their throughput is not comparable

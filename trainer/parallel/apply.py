@@ -103,13 +103,26 @@ def apply_compile(model: torch.nn.Module) -> None:
 
 
 # --- data parallel ---------------------------------------------------------------------------------------------
+REDUCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # parallel.comm_hook -> FSDP's reduce dtype
+
+
+def fsdp_dtypes(parallel: DictConfig, precision: Precision) -> tuple[torch.dtype | None, torch.dtype]:
+    """(the dtype FSDP gathers parameters and computes in, None = theirs (fp32); the dtype it reduce-scatters
+    gradients in). Parameters: bf16 under precision=bf16 (FSDP casts them itself, autocast stays off). Gradients:
+    fp32 unless parallel.comm_hook=fp16|bf16 asks for half the bytes. Either way FSDP casts each reduced shard back
+    to the parameter's dtype, so sharded gradients, master weights and optimizer state stay fp32 (torch's
+    _fsdp_collectives.foreach_reduce: `_to_dtype_if_needed(reduce_output, orig_dtype)`)."""
+    param_dtype = torch.bfloat16 if precision == Precision.bf16 else None
+    return param_dtype, REDUCE_DTYPES.get(str(parallel.comm_hook), torch.float32)
+
+
 def apply_fsdp(model: torch.nn.Module, dp_mesh: Any, parallel: DictConfig, precision: Precision) -> torch.nn.Module:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     options: dict[str, Any] = {"mesh": dp_mesh, "reshard_after_forward": parallel.reshard_after_forward}
-    if precision == Precision.bf16:
-        # bf16 compute and communication of parameters, fp32 gradient reduction and master weights.
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    param_dtype, reduce_dtype = fsdp_dtypes(parallel, precision)
+    if param_dtype is not None or reduce_dtype != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if parallel.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     for _, block in transformer_blocks(model):

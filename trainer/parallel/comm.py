@@ -1,5 +1,6 @@
-"""DDP's gradient communication: the hook `parallel.comm_hook` chooses (torch.distributed's own), the bytes it
-sends per step, and the state it keeps between steps (PowerSGD's error feedback), which checkpoints carry.
+"""Gradient communication between data-parallel ranks: DDP's hook `parallel.comm_hook` chooses (torch.distributed's
+own) and the state it keeps between steps (PowerSGD's error feedback), which checkpoints carry; and, for DDP and
+FSDP, the bytes sent per step.
 
 Bytes per step are what this rank puts into gradient all-reduces: the element count of each reduced buffer times its
 element size, summed over the step's buckets (an all-reduce moves about twice that over a ring, whatever the
@@ -14,9 +15,13 @@ so `reduce_embedding_rows` all-reduces only the rows some rank touched (and a ma
 arithmetic (x 1/world, then the sum): the same gradient as the dense all-reduce, for ~2% of the bytes. DDP's
 dense bucket of it came last in the backward and its wait was the largest exposed cost of a MiniLM step.
 
-FSDP and TP have no DDP hooks: the launcher refuses `comm_hook` with them (cli/validate.py). What FSDP reduces in
-is `apply_fsdp`'s MixedPrecisionPolicy: gradients are reduce-scattered in fp32 under every precision (bf16 reduction
-would lose the low bits of a sum over ranks, and the parity tests compare to 1e-5).
+FSDP has no DDP hooks: it reduce-scatters gradient shards in the dtype of its MixedPrecisionPolicy, which
+`apply_fsdp` takes from `fsdp_dtypes` (parallel/apply.py): fp32 unless `comm_hook=fp16|bf16` asks for half the
+bytes (each reduced shard is cast back to fp32, so master weights and optimizer state stay fp32). Its bytes are
+the reduce-scatter inputs, counted as FSDP passes them to the collective (set_custom_reduce_scatter): every
+gradient element of the step's groups, each parameter's first dimension padded to a multiple of the dp degree, times
+the reduce dtype's size. PowerSGD and periodic syncs are DDP's only, and TP has no gradient reduction across
+data-parallel ranks: the launcher refuses those (cli/validate.py); TP's activation all-reduces are not counted.
 """
 
 from __future__ import annotations
@@ -47,11 +52,17 @@ def row_sparse_embedding(model: torch.nn.Module, parallel: DictConfig) -> str | 
 
 
 class GradientComm:
-    """The hook of a DDP model and its byte count; for other layouts, nothing (0 bytes, no state)."""
+    """The hook of a DDP model and its byte count; FSDP's reduce-scatter byte count; for other layouts, nothing
+    (kind None: no bytes, no state)."""
 
     def __init__(self, model: torch.nn.Module, parallel: DictConfig, seed: int):
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = [module for module in model.modules() if isinstance(module, FSDPModule)]
         self.kind = str(parallel.comm_hook) if isinstance(model, DistributedDataParallel) else None
-        if self.kind is not None and parallel.sync != "every_step":
+        if fsdp:
+            self.kind = "fsdp"  # its reduce dtype is its MixedPrecisionPolicy (apply_fsdp); bytes counted here
+        elif self.kind is not None and parallel.sync != "every_step":
             self.kind = "local"  # parallel.sync: gradients stay on their rank after the warm-up (parallel/sync.py)
         self.sent = 0  # bytes put into gradient all-reduces since the last take()
         self.state: Any = None  # PowerSGD's (error feedback, warm-start factors, iteration)
@@ -64,7 +75,9 @@ class GradientComm:
         self.names = {id(p): name for name, p in model.named_parameters()}
         self.layouts: dict[int, list[tuple[str, torch.Size]]] = {}  # bucket index -> its gradients, in order
         self.pending: dict[str, torch.Tensor] = {}  # restored per-parameter memories, placed at the next hook call
-        if self.kind in (None, "none"):
+        if self.kind == "fsdp":
+            self._count_reduce_scatters(fsdp)
+        if self.kind in (None, "none", "fsdp"):
             return
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
 
@@ -85,6 +98,21 @@ class GradientComm:
         else:
             hook = default_hooks.fp16_compress_hook if self.kind == "fp16" else default_hooks.bf16_compress_hook
         model.register_comm_hook(self.state, self._counted(hook))
+
+    def _count_reduce_scatters(self, modules: list[Any]) -> None:
+        # FSDP's public set_custom_reduce_scatter takes a ReduceScatter; subclassing its default one (a private
+        # module) keeps FSDP's own buffers and call, so only the count is added.
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+        comm = self
+
+        class Counted(DefaultReduceScatter):
+            def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+                comm.sent += input_tensor.numel() * input_tensor.element_size()
+                return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+        for module in modules:
+            module.set_custom_reduce_scatter(Counted())
 
     def _counted(self, hook: Any) -> Any:
         size = ELEMENT_BYTES[self.kind]

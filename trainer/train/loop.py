@@ -115,7 +115,7 @@ class Trainer:
                 micro_batches = next(steps)
                 waited = time.perf_counter() - tick
                 result = self.stepper.run(micro_batches, s.step + 1)
-                if self.comm.kind:  # ddp: the gradients' bytes, and the weights' when a periodic sync is due
+                if self.comm.kind:  # ddp, fsdp: the gradients' bytes, and the weights' when a periodic sync is due
                     result.comm_bytes = self.comm.take(synced=True) + self.sync.after_step(s.step + 1)
                 s.step += 1
                 self.metrics.add_step(result, time.perf_counter() - tick, waited, self.profiler.active)
