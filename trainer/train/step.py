@@ -44,7 +44,7 @@ class StepResult:
     held: HeldBytes | None = None  # after the first applied step: what this rank holds
     # distillation: this rank's [hard loss sum, soft loss sum, targets the teacher gets right, hidden loss sum]
     distill: torch.Tensor | None = None
-    comm_bytes: int | None = None  # ddp: bytes this rank put into gradient all-reduces (trainer/parallel/comm.py)
+    comm_bytes: int | None = None  # ddp, fsdp: bytes this rank put into gradient reductions (trainer/parallel/comm.py)
 
 
 class StepRunner:
