@@ -2,7 +2,8 @@
 bandwidth `tc` limits (a tbf qdisc on each end; this kernel has no netem), one `distrain train` launcher per host
 (launcher.nnodes=2, one process each, as tests/test_multinode.py forms its group), one run per communication mode:
 
-    every_step   DDP, fp32 gradients all-reduced at every step
+    every_step   DDP, every fp32 gradient all-reduced at every step (parallel.sparse_embedding_grads=false)
+    sparse_rows  the same, but of the word embedding only the rows some rank's batch touched (distrain's default)
     fp16         DDP with the fp16 compression hook
     powersgd     DDP with PowerSGD (rank 4, after 2 plain steps)
     local_sgd    weights averaged every H steps
@@ -35,7 +36,8 @@ DISTRAIN = str(Path(sys.executable).parent / "distrain")
 HOSTS = {"dsl-host1": ("dsl1", "10.214.0.1", "dsl-veth1"), "dsl-host2": ("dsl2", "10.214.0.2", "dsl-veth2")}
 ENDPOINT = "dsl-host1:29514"
 MODES = {
-    "every_step": [],
+    "every_step": ["parallel.sparse_embedding_grads=false"],
+    "sparse_rows": [],
     "fp16": ["parallel.comm_hook=fp16"],
     "powersgd": ["parallel.comm_hook=powersgd", "parallel.powersgd.rank=4", "parallel.powersgd.start_step=2"],
     "local_sgd": ["parallel.sync=local_sgd"],

@@ -22,8 +22,9 @@ def test_the_slow_link_benchmark_measures_every_mode(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--smoke"], check=True, timeout=900)
     report = json.loads((tmp_path / "slow_link.json").read_text())
     rows = {r["mode"]: r for r in report["rows"]}
-    assert set(rows) == {"every_step", "fp16", "powersgd", "local_sgd", "diloco"}
+    assert set(rows) == {"every_step", "sparse_rows", "fp16", "powersgd", "local_sgd", "diloco"}
     full = rows["every_step"]["bytes_per_step"]
+    assert rows["sparse_rows"]["bytes_per_step"] < full
     assert rows["fp16"]["bytes_per_step"] == full / 2
     # H=2 over 4 steps: the weights (fp32, as many as the gradients) cross the link after steps 2 and 4 only
     assert rows["diloco"]["bytes_per_step"] == full / 2
