@@ -216,7 +216,9 @@ def cpu_seconds() -> dict[str, float] | None:
 def load_report(start: dict, cores: int) -> dict:
     """The load the figures were measured under: load averages before and after, the cores other processes kept
     busy on average meanwhile (the machine's busy time minus ours: the load average at the end counts our own
-    runs, which use every core), and a warning when the others' load makes the figures unreliable."""
+    runs, which use every core), and a warning when the others' load makes the figures unreliable. The warning
+    goes by the others' cores where /proc/stat gives them: a 1-minute load average still counts a job that ended
+    just before the bench (it warned on an idle machine after one)."""
     report: dict = {"load_average_start": start["load_average"], "load_average_end": os.getloadavg()}
     end = cpu_seconds()
     if start["cpu"] and end:
@@ -224,10 +226,11 @@ def load_report(start: dict, cores: int) -> dict:
         report["other_processes_cores"] = max(0.0, busy / (end["wall"] - start["cpu"]["wall"]))
     limit = cores * BUSY_LIMIT
     causes = []
-    if start["load_average"][0] > limit:
+    if "other_processes_cores" in report:  # measured over the runs: what the lagging load average only hints at
+        if report["other_processes_cores"] > limit:
+            causes.append(f"other processes kept {report['other_processes_cores']:.2f} cores busy during them")
+    elif start["load_average"][0] > limit:  # no /proc/stat: the load average before is all there is
         causes.append(f"load average {start['load_average'][0]:.2f} before the runs")
-    if report.get("other_processes_cores", 0.0) > limit:
-        causes.append(f"other processes kept {report['other_processes_cores']:.2f} cores busy during them")
     if causes:
         report["warning"] = (
             f"{' and '.join(causes)}, over {limit:g} ({BUSY_LIMIT:g} x {cores} cores): the figures are unreliable "

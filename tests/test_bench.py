@@ -93,8 +93,11 @@ def test_load_report_warns_when_other_processes_kept_the_cores_busy():
     now = cpu_seconds()
     quiet = {"load_average": (0.0, 0.0, 0.0), "cpu": None}
     assert "warning" not in load_report(quiet, cores)
-    busy_before = {"load_average": (cores * BUSY_LIMIT + 0.5, 0.0, 0.0), "cpu": None}
+    busy_before = {"load_average": (cores * BUSY_LIMIT + 0.5, 0.0, 0.0), "cpu": None}  # no /proc/stat figures
     assert "load average" in load_report(busy_before, cores)["warning"]
+    # The same load average before, but no one else's CPU time over the 5 s since: a job that had just ended.
+    ended = {**busy_before, "cpu": {"machine": now["machine"], "ours": now["ours"], "wall": now["wall"] - 5}}
+    assert "warning" not in load_report(ended, cores)
     # 10 busy CPU seconds per core, not ours, over the last 5 s: twice the machine's cores, over any limit.
     earlier = {"machine": now["machine"] - 10 * cores, "ours": now["ours"], "wall": now["wall"] - 5}
     busy_during = {"load_average": (0.0, 0.0, 0.0), "cpu": earlier}
