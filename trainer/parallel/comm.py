@@ -134,6 +134,12 @@ class GradientComm:
                     self._place(bucket.index(), layout)
             before = getattr(state, "total_numel_after_compression", None)
             future = hook(state, bucket)
+            if self.kind == "powersgd":
+                # PowerSGD issues a bucket's P and Q all-reduces from the callbacks of the one before, on gloo's
+                # threads: with two buckets in flight the ranks could enqueue their collectives in different orders
+                # (gloo aborted a 2-host run at step 5: "Received data size doesn't match expected size"). Ending
+                # each bucket's exchange before DDP hands over the next keeps one order on every rank.
+                future.wait()
             after = getattr(state, "total_numel_after_compression", None)
             # PowerSGD counts what it reduced once it compresses; before that (and the other hooks) the bucket.
             self.sent += size * (after - before if after != before else bucket.buffer().numel())
