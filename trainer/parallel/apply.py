@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distrain.trainer.config.schema import Precision
 from distrain.trainer.errors import ConfigError, Diverged
 from distrain.trainer.model.families import FAMILIES
+from distrain.trainer.parallel.comm import row_sparse_embedding
 from distrain.trainer.parallel.dims import ParallelDims
 from distrain.trainer.parallel.distributed import DistEnv
 
@@ -132,8 +133,6 @@ def apply_fsdp(model: torch.nn.Module, dp_mesh: Any, parallel: DictConfig, preci
 
 
 def apply_ddp(model: torch.nn.Module, device: torch.device, parallel: DictConfig) -> torch.nn.Module:
-    from distrain.trainer.parallel.comm import row_sparse_embedding
-
     sparse = row_sparse_embedding(model, parallel)
     if sparse is not None:  # reduced by GradientComm.reduce_embedding_rows; DDP would broadcast it at start
         model._ddp_params_and_buffers_to_ignore = [sparse]  # what DDP's constructor reads
