@@ -59,14 +59,14 @@ class GradientComm:
         from torch.distributed.fsdp import FSDPModule
 
         fsdp = [module for module in model.modules() if isinstance(module, FSDPModule)]
-        self.kind = str(parallel.comm_hook) if isinstance(model, DistributedDataParallel) else None
+        ddp = isinstance(model, DistributedDataParallel)
+        self.kind = str(parallel.comm_hook) if ddp else None
         if fsdp:
             self.kind = "fsdp"  # its reduce dtype is its MixedPrecisionPolicy (apply_fsdp); bytes counted here
         elif self.kind is not None and parallel.sync != "every_step":
             self.kind = "local"  # parallel.sync: gradients stay on their rank after the warm-up (parallel/sync.py)
         self.sent = 0  # bytes put into gradient all-reduces since the last take()
         self.state: Any = None  # PowerSGD's (error feedback, warm-start factors, iteration)
-        ddp = isinstance(model, DistributedDataParallel)
         inner, ignored = (model.module, model.parameters_to_ignore) if ddp else (model, set())
         self.row_sparse = [p for name, p in inner.named_parameters() if name in ignored]
         self.group = model.process_group if ddp else None
