@@ -69,6 +69,35 @@ def test_every_search_composes_with_every_sampler_and_pruner(search, sampler, pr
     assert type(studies.build_pruner(cfg.sweep)) is PRUNERS[pruner]
 
 
+def _pruned_at(pruner, curve: dict[int, float]) -> int | None:
+    """After three trials that scored 0.5 and 0.8 at steps 25 and 50, the step at which a trial with this curve of
+    dev evaluations is pruned (None: runs to the end)."""
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(3):
+        trial = study.ask()
+        for step, value in ((25, 0.5), (50, 0.8)):
+            trial.report(value, step)
+            trial.should_prune()  # the pruner records a trial's value at a rung when it is asked there
+        study.tell(trial, 0.8)
+    trial = study.ask()
+    for step, value in curve.items():
+        trial.report(value, step)
+        if trial.should_prune():
+            return step
+    return None
+
+
+def test_asha_puts_its_first_rung_at_the_first_dev_evaluation():
+    sweep = compose_search("ner_optuna", "sweep.pruner=asha").sweep
+    # evaluations every 25 steps: a poor start at step 10 is not judged; the first evaluation (25) is the first rung
+    assert _pruned_at(studies.build_pruner(sweep, 25), {10: 0.0, 25: 0.1}) == 25
+    assert _pruned_at(studies.build_pruner(sweep, 25), {10: 0.0, 25: 0.6, 50: 0.9}) is None
+    # Optuna's own estimate (evaluations per epoch: eval_every 0) sets a rung at step 10 already
+    assert _pruned_at(studies.build_pruner(sweep, 0), {10: 0.0, 25: 0.6}) == 10
+    sweep.min_resource = 50  # set by the user: nothing before step 50 is judged
+    assert _pruned_at(studies.build_pruner(sweep, 25), {25: 0.1, 50: 0.1}) == 50
+
+
 def test_the_defaults_are_tpe_without_pruning_one_trial_at_a_time():
     sweep = compose_search("ner_optuna").sweep
     assert (sweep.sampler, sweep.pruner, sweep.n_trials, sweep.n_jobs, sweep.seed) == ("tpe", "none", 10, 1, 0)
@@ -151,6 +180,7 @@ def test_a_searched_key_the_schema_does_not_have_is_named_with_the_nearest_real_
         ("sweep.pruner=hyperband", "sweep.pruner"),
         ("optim.lrr=interval(1e-5,1e-3)", "optim.lrr: no such key; did you mean optim.lr"),
         ("sweep.storage=not-a-url", "sweep.storage: cannot open 'not-a-url' (ArgumentError"),
+        ("sweep.min_resource=0", "sweep.min_resource: expected null or an integer >= 1 (steps), got 0"),
     ],
 )
 def test_bad_sweep_input_exits_2_naming_the_key_before_the_first_trial(tmp_path, override, expected):

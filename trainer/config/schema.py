@@ -424,6 +424,7 @@ class SweepConfig:
     n_jobs: int = 1  # trials at once: local child processes splitting the cores, or SLURM jobs
     seed: int = 0  # the sampler's seed
     n_startup_trials: int = 5  # random trials before TPE/CMA-ES model the results; trials before pruning starts
+    min_resource: int | None = None  # asha: step of its first rung; null = train.eval_every (Optuna's estimate if 0)
     max_failures: int = 3  # failed trials (not pruned) in one invocation before the sweep gives up
     study_name: str = "study"  # the study in the storage; a rerun with the same name continues it
     # null: SQLite file <sweep dir>/study.db; journal: Optuna's journal file <sweep dir>/study.journal (NFS);

@@ -79,6 +79,8 @@ class DistrainSweeper(Sweeper):
         for key in ("n_trials", "n_jobs", "max_failures"):
             if sweep[key] < 1:
                 problems.append(f"sweep.{key}: expected an integer >= 1, got {sweep[key]}")
+        if sweep.min_resource is not None and sweep.min_resource < 1:
+            problems.append(f"sweep.min_resource: expected null or an integer >= 1 (steps), got {sweep.min_resource}")
         if not space:
             problems.append("sweep.params: nothing to search; give keys with interval(a, b), choice(...) or range()")
         if sweep.trial is not None:
@@ -129,7 +131,7 @@ def run_study(plan: dict[str, Any], launcher: Any) -> Any:
         storage=plan["storage"],
         study_name=sweep.study_name,
         direction=plan["direction"],
-        pruner=studies.build_pruner(sweep),
+        pruner=studies.build_pruner(sweep, plan["cfg"].train.eval_every),
         load_if_exists=True,
     )
     if study.direction.name.lower() != plan["direction"]:

@@ -16,7 +16,7 @@ log = logging.getLogger("distrain")
 
 class TrialReporter:
     def __init__(self, cfg: DictConfig, env: DistEnv):
-        self.sweep, self.env, self.metric = cfg.sweep, env, cfg.task.metric
+        self.sweep, self.env, self.metric, self.eval_every = cfg.sweep, env, cfg.task.metric, cfg.train.eval_every
         self.enabled = cfg.sweep.trial is not None and str(cfg.sweep.pruner) != "none"
         self.trial: Any = None
 
@@ -28,7 +28,8 @@ class TrialReporter:
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             name, storage = self.sweep.study_name, open_storage(self.sweep.storage)
-            study = optuna.load_study(study_name=name, storage=storage, pruner=build_pruner(self.sweep))
+            pruner = build_pruner(self.sweep, self.eval_every)
+            study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
             # Optuna's Trial is the study and the trial's id in the storage (the sweeper asked for it by number)
             study_id = storage.get_study_id_from_name(name)
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, self.sweep.trial)
