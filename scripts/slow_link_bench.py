@@ -16,6 +16,7 @@ token accuracy at the end (distrain's evaluator records no dev loss). Needs root
 
     sudo .venv/bin/python scripts/slow_link_bench.py --out /tmp/slow-link --steps 40 --every 8
     sudo .venv/bin/python scripts/slow_link_bench.py --out /tmp/slow-link --smoke   # tiny BERT, 4 steps: a smoke
+    sudo .venv/bin/python scripts/slow_link_bench.py --out /tmp/r16 --modes powersgd parallel.powersgd.rank=16
 
 Only traffic between the two namespaces it creates (10.214.0.1/2, removed at the end; /etc/hosts restored).
 Results: <out>/slow_link.json and a table on stdout.
@@ -83,10 +84,11 @@ def launch(host: str, overrides: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
 
 
-def run_mode(mode: str, base: list[str], out: Path, timeout: int) -> dict:
+def run_mode(mode: str, base: list[str], extra: list[str], out: Path, timeout: int) -> dict:
     run = out / mode
     shutil.rmtree(run, ignore_errors=True)
-    overrides = [*base, *MODES[mode], f"run.dir={run}"]
+    given = {o.split("=", 1)[0] for o in extra}  # the command line's value of a key replaces the mode's
+    overrides = [*base, *(o for o in MODES[mode] if o.split("=", 1)[0] not in given), *extra, f"run.dir={run}"]
     procs = [launch(host, overrides, out / f"{mode}.{host}.log") for host in HOSTS]
     codes = [p.wait(timeout=timeout) for p in procs]
     if any(codes):
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--smoke", action="store_true", help="tiny BERT, 4 steps, H=2")
+    parser.add_argument("overrides", nargs="*", help="distrain overrides for every mode (parallel.powersgd.rank=16)")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("unshare"):
         raise SystemExit("needs root, ip, tc and unshare (network namespaces and a tbf qdisc)")
@@ -129,12 +132,12 @@ def main() -> None:
         teardown(None)  # leftovers of an interrupted run
         saved = setup(args.rate)
         for mode in args.modes.split(","):
-            rows.append(run_mode(mode, base, args.out, timeout=600 + 30 * steps))
+            rows.append(run_mode(mode, base, args.overrides, args.out, timeout=600 + 30 * steps))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         teardown(saved)
-    (args.out / "slow_link.json").write_text(json.dumps({"rate": args.rate, "steps": steps, "every": every,
-                                                         "rows": rows}, indent=1))  # fmt: skip
+    numbers = {"rate": args.rate, "steps": steps, "every": every, "overrides": args.overrides, "rows": rows}
+    (args.out / "slow_link.json").write_text(json.dumps(numbers, indent=1))
     print(f"\n{'mode':<11} {'s/step':>8} {'MB/step':>9} {'train loss':>10} {'dev F1':>7} {'dev acc':>7}")
     for r in rows:
         print(f"{r['mode']:<11} {r['seconds_per_step']:>8.2f} {r['bytes_per_step'] / 1e6:>9.3f} "
