@@ -243,9 +243,11 @@ def _comm_problems(parallel: DictConfig, dims: ParallelDims | None) -> list[str]
         if parallel.name != "ddp":
             problems.append(f"parallel.sync: {parallel.sync} needs parallel=ddp (each rank holds whole weights to "
                             f"step alone and average), got parallel={parallel.name}")  # fmt: skip
-        if parallel.comm_hook != "none":
+        # DiLoCo can send its outer gradients in half precision; local SGD averages the weights themselves
+        if parallel.comm_hook != "none" and not (parallel.sync == "diloco" and hook in ("fp16", "bf16")):
             problems.append(f"parallel.comm_hook: {parallel.comm_hook} cannot combine with parallel.sync="
-                            f"{parallel.sync} (no gradient all-reduce between syncs); set one of them")  # fmt: skip
+                            f"{parallel.sync} (no gradient all-reduce between syncs); set one of them, or fp16/bf16 "
+                            "with diloco (its outer gradients in half precision)")  # fmt: skip
     if parallel.sync_every < 1:
         problems.append(
             f"parallel.sync_every: expected an integer >= 1 (steps between syncs), got {parallel.sync_every}"

@@ -44,6 +44,8 @@ STEPS = 6
          "parallel.sync: diloco needs parallel=ddp"),
         (["parallel=ddp", "launcher.nproc_per_node=2", "parallel.sync=diloco", "parallel.comm_hook=powersgd"],
          "parallel.comm_hook: powersgd cannot combine with parallel.sync=diloco"),
+        (["parallel=ddp", "launcher.nproc_per_node=2", "parallel.sync=local_sgd", "parallel.comm_hook=bf16"],
+         "parallel.comm_hook: bf16 cannot combine with parallel.sync=local_sgd"),
     ],
 )  # fmt: skip
 def test_bad_communication_settings_are_rejected_before_workers_start(overrides, expected):
@@ -154,6 +156,23 @@ def test_hooks_send_fewer_bytes_and_powersgd_resumes_exactly(tmp_path, cache_dir
     assert all(powersgd[s]["comm_bytes_per_step"] < full / 10 for s in range(4, STEPS + 1))
     for hook in ("fp16", "bf16", "powersgd"):
         assert abs(runs[hook][STEPS]["loss"] - runs["none"][STEPS]["loss"]) < 0.02 * runs["none"][STEPS]["loss"], hook
+
+
+@pytest.mark.slow
+def test_diloco_sends_its_outer_gradients_in_bf16_with_half_the_bytes(tmp_path, cache_dir):
+    """parallel.comm_hook=bf16 with sync=diloco: the ranks' weight changes cross in bf16; the anchor and the outer
+    step stay fp32, so the losses follow the fp32 run's closely (and differ: the rounding is real)."""
+    common = [*TINY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
+              "train.micro_batch_size=4", "train.max_steps=7", "data.max_eval_samples=16", "parallel.sync=diloco",
+              "parallel.sync_every=2"]  # fmt: skip
+    run_distrain("train", *common, f"run.dir={tmp_path / 'fp32'}")
+    run_distrain("train", *common, "parallel.comm_hook=bf16", f"run.dir={tmp_path / 'bf16'}")
+    fp32, bf16 = _records(tmp_path / "fp32"), _records(tmp_path / "bf16")
+    assert {s: r["comm_bytes_per_step"] / 2 for s, r in fp32.items()} == {
+        s: r["comm_bytes_per_step"] for s, r in bf16.items()}  # fmt: skip
+    assert bf16[2]["comm_bytes_per_step"] > 0
+    assert all(abs(bf16[s]["loss"] - fp32[s]["loss"]) < 0.01 * fp32[s]["loss"] for s in fp32)
+    assert bf16[1]["loss"] == fp32[1]["loss"] and any(bf16[s]["loss"] != fp32[s]["loss"] for s in (3, 5, 7))
 
 
 @pytest.mark.slow

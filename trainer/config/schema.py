@@ -280,7 +280,8 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (less memory, more comm)
     cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory
     backend: Backend | None = None  # null: nccl on CUDA, gloo on CPU
-    comm_hook: CommHook = CommHook.none  # ddp, fsdp, fsdp_tp: how gradients are reduced (trainer/parallel/comm.py)
+    # ddp, fsdp, fsdp_tp: how gradients are reduced (trainer/parallel/comm.py); sync=diloco: fp16/bf16 outer gradients
+    comm_hook: CommHook = CommHook.none
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)  # comm_hook=powersgd
     # ddp, comm_hook=none: all-reduce only the word-embedding rows a step touched (same gradient, ~2% of its bytes)
     sparse_embedding_grads: bool = True

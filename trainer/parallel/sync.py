@@ -7,7 +7,9 @@ ranks do not all-reduce gradients at every step. Called by the loop after `StepR
   parallel/comm.py, with `PeriodicModelAverager` here; Lin et al. 2020).
 - `diloco`: each rank runs the inner optimizer (optim.*) alone; every `sync_every` steps the ranks average their
   change from the anchor weights (the weights of the last sync) and an outer SGD with Nesterov momentum applies it
-  to the anchor, which every rank then continues from (Douillard et al. 2023).
+  to the anchor, which every rank then continues from (Douillard et al. 2023). `comm_hook=bf16|fp16` sends that
+  change in half precision (half the bytes; Streaming DiLoCo, Douillard et al. 2025, sends it in fewer bits still):
+  it is the difference of two nearby weights, small, and the anchor and the outer step stay fp32.
 
 Between syncs every rank has its own weights and optimizer state, which a DDP checkpoint (one replica) does not
 hold: they go into the checkpoint per rank (`tensors()`), with the anchor and the outer optimizer's momentum, so a
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distrain.trainer.parallel.apply import unwrap
+from distrain.trainer.parallel.apply import REDUCE_DTYPES, unwrap
 
 
 class Synchronizer:
@@ -40,6 +42,7 @@ class Synchronizer:
             self.averager = PeriodicModelAverager(period=self.every, warmup_steps=parallel.sync_warmup)
         elif self.mode == "diloco":
             self.anchor = [p.detach().clone() for _, p in self.named]
+            self.send_dtype = REDUCE_DTYPES.get(str(parallel.comm_hook), torch.float32)
             self.outer = torch.optim.SGD(self.anchor, lr=parallel.diloco.outer_lr,
                                          momentum=parallel.diloco.outer_momentum, nesterov=True)  # fmt: skip
 
@@ -60,14 +63,14 @@ class Synchronizer:
         if self.mode == "diloco" and step % self.every == 0:
             with torch.no_grad():
                 for anchor, param in zip(self.anchor, params, strict=True):
-                    delta = anchor - param  # the outer "gradient": how far this rank moved, negated
+                    delta = (anchor - param).to(self.send_dtype)  # the outer "gradient": this rank's move, negated
                     torch.distributed.all_reduce(delta, op=torch.distributed.ReduceOp.AVG)
-                    anchor.grad = delta
+                    anchor.grad = delta.to(anchor.dtype)
                 self.outer.step()
                 for anchor, param in zip(self.anchor, params, strict=True):
                     param.copy_(anchor)
                     anchor.grad = None
-            return 4 * sum(p.numel() for p in params)
+            return self.send_dtype.itemsize * sum(p.numel() for p in params)
         return 0
 
     # --- checkpoint ----------------------------------------------------------------------------------------
