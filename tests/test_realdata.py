@@ -22,7 +22,7 @@ def test_minilm_learns_entities_on_a_conll2003_subset(tmp_path, cache_dir):
     run_distrain(
         "train", "+experiment=conll_ner", f"data.dir={CONLL}", f"data.cache_dir={cache_dir}",
         "data.max_train_samples=3000", "data.max_eval_samples=500", "train.epochs=1", "train.log_every=20",
-        "optim.lr=1e-4", f"run.dir={run}",
+        "optim.lr=1e-4", "train.micro_batch_size=16", f"run.dir={run}",
     )  # fmt: skip
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished"
