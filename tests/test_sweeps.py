@@ -112,7 +112,7 @@ def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp
     # 5e-3 first; 1e-7 is then below the median at its first evaluation.
     run_distrain("train", *STUDY, f"data.cache_dir={cache_dir}", "sweep.sampler=grid", "sweep.pruner=median",
                  "sweep.seed=1", "sweep.n_startup_trials=1", "optim.lr=choice(5e-3,1e-7)", "optim.weight_decay=0.0",
-                 "train.micro_batch_size=8", "train.max_steps=6", "train.eval_every=2",
+                 "train.micro_batch_size=8", "train.max_steps=6", "train.eval_every=2", "train.log_every=5",
                  f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     study = load(tmp_path)
     assert [t.params["optim.lr"] for t in study.trials] == [5e-3, 1e-7]
@@ -123,6 +123,9 @@ def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp
     run = tmp_path / str(bad.number)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "pruned" and summary["step"] == 2
+    # its 2 steps, before the first train record was due (log_every 5), are logged and counted
+    train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2] and summary["real_tokens"] > 0 and summary["step_seconds"] > 0
     assert "sweep.pruner=median stopped trial 1 at step 2: dev accuracy" in summary["pruned"]
     assert (run / "checkpoints" / "step_2" / "COMPLETE").exists()
     evaluated = run_distrain("eval", f"ckpt={run}", "split=dev")  # its checkpoint loads: resumable and exportable

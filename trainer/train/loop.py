@@ -138,6 +138,9 @@ class Trainer:
                     pruned = None if last or stopped_early else self.trial.prune(dev[self.cfg.task.metric], s.step)
                     if pruned:
                         self.metrics.say(f"pruned: {pruned}")
+                    if (stopped_early or pruned) and not cadence.log_due(s.step, t.log_every, ends):
+                        # the run ends here too: its last steps get their train record (and count in the summary)
+                        self.metrics.log_train(self.epoch, self.batches.samples_by_source(s.step))
                 # A pruned trial ends with a checkpoint, like a stop request: its run dir resumes and exports.
                 if cadence.save_due(s.step, t.save_every, improved, ends or stopped_early or bool(pruned)):
                     self.checkpoints.save(s.step)
