@@ -121,7 +121,8 @@ def main() -> None:
     if os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("unshare"):
         raise SystemExit("needs root, ip, tc and unshare (network namespaces and a tbf qdisc)")
     steps, every = (4, 2) if args.smoke else (args.steps, args.every)
-    model = ["+debug=tiny"] if args.smoke else ["+experiment=wnut_ner", "data.max_eval_samples=256"]
+    # augmentation off: the same batches as the runs measured before wnut_ner turned it on
+    model = ["+debug=tiny"] if args.smoke else ["+experiment=wnut_ner", "data.max_eval_samples=256", "data.augment=[]"]
     base = [*model, "parallel=ddp", "train.micro_batch_size=8", f"train.max_steps={steps}", "train.log_every=1",
             "train.eval_every=0", f"parallel.sync_every={every}", "data.cache_dir=" + str(args.out / "cache"),
             "optim.warmup_ratio=0"]  # fmt: skip
