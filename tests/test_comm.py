@@ -196,3 +196,24 @@ def test_periodic_sync_sends_bytes_only_when_due_and_resumes_exactly(mode, tmp_p
     # diloco (no warm-up): the averaged change after steps 2, 4, 6
     first = full if mode == "local_sgd" else 0
     assert sent == {1: first, 2: full, 3: 0, 4: full, 5: 0, 6: full, 7: 0}, sent
+
+
+@pytest.mark.slow
+def test_diloco_with_a_plain_outer_step_is_local_sgd(tmp_path, cache_dir):
+    """DiLoCo with outer lr 1 and no outer momentum sets the weights to the ranks' average after every sync, which
+    is what local SGD does: the same losses (to rounding), and not every-step DDP's, whose ranks share gradients."""
+    common = [*TINY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
+              "train.micro_batch_size=4", "train.max_steps=5", "data.max_eval_samples=16",
+              "parallel.sync_every=1"]  # fmt: skip
+    runs = {
+        "diloco": ["parallel.sync=diloco", "parallel.diloco.outer_lr=1.0", "parallel.diloco.outer_momentum=0"],
+        "local_sgd": ["parallel.sync=local_sgd", "parallel.sync_warmup=0"],
+        "every_step": [],
+    }
+    losses = {}
+    for name, overrides in runs.items():
+        run_distrain("train", *common, *overrides, f"run.dir={tmp_path / name}")
+        losses[name] = train_losses(tmp_path / name)
+    assert sorted(losses["diloco"]) == list(range(1, 6))
+    assert all(abs(losses["diloco"][s] - losses["local_sgd"][s]) < 1e-5 for s in range(1, 6)), losses
+    assert max(abs(losses["diloco"][s] - losses["every_step"][s]) for s in range(2, 6)) > 1e-4, losses

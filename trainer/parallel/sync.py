@@ -43,8 +43,9 @@ class Synchronizer:
         elif self.mode == "diloco":
             self.anchor = [p.detach().clone() for _, p in self.named]
             self.send_dtype = REDUCE_DTYPES.get(str(parallel.comm_hook), torch.float32)
-            self.outer = torch.optim.SGD(self.anchor, lr=parallel.diloco.outer_lr,
-                                         momentum=parallel.diloco.outer_momentum, nesterov=True)  # fmt: skip
+            momentum = parallel.diloco.outer_momentum  # 0: a plain SGD step (torch refuses Nesterov without one)
+            self.outer = torch.optim.SGD(self.anchor, lr=parallel.diloco.outer_lr, momentum=momentum,
+                                         nesterov=momentum > 0)  # fmt: skip
 
     def after_step(self, step: int) -> int:
         """Sync if due after optimizer step `step`; the bytes this rank put into all-reduces for it."""
