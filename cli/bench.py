@@ -106,6 +106,8 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
         command += [f"train.max_steps={args.steps}", "data.max_eval_samples=64"]
     elif args.samples:
         command += [f"data.max_train_samples={args.samples}", "train.epochs=1", "data.max_eval_samples=64"]
+    else:
+        command.append("train.epochs=3")  # as the Trainer's side (conll_ner's own default is 5)
     wall = run(command + args.overrides, run_dir.with_suffix(".log"))
     summary = json.loads((run_dir / run_files.SUMMARY).read_text())
     result = {
