@@ -43,6 +43,7 @@ from distrain.trainer.config import run_files
 BIN = Path(sys.executable).parent
 SPLITS = ("train.txt", "dev.txt", "test.txt")
 SWEEP_JOBS = 4  # of the start-up sweep
+FULL_EPOCHS = 3  # --full: epochs of both sides (distrain passes it over conll_ner's own default)
 BUSY_LIMIT = 0.5  # other processes' load, in cores per core, above which the figures are flagged unreliable
 BARE_JOB = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); d.destroy_process_group()"
 
@@ -57,7 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     window = parser.add_mutually_exclusive_group()
     window.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60)")
     window.add_argument("--samples", type=int, default=None, help="one epoch of the first N training sentences")
-    window.add_argument("--full", action="store_true", help="3 epochs on all the data, then the test F1 of each")
+    window.add_argument(
+        "--full", action="store_true", help=f"{FULL_EPOCHS} epochs on all the data, then the test F1 of each"
+    )
     parser.add_argument("--model", default="minilm", help="a distrain model config (default minilm)")
     parser.add_argument("--batch", type=int, default=16, help="per rank (default 16)")
     parser.add_argument("--lr", type=float, default=5e-5)
@@ -107,7 +110,7 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
     elif args.samples:
         command += [f"data.max_train_samples={args.samples}", "train.epochs=1", "data.max_eval_samples=64"]
     else:
-        command.append("train.epochs=3")  # as the Trainer's side (conll_ner's own default is 5)
+        command.append(f"train.epochs={FULL_EPOCHS}")  # conll_ner's own default differs
     wall = run(command + args.overrides, run_dir.with_suffix(".log"))
     summary = json.loads((run_dir / run_files.SUMMARY).read_text())
     result = {
@@ -147,7 +150,7 @@ def run_hf(args: argparse.Namespace, out: Path) -> dict:
     elif args.samples:
         command += [f"--max-train-samples={args.samples}", "--epochs=1"]
     else:
-        command += ["--epochs=3", "--test"]
+        command += [f"--epochs={FULL_EPOCHS}", "--test"]
     wall = run(command, out.with_suffix(".log"), env={**os.environ, "OMP_NUM_THREADS": threads(args.nproc)})
     return {**json.loads((out / "result.json").read_text()), "wall_seconds": wall}
 
@@ -264,7 +267,8 @@ def main() -> None:
     args = parse_args(sys.argv[1:])
     out = Path(args.out or f"runs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    window = "full (3 epochs)" if args.full else f"{args.steps} steps" if args.steps else f"{args.samples} samples"
+    full = f"full ({FULL_EPOCHS} epochs)"
+    window = full if args.full else f"{args.steps} steps" if args.steps else f"{args.samples} samples"
     started = {"load_average": os.getloadavg(), "cpu": cpu_seconds()}
     report: dict = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
