@@ -4,8 +4,8 @@ bandwidth `tc` limits (a tbf qdisc on each end; this kernel has no netem), one `
 
     every_step   DDP, every fp32 gradient all-reduced at every step (parallel.sparse_embedding_grads=false)
     sparse_rows  the same, but of the word embedding only the rows some rank's batch touched (distrain's default)
-    fp16         DDP with the fp16 compression hook
-    powersgd     DDP with PowerSGD (rank 4, after 2 plain steps)
+    fp16         DDP with the fp16 compression hook (the embedding's touched rows apart, as in sparse_rows)
+    powersgd     DDP with PowerSGD (rank 4, after 2 plain steps; the embedding's rows apart too)
     local_sgd    weights averaged every H steps
     diloco       outer Nesterov step on the averaged change every H steps
 

@@ -25,7 +25,8 @@ def test_the_slow_link_benchmark_measures_every_mode(tmp_path):
     assert set(rows) == {"every_step", "sparse_rows", "fp16", "powersgd", "local_sgd", "diloco"}
     full = rows["every_step"]["bytes_per_step"]
     assert rows["sparse_rows"]["bytes_per_step"] < full
-    assert rows["fp16"]["bytes_per_step"] == full / 2
+    # fp16: the other gradients at 2 bytes, the embedding's touched rows apart at 4 (as sparse_rows sends them)
+    assert rows["sparse_rows"]["bytes_per_step"] / 2 < rows["fp16"]["bytes_per_step"] < full / 2
     # H=2 over 4 steps: the weights (fp32, as many as the gradients) cross the link after steps 2 and 4 only
     assert rows["diloco"]["bytes_per_step"] == full / 2
     assert rows["powersgd"]["bytes_per_step"] < full  # plain at step 1, compressed from step 2

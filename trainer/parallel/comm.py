@@ -13,7 +13,8 @@ The input word embedding is not in DDP's buckets (`row_sparse_embedding`): a ste
 its rows (MiniLM: 30,522 x 384, half the model's parameters), every other row's gradient is zero on every rank,
 so `reduce_embedding_rows` all-reduces only the rows some rank touched (and a mask of them first), with DDP's own
 arithmetic (x 1/world, then the sum): the same gradient as the dense all-reduce, for ~2% of the bytes. DDP's
-dense bucket of it came last in the backward and its wait was the largest exposed cost of a MiniLM step.
+dense bucket of it came last in the backward and its wait was the largest exposed cost of a MiniLM step. Under a
+hook the rows still go apart, exact and in fp32; the hook takes the other gradients.
 
 FSDP has no DDP hooks: it reduce-scatters gradient shards in the dtype of its MixedPrecisionPolicy, which
 `apply_fsdp` takes from `fsdp_dtypes` (parallel/apply.py): fp32 unless `comm_hook=fp16|bf16` asks for half the
@@ -38,9 +39,10 @@ ELEMENT_BYTES = {"none": 4, "fp16": 2, "bf16": 2, "powersgd": 4, "local": 4}
 
 def row_sparse_embedding(model: torch.nn.Module, parallel: DictConfig) -> str | None:
     """The name of the word embedding whose gradient DDP leaves to `reduce_embedding_rows`, or None: trainable,
-    not tied to an output layer (then every row has a gradient), and only under every-step plain all-reduce (a
-    hook or a periodic sync decides itself what the embedding's gradient costs)."""
-    if not parallel.sparse_embedding_grads or parallel.comm_hook != "none" or parallel.sync != "every_step":
+    not tied to an output layer (then every row has a gradient), and only when gradients cross at every step (a
+    periodic sync keeps them on their rank). A hook compresses the other gradients: the exact rows cost fewer bytes
+    than PowerSGD's factors of the whole table or its fp16 copy."""
+    if not parallel.sparse_embedding_grads or parallel.sync != "every_step":
         return None
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embedding, torch.nn.Embedding) or not embedding.weight.requires_grad:
