@@ -93,6 +93,11 @@ def validate(cfg: DictConfig) -> None:
         # torchrun would wait on the rendezvous forever instead of saying the address is malformed.
         need(is_host_port(launcher.rdzv_endpoint), "launcher.rdzv_endpoint",
              "host:port with a port in 1..65535 (e.g. node1:29500 or [::1]:29500)")  # fmt: skip
+    if cfg.checkpoint.new_head:
+        need(cfg.checkpoint.init_from is not None, "checkpoint.new_head",
+             "false without checkpoint.init_from (the weights whose body it keeps)")  # fmt: skip
+        need(cfg.task.name in ("ner", "classify"), "checkpoint.new_head",
+             f"false for task={cfg.task.name}: only ner and classify have a head of their own labels")  # fmt: skip
     need(0 <= t.seed < 2**32, "train.seed", "an integer in [0, 2**32)")  # the widest range every RNG accepts
     need(0 <= data.split_seed < 2**32, "data.split_seed", "an integer in [0, 2**32)")
     need(data.num_workers >= 0, "data.num_workers", "an integer >= 0")

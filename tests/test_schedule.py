@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from distrain.cli.rundir import absolutize, write_run_dir
 from distrain.cli.validate import validate
 from distrain.trainer.config.schema import load_run_config
-from distrain.trainer.errors import UserError
+from distrain.trainer.errors import ConfigError, UserError
 from distrain.trainer.inference.load import EvalError, load_for_inference, locate
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.train.batches import DataOrderChanged
@@ -414,3 +414,41 @@ def test_a_resume_on_another_order_of_the_data_is_refused_naming_what_changed(st
     with pytest.raises(DataOrderChanged) as error:
         start(every_step(6), *overrides, change).fit()
     assert named in str(error.value) and "checkpoint.init_from=" in str(error.value), str(error.value)
+
+
+def test_new_head_takes_the_body_of_a_run_on_another_label_set(start, capsys, tmp_path):
+    # Transfer (CoNLL-2003's tags to WNUT-16's): the source knows fewer labels than the new run.
+    source = start(every_step(4), "train.max_steps=4", "train.eval_every=100", "train.export_weights=last",
+                   run="source")  # fmt: skip
+    assert source.fit()["status"] == "finished"
+    trained = model_weights(source)
+    id2label = json.loads((source.run_dir / "head.json").read_text())["id2label"]
+    labels = [id2label[k] for k in sorted(id2label, key=int)] + ["B-extra", "I-extra"]
+    more_labels = f"data.labels=[{','.join(labels)}]"
+
+    refused = start(every_step(4), more_labels, f"checkpoint.init_from={source.run_dir}", run="refused")
+    with pytest.raises(UserError, match=r"classifier.weight: \(\d+, 32\) there, \(\d+, 32\) here(.|\n)*"
+                                        r"checkpoint.new_head=true takes only the body"):  # fmt: skip
+        refused.trainer.checkpoints.restore()
+
+    head = {"classifier.weight", "classifier.bias"}
+    for where in (source.run_dir / "checkpoints" / "step_4", source.run_dir / "export"):
+        run = start(every_step(4), "train.max_steps=4", more_labels, f"checkpoint.init_from={where}",
+                    "checkpoint.new_head=true", run=f"new-head-{where.name}")  # fmt: skip
+        fresh = model_weights(run)
+        assert run.trainer.checkpoints.restore() == 0
+        warm = model_weights(run)
+        assert warm["classifier.weight"].shape[0] == len(labels)
+        assert all(torch.equal(warm[k], fresh[k]) for k in head)  # the seeded new head, untouched
+        assert all(torch.equal(warm[k], trained[k]) for k in trained if k not in head), where
+        assert "the task head (classifier.bias, classifier.weight) starts afresh" in capsys.readouterr().out
+        assert run.fit()["status"] == "finished"
+
+    # Refused before spawn: without init_from, and for a task whose head is the vocabulary.
+    for overrides, expected in (
+        ([], "checkpoint.new_head: expected false without checkpoint.init_from"),
+        (["task=clm", f"checkpoint.init_from={source.run_dir}"], "checkpoint.new_head: expected false for task=clm"),
+    ):
+        cfg = compose_train(["+debug=tiny", f"run.dir={tmp_path / 'bad'}", "checkpoint.new_head=true", *overrides])
+        with pytest.raises(ConfigError, match=expected):
+            validate(cfg)

@@ -189,16 +189,20 @@ class CheckpointManager:
         if weights.kind == "adapter":
             raise UserError(f"checkpoint.init_from: {weights.path} is an adapter folder; use the run's merged "
                             "export (adapter.merge_on_export=true) or one of its checkpoints")  # fmt: skip
-        problems = shape_problems(weights.kind, weights.path, unwrap(self.model))
+        head = head_names(unwrap(self.model)) if self.cfg.checkpoint.new_head else set()
+        problems = shape_problems(weights.kind, weights.path, unwrap(self.model), skip=head)
         if problems:
             raise UserError(f"checkpoint.init_from: {weights.path} does not fit this model:\n"
                             + "\n".join(f"  - {p}" for p in problems[:10])
-                            + "\nThe same model (model.*) and label set (the task's labels) are needed")  # fmt: skip
+                            + "\nThe same model (model.*) and label set (the task's labels) are needed; "
+                            "checkpoint.new_head=true takes only the body of a source with other labels")  # fmt: skip
         if weights.kind == "checkpoint":
-            load_model_weights(weights.path, self.model)
+            load_model_weights(weights.path, self.model, skip=head)
         else:
-            load_export_weights(weights.path, self.model)
-        self._say(f"warm start: weights from {weights.path} ({weights.kind}); new optimizer, schedule and data order")
+            load_export_weights(weights.path, self.model, skip=head)
+        fresh = f"; the task head ({', '.join(sorted(head))}) starts afresh" if head else ""
+        self._say(f"warm start: weights from {weights.path} ({weights.kind}){fresh}; new optimizer, schedule and "
+                  "data order")  # fmt: skip
 
     def _say(self, message: str) -> None:
         if self.env.is_main:
@@ -237,9 +241,17 @@ def _source_shapes(kind: str, path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def shape_problems(kind: str, path: Path, model: torch.nn.Module) -> list[str]:
-    """What differs between the weights at `path` and this model: missing tensors and other shapes."""
-    source, mine = _source_shapes(kind, path), _model_shapes(model)
+def head_names(model: torch.nn.Module) -> set[str]:
+    """The task head's tensors: every name outside the body (transformers' `base_model_prefix`: bert.*, ...)."""
+    body = model.base_model_prefix + "."
+    return {name for name in model.state_dict() if not name.startswith(body)}
+
+
+def shape_problems(kind: str, path: Path, model: torch.nn.Module, skip: set[str] = frozenset()) -> list[str]:
+    """What differs between the weights at `path` and this model, apart from the tensors in `skip`: missing
+    tensors and other shapes."""
+    source = _source_shapes(kind, path)
+    mine = {name: shape for name, shape in _model_shapes(model).items() if name not in skip}
     problems = [f"{name}: {source[name]} there, {shape} here" for name, shape in mine.items()
                 if name in source and source[name] != shape]  # fmt: skip
     missing = [name for name in mine if name not in source]
@@ -248,12 +260,13 @@ def shape_problems(kind: str, path: Path, model: torch.nn.Module) -> list[str]:
     return problems
 
 
-def load_export_weights(folder: Path, model: torch.nn.Module) -> None:
-    """An export's safetensors into the (possibly sharded) model: every rank reads the whole state."""
+def load_export_weights(folder: Path, model: torch.nn.Module, skip: set[str] = frozenset()) -> None:
+    """An export's safetensors, but for the tensors in `skip`, into the (possibly sharded) model: every rank reads
+    the whole state."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        state |= load_file(file)
+        state |= {key: value for key, value in load_file(file).items() if key not in skip}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -17,6 +17,7 @@ only admits DCP's own metadata types, so a tampered checkpoint cannot run code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -380,10 +381,14 @@ class Checkpointer:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load only the model weights of a checkpoint (from any world size or strategy) into `model`."""
+def load_model_weights(path: Path, model: torch.nn.Module, skip: set[str] = frozenset()) -> None:
+    """Load only the model weights of a checkpoint (from any world size or strategy) into `model`; the tensors
+    named in `skip` keep their values."""
     options = _state_options(model)
-    payload = {"model": _without_frozen(model, get_model_state_dict(model, options=options))}
+    if skip:
+        options = dataclasses.replace(options, strict=False)
+    state = _without_frozen(model, get_model_state_dict(model, options=options))
+    payload = {"model": {key: value for key, value in state.items() if key not in skip}}
     _load(payload, path)
     set_model_state_dict(model, payload["model"], options=options)
 

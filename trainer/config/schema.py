@@ -362,6 +362,9 @@ class CheckpointConfig:
 
     step: int | None = None  # resume from this step's checkpoint of the run dir instead of the newest
     init_from: str | None = None  # a fresh run starts with these weights (a run dir, checkpoint or export)
+    # with init_from: take the body's weights only and start the task head afresh (seeded): transfer from a run on
+    # another label set (CoNLL-2003's 9 tags to WNUT-16's 21). ner and classify only
+    new_head: bool = False
 
 
 @dataclass
