@@ -175,6 +175,9 @@ def plot_run(plt: Any, run: Path, metric: str, direction: str, path: Path) -> Pa
     for ax, (key, label, color) in zip(axes.flat, panels, strict=False):
         xs, ys = series_of(data["train"], key)
         ax.plot(xs, ys, color=color, marker="." if len(xs) <= 50 else None, label=label.split(" (")[0])
+        dev_xs, dev_ys = series_of(data["dev"], "loss") if key == "loss" else ([], [])
+        if dev_xs:  # the same normalisation as the train loss, without class weights
+            ax.plot(dev_xs, dev_ys, color="tab:orange", marker="o", label="dev loss")
         if key == "tokens_per_s":
             profiled = [(s, r[key]) for s, r in data["train"].items() if r.get("profiled")]
             if profiled:

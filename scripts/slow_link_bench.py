@@ -11,8 +11,8 @@ bandwidth `tc` limits (a tbf qdisc on each end; this kernel has no netem), one `
 
 Each mode trains MiniLM on WNUT-16 NER (micro-batch 8 per process) for the same steps, so the same samples; the
 table gives wall time per step (mean over the steps after the first), bytes each process put into all-reduces
-per step (the train records' comm_bytes_per_step), the last train loss (mean of the last 5 steps) and the dev F1 and
-token accuracy at the end (distrain's evaluator records no dev loss). Needs root (ip netns, tc, unshare).
+per step (the train records' comm_bytes_per_step), the last train loss (mean of the last 5 steps) and the dev loss,
+F1 and token accuracy at the end. Needs root (ip netns, tc, unshare).
 
     sudo .venv/bin/python scripts/slow_link_bench.py --out /tmp/slow-link --steps 40 --every 8
     sudo .venv/bin/python scripts/slow_link_bench.py --out /tmp/slow-link --smoke   # tiny BERT, 4 steps: a smoke
@@ -103,6 +103,7 @@ def run_mode(mode: str, base: list[str], extra: list[str], out: Path, timeout: i
         "seconds_per_step": statistics.mean(times),  # the mean: sync steps are 1 in H
         "bytes_per_step": statistics.mean(r["comm_bytes_per_step"] for r in train),
         "train_loss_last5": statistics.mean(r["loss"] for r in train[-5:]),
+        "dev_loss": dev.get("loss"),
         "dev_f1": dev.get("f1"),
         "dev_accuracy": dev.get("accuracy"),
     }
@@ -139,10 +140,12 @@ def main() -> None:
         teardown(saved)
     numbers = {"rate": args.rate, "steps": steps, "every": every, "overrides": args.overrides, "rows": rows}
     (args.out / "slow_link.json").write_text(json.dumps(numbers, indent=1))
-    print(f"\n{'mode':<11} {'s/step':>8} {'MB/step':>9} {'train loss':>10} {'dev F1':>7} {'dev acc':>7}")
+    print(f"\n{'mode':<11} {'s/step':>8} {'MB/step':>9} {'train loss':>10} {'dev loss':>8} {'dev F1':>7} "
+          f"{'dev acc':>7}")  # fmt: skip
     for r in rows:
         print(f"{r['mode']:<11} {r['seconds_per_step']:>8.2f} {r['bytes_per_step'] / 1e6:>9.3f} "
-              f"{r['train_loss_last5']:>10.4f} {r['dev_f1']:>7.3f} {r['dev_accuracy']:>7.3f}")  # fmt: skip
+              f"{r['train_loss_last5']:>10.4f} {r['dev_loss']:>8.4f} {r['dev_f1']:>7.3f} "
+              f"{r['dev_accuracy']:>7.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

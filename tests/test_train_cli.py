@@ -127,8 +127,41 @@ def test_eval_of_a_two_process_checkpoint_reports_what_training_measured(runs):
     result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev")
     assert "entity F1" in result.stdout and "micro avg" in result.stdout and "token accuracy" in result.stdout
     report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
-    for key in ("f1", "precision", "recall", "accuracy"):
-        assert report[key] == pytest.approx(dev_f1[key]), key
+    for key in ("f1", "precision", "recall", "accuracy", "loss"):
+        assert report[key] == pytest.approx(dev_f1[key], rel=1e-5), key
+    assert "loss " in result.stdout
+
+
+def test_the_dev_loss_is_the_cross_entropy_per_target_of_what_ships(runs):
+    # Recomputed without distrain's data pipeline: the words and gold tags of predictions_dev.txt, each sentence
+    # alone through the export with transformers, every sub-word a target (data.label_subwords=all: a B-X word's
+    # later pieces learn I-X).
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    export = runs["single_8"] / "export"
+    run_distrain("eval", f"ckpt={export}", "split=dev", "batch_size=3")
+    report = json.loads((export / "eval_dev.json").read_text())
+    model = AutoModelForTokenClassification.from_pretrained(export).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    ids = model.config.label2id
+    sentences = [[line.split(" ") for line in block.splitlines()]
+                 for block in (export / "predictions_dev.txt").read_text().strip().split("\n\n")]  # fmt: skip
+    total, targets = 0.0, 0
+    for sentence in sentences:
+        words, tags = [w for w, _, _ in sentence], [g for _, g, _ in sentence]
+        encoded = tokenizer(words, is_split_into_words=True, return_tensors="pt")
+        labels, previous = [], None
+        for word in encoded.word_ids():
+            first = word is not None and word != previous
+            tag = tags[word] if word is not None else None
+            labels.append(-100 if word is None else ids[tag if first else re.sub(r"^B-", "I-", tag)])
+            previous = word
+        with torch.no_grad():
+            logits = model(**encoded).logits[0]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="sum").item()
+        targets += sum(label != -100 for label in labels)
+    assert len(sentences) == report["examples"] == 16
+    assert report["loss"] == pytest.approx(total / targets, rel=1e-5)
 
 
 def test_eval_on_the_test_split_agrees_with_seqeval_on_its_predictions(runs):

@@ -56,9 +56,11 @@ def predict_split(
     batch_size: int,
     env: DistEnv,
     precision: Precision,
+    losses: dict[int, tuple[float, int]] | None = None,
 ) -> dict[int, Any] | None:
     """Every example's prediction, by dataset index, on rank 0 (None on the other ranks), with autocast at
-    `precision` (fp32: none).
+    `precision` (fp32: none). With `losses` (a task with `dev_loss`), rank 0's dict also receives each example's
+    (cross-entropy sum, targets), by index like the predictions, so no example counts twice.
 
     Each data-parallel rank predicts its own shard. A DDP model must come unwrapped (shards may differ by a
     batch); a sharded model (FSDP, TP: `env.dims.sharded`) gets the same number of batches on every rank.
@@ -68,11 +70,24 @@ def predict_split(
     was_training = model.training
     model.eval()
     mine: dict[int, Any] = {}
+    my_losses: dict[int, tuple[float, int]] = {}
     for indices, cpu_batch in zip(batches, loader, strict=True):
         mark("eval")  # progress for the hang watchdog: an evaluation can outlast its timeout
         batch = to_device(cpu_batch, env.device)
         logits = forward_logits(model, task, batch, precision, env.device)
         mine.update(zip(indices, task.predict(logits, batch), strict=True))
+        if losses is not None:
+            my_losses.update(zip(indices, task.example_losses(logits, batch), strict=True))
     model.train(was_training)
-    gathered = env.gather_objects(mine)
-    return None if gathered is None else {k: v for part in gathered for k, v in part.items()}
+    gathered = env.gather_objects((mine, my_losses))
+    if gathered is None:
+        return None
+    if losses is not None:
+        losses.update({k: v for _, part in gathered for k, v in part.items()})
+    return {k: v for part, _ in gathered for k, v in part.items()}
+
+
+def mean_loss(losses: dict[int, tuple[float, int]]) -> float:
+    """The cross-entropy per target over every example (the train loss's normalisation)."""
+    targets = sum(count for _, count in losses.values())
+    return sum(total for total, _ in losses.values()) / max(targets, 1)

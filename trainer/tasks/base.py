@@ -53,6 +53,7 @@ class Task:
     formats: ClassVar[tuple[DataFormat, ...]]  # the local data formats it reads
     language_model: ClassVar[bool] = False  # documents -> token blocks: packing, no labels, logits over the vocab
     packs_examples: ClassVar[bool] = False  # per-token targets: data.pack_examples may lay examples end to end
+    dev_loss: ClassVar[bool] = False  # evaluations also report `loss` (example_losses); LM tasks have theirs
     pipeline_task: ClassVar[str] = ""  # the transformers.pipeline task that loads this task's export
     # What its metrics import (lazily: validation and `plan` do without). A launcher that forks its workers imports
     # them first, so that no job of a sweep imports them again in its workers (seqeval: 0.4 s).
@@ -293,6 +294,16 @@ class Task:
 
     def num_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE).sum())
+
+    def example_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
+        """Each example's (cross-entropy sum over its targets, targets), without class weights: the dev loss of the
+        tasks with `dev_loss`."""
+        labels = batch["labels"]
+        per_target = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE,
+                                     reduction="none")  # fmt: skip
+        sums = per_target.view(labels.shape[0], -1).sum(1).tolist()
+        counts = (labels != IGNORE).view(labels.shape[0], -1).sum(1).tolist()
+        return list(zip(sums, counts, strict=True))
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[Any]:
         """One picklable prediction per example of the batch (gathered across ranks by example index)."""

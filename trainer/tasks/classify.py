@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class ClassifyTask(Task):
     name = TaskName.classify
     metrics_reported = ("accuracy", "macro_f1")
+    dev_loss = True
     metric_modules = ("sklearn.metrics",)
     formats = (DataFormat.jsonl, DataFormat.csv, DataFormat.folders)
     pipeline_task = "text-classification"

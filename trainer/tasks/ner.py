@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class NerTask(Task):
     name = TaskName.ner
     metrics_reported = ("f1", "precision", "recall", "accuracy", "token_micro_f1")
+    dev_loss = True
     metric_modules = ("seqeval.metrics",)
     metric_titles = {
         "f1": "entity F1",
