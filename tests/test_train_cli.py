@@ -114,7 +114,8 @@ def test_run_dir_layout_and_metrics_records(runs):
     assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
     assert train[0]["lr"] == pytest.approx(1e-3)
     (evaluation,) = [r for r in records if r["kind"] == "eval"]
-    assert set(evaluation) == {"kind", "split", "step", "f1", "precision", "recall", "accuracy", "token_micro_f1"}
+    metrics = {"f1", "precision", "recall", "accuracy", "token_micro_f1", "loss"}
+    assert set(evaluation) == {"kind", "split", "step", *metrics}
     assert evaluation["split"] == "dev" and evaluation["step"] == STEPS
     assert [step for step, _ in complete_checkpoints(run / "checkpoints")] == [STEPS]
     labels = json.loads((run / "export" / "config.json").read_text())["id2label"]
