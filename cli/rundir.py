@@ -53,6 +53,10 @@ def absolutize(cfg: DictConfig) -> None:
     for key in ("name_or_path", "tokenizer"):
         if cfg.model[key] is not None and is_local(cfg.model[key]):  # a folder here, not a Hub id
             cfg.model[key] = absolute(cfg.model[key])
+    # other runs' weights (run dirs, checkpoints, exports, model folders: always local)
+    for group, key in (("checkpoint", "init_from"), ("model", "init_from"), ("distill", "teacher"),
+                       ("dpo", "reference")):  # fmt: skip
+        cfg[group][key] = absolute(cfg[group][key])
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -356,3 +356,8 @@ def test_relative_model_paths_mean_the_same_from_another_directory(tmp_path, cac
     result = run_distrain("eval", f"ckpt={checkpoint}", "split=dev", cwd=elsewhere)
     assert "entity F1" in result.stdout
     assert json.loads((checkpoint / "eval_dev.json").read_text())["examples"] == 16
+    # Another run's weights named relatively (a warm start): stored absolute, so a requeue from elsewhere finds them.
+    run_distrain("train", "+debug=tiny", "model=minilm", "model.name_or_path=models/tiny", "model.cache_dir=cache",
+                 "train.max_steps=1", "data.max_eval_samples=16", f"data.cache_dir={cache_dir}",
+                 "checkpoint.init_from=runs/relative/checkpoints/step_2", "run.dir=runs/warm", cwd=project)  # fmt: skip
+    assert f"init_from: {checkpoint}\n" in (project / "runs" / "warm" / "config.yaml").read_text()
