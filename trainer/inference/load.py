@@ -27,7 +27,7 @@ from distrain.trainer.config.schema import load_run_config
 from distrain.trainer.errors import DataError, UserError
 from distrain.trainer.model import adapters
 from distrain.trainer.model.build import build_model, model_source
-from distrain.trainer.model.forward import mean_loss, predict_split
+from distrain.trainer.model.forward import predict_split_with_loss
 from distrain.trainer.model.head import load_head
 from distrain.trainer.model.tokenizer import load_tokenizer
 from distrain.trainer.parallel.distributed import DistEnv, pick_device
@@ -151,11 +151,10 @@ def eval_report(
     dataset = data.splits[split]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     precision = "fp32" if weights.kind == "onnx" else cfg.precision.name  # autocast is torch's, not ORT's
-    losses: dict[int, tuple[float, int]] | None = {} if task.dev_loss else None
-    predictions = predict_split(model, task, dataset, size, env, precision, losses)
+    predictions, loss = predict_split_with_loss(model, task, dataset, size, env, precision)
     report = task.report(predictions, dataset)
-    if losses is not None:
-        report["loss"] = mean_loss(losses)  # what the run's eval records call loss, on this split
+    if loss is not None:
+        report["loss"] = loss  # what the run's eval records call loss, on this split
     report.update(task.raw_text_report(model, dataset, size, env, options))
     # metric: the run's task.metric (what it picked its best checkpoint by), not the task's first metric.
     report.update({"task": str(task.name), "metric": str(cfg.task.metric), "split": split, "examples": len(dataset),

@@ -17,6 +17,7 @@ from distrain.trainer.observe.watchdog import mark
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.parallel.precision import autocast
 from distrain.trainer.tasks import Task
+from distrain.trainer.tasks.base import mean_loss
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -87,7 +88,10 @@ def predict_split(
     return {k: v for part, _ in gathered for k, v in part.items()}
 
 
-def mean_loss(losses: dict[int, tuple[float, int]]) -> float:
-    """The cross-entropy per target over every example (the train loss's normalisation)."""
-    targets = sum(count for _, count in losses.values())
-    return sum(total for total, _ in losses.values()) / max(targets, 1)
+def predict_split_with_loss(
+    model: torch.nn.Module, task: Task, dataset: Dataset, batch_size: int, env: DistEnv, precision: Precision
+) -> tuple[dict[int, Any] | None, float | None]:
+    """predict_split, and on rank 0 the split's loss for a task with `dev_loss` (else None)."""
+    losses: dict[int, tuple[float, int]] | None = {} if task.dev_loss else None
+    predictions = predict_split(model, task, dataset, batch_size, env, precision, losses)
+    return predictions, mean_loss(losses) if losses is not None and predictions is not None else None

@@ -53,7 +53,7 @@ class Task:
     formats: ClassVar[tuple[DataFormat, ...]]  # the local data formats it reads
     language_model: ClassVar[bool] = False  # documents -> token blocks: packing, no labels, logits over the vocab
     packs_examples: ClassVar[bool] = False  # per-token targets: data.pack_examples may lay examples end to end
-    dev_loss: ClassVar[bool] = False  # evaluations also report `loss` (example_losses); LM tasks have theirs
+    dev_loss: ClassVar[bool] = False  # evaluations also report `loss` (example_losses); LM tasks: in metrics()
     pipeline_task: ClassVar[str] = ""  # the transformers.pipeline task that loads this task's export
     # What its metrics import (lazily: validation and `plan` do without). A launcher that forks its workers imports
     # them first, so that no job of a sweep imports them again in its workers (seqeval: 0.4 s).
@@ -297,7 +297,7 @@ class Task:
 
     def example_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
         """Each example's (cross-entropy sum over its targets, targets), without class weights: the dev loss of the
-        tasks with `dev_loss`."""
+        tasks with `dev_loss`, and a language model's predictions."""
         labels = batch["labels"]
         per_target = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE,
                                      reduction="none")  # fmt: skip
@@ -383,3 +383,9 @@ def source_key(data: DictConfig, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
         "labels": list(data.labels) if data.labels is not None else None,
     }
+
+
+def mean_loss(losses: dict[int, tuple[float, int]]) -> float:
+    """The cross-entropy per target over every example's (loss sum, targets) (the train loss's normalisation)."""
+    targets = sum(count for _, count in losses.values())
+    return sum(total for total, _ in losses.values()) / max(targets, 1)

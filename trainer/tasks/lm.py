@@ -17,13 +17,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.packing import pack
 from distrain.trainer.data.sources import Record, column
-from distrain.trainer.tasks.base import IGNORE, Task
+from distrain.trainer.tasks.base import IGNORE, Task, mean_loss
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -92,16 +91,11 @@ class LanguageModelTask(Task):
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[tuple[float, int]]:
         """(sum of target losses, number of targets) per example."""
-        losses = F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="none"
-        ).view(batch["labels"].shape)
-        counts = (batch["labels"] != IGNORE).sum(-1)
-        return list(zip(losses.sum(-1).cpu().tolist(), counts.cpu().tolist(), strict=True))
+        return self.example_losses(logits, batch)
 
     def metrics(self, predictions: dict[int, tuple[float, int]], dataset: Dataset) -> dict[str, float]:
-        total = sum(loss for loss, _ in predictions.values())
+        loss = mean_loss(predictions)
         count = max(sum(n for _, n in predictions.values()), 1)
-        loss = total / count
         return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "tokens": float(count)}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distrain.trainer.model.forward import mean_loss, predict_split
+from distrain.trainer.model.forward import predict_split_with_loss
 from distrain.trainer.observe.watchdog import mark
 from distrain.trainer.parallel.apply import unwrap
 from distrain.trainer.parallel.distributed import DistEnv
@@ -35,12 +35,11 @@ class Evaluator:
         dataset = self.data.splits[split]
         # DDP: the bare module (shards may differ by a batch; DDP's forward could wait on a collective).
         # FSDP/TP: the sharded model itself, with the same number of batches on every rank.
-        losses: dict[int, tuple[float, int]] | None = {} if self.task.dev_loss else None
-        merged = predict_split(unwrap(self.model), self.task, dataset, self.batch_size, self.env, self.precision,
-                               losses)  # fmt: skip
+        merged, loss = predict_split_with_loss(unwrap(self.model), self.task, dataset, self.batch_size, self.env,
+                                               self.precision)  # fmt: skip
         metrics = self.task.metrics(merged, dataset) if merged is not None else None
-        if metrics is not None and losses is not None:
-            metrics["loss"] = mean_loss(losses)
+        if loss is not None:
+            metrics["loss"] = loss
         metrics = self.env.broadcast_object(metrics)
         self.report({"kind": "eval", "split": split, "step": step, **metrics})
         return metrics
