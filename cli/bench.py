@@ -7,9 +7,11 @@ Training throughput: CoNLL-2003 NER, 2 processes (gloo), length-grouped batches 
 --precision on both sides (bf16: distrain's precision=bf16, the Trainer's bf16=True; both autocast). Each
 repetition runs `distrain train +experiment=conll_ner` and the HF Trainer peer (cli/bench_hf.py under torchrun),
 one after the other (interleaved, so that the machine's load hits both), over the same window: --steps optimizer
-steps, or one epoch of the first --samples training sentences, or with --full 3 epochs and then each one's test
-F1. Both count real (non-padding) tokens of every rank over the time of the training steps, data loading
-included, logging, evaluation and checkpoints excluded. Trailing overrides go to `distrain train` (e.g.
+steps after --warmup steps that are not counted (both sides' first steps carry one-off costs, the Trainer's
+more than distrain's), or one epoch of the first --samples training
+sentences, or with --full 3 epochs and then each one's test F1. Both count real (non-padding) tokens of every
+rank over the time of the counted training steps, data loading included, logging, evaluation and checkpoints
+excluded. Trailing overrides go to `distrain train` (e.g.
 launcher.threads_per_process=2).
 Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export); the time each job after the
 first adds to a sweep of such runs (`distrain train -m`, one launcher for all its jobs); a bare torchrun of a
@@ -57,6 +59,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side (default 3)")
     window = parser.add_mutually_exclusive_group()
     window.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="with --steps: steps run first and not counted, on both sides (default 5)")  # fmt: skip
     window.add_argument("--samples", type=int, default=None, help="one epoch of the first N training sentences")
     window.add_argument(
         "--full", action="store_true", help=f"{FULL_EPOCHS} epochs on all the data, then the test F1 of each"
@@ -73,6 +77,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.steps = 60
     counts = {k: getattr(args, k) for k in ("repeats", "steps", "samples", "batch", "nproc")}
     problems = [f"--{k}: expected a positive number, got {v}" for k, v in counts.items() if v is not None and v < 1]
+    if args.warmup < 0:
+        problems.append(f"--warmup: expected a number >= 0, got {args.warmup}")
+    if not args.steps:
+        args.warmup = 0  # an epoch or three: their first steps weigh little
     data = Path(args.data_dir).expanduser().resolve()
     missing = [name for name in SPLITS if not (data / name).is_file()]
     if missing:
@@ -105,19 +113,26 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
                f"optim.lr={args.lr}", "data.label_subwords=first", "logger=[]", f"run.dir={run_dir}",
                "train.export_weights=last", f"precision={args.precision}"]  # fmt: skip
     # data.label_subwords=first: labelled as the HF peer is (first sub-words only), so the F1s compare
-    if args.steps:
-        command += [f"train.max_steps={args.steps}", "data.max_eval_samples=64"]
+    if args.steps:  # a record at the end of the warm-up, so that the steps after it can be counted alone
+        command += [f"train.max_steps={args.warmup + args.steps}", f"train.log_every={args.warmup or args.steps}",
+                    "data.max_eval_samples=64"]  # fmt: skip
     elif args.samples:
         command += [f"data.max_train_samples={args.samples}", "train.epochs=1", "data.max_eval_samples=64"]
     else:
         command.append(f"train.epochs={FULL_EPOCHS}")  # conll_ner's own default differs
     wall = run(command + args.overrides, run_dir.with_suffix(".log"))
     summary = json.loads((run_dir / run_files.SUMMARY).read_text())
+    counted = [json.loads(line) for line in (run_dir / run_files.METRICS).read_text().splitlines()]
+    counted = [r for r in counted if r["kind"] == "train" and r["step"] > args.warmup]
+    tokens = sum(r["tokens_per_s"] * r["seconds"] for r in counted)
+    seconds = sum(r["seconds"] for r in counted)
     result = {
-        "real_tokens": summary["real_tokens"],
-        "step_seconds": summary["step_seconds"],
-        "real_tokens_per_s": summary["real_tokens"] / summary["step_seconds"],
+        "real_tokens": tokens,
+        "step_seconds": seconds,
+        "real_tokens_per_s": tokens / seconds,
         "steps": summary["step"],
+        "counted_steps": summary["step"] - args.warmup,
+        "all_steps_real_tokens_per_s": summary["real_tokens"] / summary["step_seconds"],
         "wall_seconds": wall,
     }
     if args.full:
@@ -146,7 +161,7 @@ def run_hf(args: argparse.Namespace, out: Path) -> dict:
     if args.precision == "bf16":
         command.append("--bf16")
     if args.steps:
-        command.append(f"--steps={args.steps}")
+        command += [f"--steps={args.warmup + args.steps}", f"--warmup={args.warmup}"]
     elif args.samples:
         command += [f"--max-train-samples={args.samples}", "--epochs=1"]
     else:
@@ -268,7 +283,9 @@ def main() -> None:
     out = Path(args.out or f"runs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     full = f"full ({FULL_EPOCHS} epochs)"
-    window = full if args.full else f"{args.steps} steps" if args.steps else f"{args.samples} samples"
+    window = full if args.full else f"{args.samples} samples"
+    if args.steps:
+        window = f"{args.steps} steps after {args.warmup}"
     started = {"load_average": os.getloadavg(), "cpu": cpu_seconds()}
     report: dict = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -1,14 +1,15 @@
 """The Hugging Face Trainer side of `distrain bench` (cli/bench.py runs it under torchrun, 2 processes, gloo):
 
     torchrun --nproc-per-node=2 -m distrain.cli.bench_hf --data-dir=DIR --out=DIR [--model=minilm] [--steps=N]
-        [--bf16] [--profile-steps FIRST LAST]
+        [--warmup=W] [--bf16] [--profile-steps FIRST LAST]
 
 NER fine-tuning with the same model (a distrain model config: the same weights, or the same random init), data
 files, per-rank batch, learning rate, weight decay, schedule, max length and length grouping as
 `distrain train +experiment=conll_ner`. Throughput is measured as distrain measures it: real (non-padding) tokens
 of the training batches of every rank, over the time of the optimizer steps with data loading, without logging,
-evaluation and saving. With --test, the test split's seqeval entity F1 over each word's first sub-word (as in
-transformers' run_ner example). --bf16: the Trainer's bf16=True (autocast through accelerate, fp32 weights).
+evaluation and saving, after the first --warmup steps (the whole run's figure is beside it). With --test, the
+test split's seqeval entity F1 over each word's first sub-word (as in transformers' run_ner example). --bf16:
+the Trainer's bf16=True (autocast through accelerate, fp32 weights).
 --profile-steps: torch.profiler from the end of step FIRST-1 to the end of step LAST (data loading included, as
 distrain's train.profile_steps); each rank writes <out>/profile/rank_<r>.pt.trace.json and rank 0 adds the
 per-step breakdown (trainer/observe/profiling.py) to the result. Rank 0 writes <out>/result.json.
@@ -49,7 +50,8 @@ class StepClock(TrainerCallback):
     logging, evaluation or save that followed it, to the end of this step."""
 
     def __init__(self) -> None:
-        self.seconds, self.mark = 0.0, None
+        self.per_step: list[float] = []
+        self.mark: float | None = None
 
     def _restart(self, *args, **kwargs) -> None:
         self.mark = time.perf_counter()
@@ -58,7 +60,7 @@ class StepClock(TrainerCallback):
 
     def on_step_end(self, *args, **kwargs) -> None:
         now = time.perf_counter()
-        self.seconds += now - self.mark
+        self.per_step.append(now - self.mark)
         self.mark = now
 
 
@@ -88,12 +90,15 @@ class StepProfiler(TrainerCallback):
 
 
 class CountingTrainer(Trainer):
-    """Counts the real tokens of the batches it trains on (this rank's); labels the forward for the profiler."""
+    """Counts the real tokens of the batches it trains on (this rank's, one batch per step: no accumulation);
+    labels the forward for the profiler."""
 
-    real_tokens = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_per_step: list[int] = []
 
     def training_step(self, model, inputs, *args, **kwargs):
-        self.real_tokens += int(inputs["attention_mask"].sum())
+        self.tokens_per_step.append(int(inputs["attention_mask"].sum()))
         return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(self, *args, **kwargs):
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm", help="a distrain model config (configs/model/)")
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--steps", type=int, default=-1, help="stop after this many optimizer steps")
+    parser.add_argument("--warmup", type=int, default=0, help="first steps not counted in real_tokens_per_s")
     parser.add_argument("--batch", type=int, default=16, help="per rank")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
@@ -189,12 +195,15 @@ def main() -> None:
     started = time.perf_counter()
     trainer.train()
     train_wall = time.perf_counter() - started
-    tokens = torch.tensor([float(trainer.real_tokens)])
+    tokens = torch.tensor([float(sum(trainer.tokens_per_step)), float(sum(trainer.tokens_per_step[args.warmup :]))])
     dist.all_reduce(tokens)  # every rank's batches
+    seconds = sum(clock.per_step[args.warmup :])
     result = {
-        "real_tokens": tokens.item(),
-        "step_seconds": clock.seconds,
-        "real_tokens_per_s": tokens.item() / clock.seconds,
+        "real_tokens": tokens[1].item(),
+        "step_seconds": seconds,
+        "real_tokens_per_s": tokens[1].item() / seconds,
+        "counted_steps": len(clock.per_step[args.warmup :]),
+        "all_steps_real_tokens_per_s": tokens[0].item() / sum(clock.per_step),
         "train_wall_seconds": train_wall,
         "steps": trainer.state.global_step,
         "optim": str(training_args.optim),

@@ -24,8 +24,8 @@ def bench(*args: str, home) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory, conll_dir):
     root = tmp_path_factory.mktemp("bench")
-    result = bench(f"--data-dir={conll_dir}", "--model=bert_tiny", "--batch=1", "--steps=2", "--repeats=1",
-                   f"--out={root / 'out'}", home=root / "home")  # fmt: skip
+    result = bench(f"--data-dir={conll_dir}", "--model=bert_tiny", "--batch=1", "--steps=2", "--warmup=1",
+                   "--repeats=1", f"--out={root / 'out'}", home=root / "home")  # fmt: skip
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     return result, json.loads((root / "out" / "bench.json").read_text())
 
@@ -38,8 +38,8 @@ def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
     throughput = report["throughput"]
     for side in ("distrain", "hf_trainer"):
         (run,) = throughput[side]["runs"]
-        assert run["steps"] == 2, run
-        assert run["real_tokens"] > 0 and run["step_seconds"] > 0, run
+        assert run["steps"] == 3 and run["counted_steps"] == 2, run  # the warm-up step is not counted
+        assert run["real_tokens"] > 0 and run["step_seconds"] > 0 and run["all_steps_real_tokens_per_s"] > 0, run
         assert math.isclose(run["real_tokens_per_s"], run["real_tokens"] / run["step_seconds"]), run
         assert throughput[side]["median"] == run["real_tokens_per_s"]
     assert throughput["ratio"] == throughput["distrain"]["median"] / throughput["hf_trainer"]["median"]
@@ -63,8 +63,8 @@ def test_bench_reports_date_versions_and_load_beside_the_ratio_at_bf16(tmp_path,
     import torch
     import transformers
 
-    result = bench(f"--data-dir={conll_dir}", "--model=bert_tiny", "--batch=1", "--steps=1", "--repeats=1",
-                   "--startup-repeats=0", "--precision=bf16", f"--out={tmp_path / 'out'}",
+    result = bench(f"--data-dir={conll_dir}", "--model=bert_tiny", "--batch=1", "--steps=1", "--warmup=0",
+                   "--repeats=1", "--startup-repeats=0", "--precision=bf16", f"--out={tmp_path / 'out'}",
                    home=tmp_path / "home")  # fmt: skip
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     report = json.loads((tmp_path / "out" / "bench.json").read_text())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,74 @@ def test_the_row_sparse_embedding_all_reduce_gives_ddps_dense_result_for_fewer_b
     assert all(r["comm_bytes_per_step"] == full for r in _records(dense).values())
     for record in _records(sparse).values():  # the rest dense, the embedding's row mask, and some of its rows
         assert full - 4 * embedding < record["comm_bytes_per_step"] < full - 2 * embedding, record
+
+
+def test_ddp_on_one_host_sums_gradients_through_shared_memory_as_gloo_does(tmp_path, cache_dir):
+    """Gradient buckets summed through shared memory (the default for CPU ranks of one host) against gloo's
+    all-reduce: with two ranks the same losses and final weights bit for bit (a + b = b + a). Each rank's log says
+    which way its gradients went."""
+    run_distrain("parity", *TINY, f"data.cache_dir={cache_dir}", "strategies=[ddp]", "steps=4",
+                 "variant=parallel.shm_allreduce=false", f"out={tmp_path}")  # fmt: skip
+    shared, gloo = tmp_path / "ddp_reference", tmp_path / "ddp_parallel.shm_allreduce_false"
+    assert train_losses(shared) == train_losses(gloo) and len(train_losses(gloo)) == 4
+    weights = [load_file(run / "export" / "model.safetensors") for run in (shared, gloo)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    for rank in (0, 1):
+        assert "gradients all-reduced through shared memory (2 ranks" in _rank_log(shared, rank)
+        assert "shared memory" not in _rank_log(gloo, rank)
+
+
+def test_without_room_for_shared_memory_ddp_keeps_gloo_and_says_why(tmp_path, cache_dir, monkeypatch):
+    """A rank that cannot make its shared-memory file (here the folder is a file) leaves every rank on gloo: the
+    run trains as before, and each rank's log names the cause and the way out."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    for log in _ddp_logs_with_shm_dir(blocker, tmp_path, cache_dir, monkeypatch):
+        assert f"gradients all-reduced by gloo, not through shared memory: Not a directory ({blocker}/distrain-" in log
+        assert "set DISTRAIN_SHM_DIR to a tmpfs folder with room, or parallel.shm_allreduce=false" in log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_tmpfs_leaves_ddp_on_gloo_and_no_file_behind(tmp_path, cache_dir, monkeypatch):
+    """A tmpfs without room for the shared-memory files (1 MiB, each needs 8): posix_fallocate fails on every
+    rank, each says so, the run trains on gloo, and the files it had begun are gone."""
+    small = tmp_path / "small-shm"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        for log in _ddp_logs_with_shm_dir(small, tmp_path, cache_dir, monkeypatch):
+            assert "gradients all-reduced by gloo, not through shared memory: No space left on device (" in log
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_three_ranks_summing_through_shared_memory_agree_with_gloo(tmp_path, cache_dir):
+    """With three ranks the shared-memory sum adds in rank order and gloo's ring in another: the losses and final
+    weights agree to rounding."""
+    run_distrain("parity", *TINY, "train.micro_batch_size=6", f"data.cache_dir={cache_dir}", "strategies=[ddp]",
+                 "steps=4", "nproc=3", "variant=parallel.shm_allreduce=false", f"out={tmp_path}")  # fmt: skip
+    shared, gloo = tmp_path / "ddp_reference", tmp_path / "ddp_parallel.shm_allreduce_false"
+    assert "gradients all-reduced through shared memory (3 ranks" in _rank_log(shared, 2)
+    for step, loss in train_losses(gloo).items():
+        assert math.isclose(train_losses(shared)[step], loss, rel_tol=1e-6), step
+    weights = [load_file(run / "export" / "model.safetensors") for run in (shared, gloo)]
+    assert all(torch.allclose(weights[0][name], weights[1][name], rtol=0, atol=1e-6) for name in weights[0])
+
+
+def _ddp_logs_with_shm_dir(folder: Path, tmp_path: Path, cache_dir: str, monkeypatch) -> list[str]:
+    """Both rank logs of a 2-step, 2-rank DDP run told to make its shared-memory files in `folder`, which trained."""
+    monkeypatch.setenv("DISTRAIN_SHM_DIR", str(folder))
+    run_dir = tmp_path / "run"
+    run_distrain("train", *TINY, f"data.cache_dir={cache_dir}", "parallel=ddp", "launcher.nproc_per_node=2",
+                 "train.max_steps=2", "data.max_eval_samples=8", f"run.dir={run_dir}")  # fmt: skip
+    assert len(train_losses(run_dir)) == 2
+    return [_rank_log(run_dir, rank) for rank in (0, 1)]
+
+
+def _rank_log(run: Path, rank: int) -> str:
+    return (run / "logs" / f"rank_{rank}.log").read_text()
 
 
 def _records(run: Path) -> dict[int, dict]:

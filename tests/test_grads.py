@@ -34,3 +34,16 @@ def test_the_gradient_norm_is_float64s_to_fp32_accuracy_and_clips_as_torch_does(
         torch.testing.assert_close(mine.grad, torch_clipped.grad, rtol=1e-5, atol=0)
     clipped = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in ours))
     assert abs(clipped - 1.0) < 1e-5  # clipped to max_norm
+
+
+def test_clipping_only_the_rows_a_gradient_has_gives_the_dense_result_bit_for_bit():
+    """DDP's word embedding (parallel/comm.py) tells the clipping which rows its gradient has: scaling those alone
+    leaves every gradient as scaling all of it does, and the norm is unchanged."""
+    dense, by_rows = parameters_with_gradients(1), parameters_with_gradients(1)
+    embedding = by_rows[0]
+    rows = embedding.grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    assert len(rows) == 1000
+    norm = clip_grad_norm(dense, max_norm=0.5)
+    assert torch.equal(clip_grad_norm(by_rows, max_norm=0.5, rows={embedding: rows}), norm)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(dense, by_rows, strict=True))
+    assert embedding.grad[1000:].eq(0).all() and norm > 0.5  # it clipped, and the other rows stayed zero

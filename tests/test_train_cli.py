@@ -98,6 +98,7 @@ def test_run_dir_layout_and_metrics_records(runs):
         "lr",
         "grad_norm",
         "skipped_steps",
+        "seconds",
         "tokens_per_s",
         "samples_per_s",
         "padding",

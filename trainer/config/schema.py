@@ -285,6 +285,8 @@ class ParallelConfig:
     powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)  # comm_hook=powersgd
     # ddp, comm_hook=none: all-reduce only the word-embedding rows a step touched (same gradient, ~2% of its bytes)
     sparse_embedding_grads: bool = True
+    # ddp, comm_hook=none, CPU, one host: gradient buckets summed through shared memory, not gloo's loopback TCP
+    shm_allreduce: bool = True
     sync: SyncMode = SyncMode.every_step  # ddp: when ranks communicate (trainer/parallel/sync.py)
     sync_every: int = 8  # local_sgd, diloco: steps between syncs (H)
     sync_warmup: int = 0  # local_sgd: steps of every-step all-reduce before local steps begin

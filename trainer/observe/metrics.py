@@ -105,6 +105,7 @@ class MetricsProcessor:
             "lr": w["lr"],
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "skipped_steps": w["skipped"],
+            "seconds": seconds,  # this rank's (rank 0 writes the record): the denominator of the rates below
             "tokens_per_s": totals[1] / seconds,
             "samples_per_s": totals[2] / seconds,
             "padding": 1.0 - totals[1] / max(totals[3], 1.0),  # fraction of processed positions that are padding

@@ -136,6 +136,7 @@ def apply_ddp(model: torch.nn.Module, device: torch.device, parallel: DictConfig
     sparse = row_sparse_embedding(model, parallel)
     if sparse is not None:  # reduced by GradientComm.reduce_embedding_rows; DDP would broadcast it at start
         model._ddp_params_and_buffers_to_ignore = [sparse]  # what DDP's constructor reads
+        model.get_input_embeddings().sparse = True  # its backward gives the touched rows (parallel/comm.py)
         torch.distributed.broadcast(model.get_parameter(sparse).data, src=0)
     # The encoders' buffers (position ids) never change: syncing them before every forward is waste.
     device_ids = [device.index] if device.type == "cuda" else None

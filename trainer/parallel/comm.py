@@ -34,6 +34,8 @@ import torch
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.trainer.parallel.shared_memory import SharedMemoryAllReduce, on_one_host
+
 ELEMENT_BYTES = {"none": 4, "fp16": 2, "bf16": 2, "powersgd": 4, "local": 4}
 
 
@@ -71,6 +73,8 @@ class GradientComm:
         self.state: Any = None  # PowerSGD's (error feedback, warm-start factors, iteration)
         inner, ignored = (model.module, model.parameters_to_ignore) if ddp else (model, set())
         self.row_sparse = [p for name, p in inner.named_parameters() if name in ignored]
+        self.dense_grads: dict[torch.nn.Parameter, torch.Tensor] = {}  # row_sparse's gradients, kept between steps
+        self.rows: dict[torch.nn.Parameter, torch.Tensor] = {}  # the rows of each that this step's gradient has
         self.group = model.process_group if ddp else None
         self.bucketed_elements = sum(p.numel() for name, p in inner.named_parameters()
                                      if p.requires_grad and name not in ignored)  # fmt: skip
@@ -79,6 +83,11 @@ class GradientComm:
         self.pending: dict[str, torch.Tensor] = {}  # restored per-parameter memories, placed at the next hook call
         if self.kind == "fsdp":
             self._count_reduce_scatters(fsdp)
+        if self.kind == "none" and parallel.shm_allreduce and _cpu(model) and on_one_host(self.group):
+            shared = SharedMemoryAllReduce.open(self.group)
+            if shared is not None:
+                world = torch.distributed.get_world_size(self.group)
+                model.register_comm_hook(None, lambda _, bucket: _done(shared.all_reduce(bucket.buffer(), 1 / world)))
         if self.kind in (None, "none", "fsdp"):
             return
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
@@ -151,19 +160,38 @@ class GradientComm:
 
     def reduce_embedding_rows(self) -> None:
         """After the backward DDP synced: all-reduce the rows of the word embedding's gradient that any rank
-        touched. A row that is zero here and elsewhere sums to zero as in the dense all-reduce; a NaN row counts
-        as touched, so a non-finite loss still poisons every rank's gradient norm (train/step.py)."""
+        touched, and make it the dense gradient the optimizer takes.
+
+        The embedding's backward is sparse (apply_ddp sets `sparse`): the rows it touched and their gradients, not
+        a zeroed copy of the whole table, and no search of the table for its nonzero rows (together ~15% of a
+        MiniLM step). They are added into a dense buffer kept from step to step (a fresh table-sized gradient
+        every step cost page faults; only the last step's rows need zeroing) in the order torch's dense backward
+        adds them, so the result is DDP's bit for bit. A row that no rank touched sums to zero as in the dense
+        all-reduce; NaN values poison their rows, and so every rank's gradient norm (train/step.py)."""
         for param in self.row_sparse:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            grad = param.grad
-            touched = grad.ne(0).any(dim=1).float()
+            dense = self.dense_grads.get(param)
+            if dense is None:
+                dense = self.dense_grads[param] = torch.zeros_like(param)
+            else:  # only the last step's rows are nonzero (clip_grad_norm scales only those)
+                dense.index_fill_(0, self.rows[param], 0.0)
+            touched = torch.zeros(param.shape[0], device=param.device)
+            if param.grad is not None:
+                grad = param.grad
+                if grad.is_sparse:
+                    rows, values = grad._indices()[0], grad._values()
+                    dense.index_add_(0, rows, values)
+                    touched.index_fill_(0, rows, 1.0)
+                else:  # a dense gradient (a model whose embedding ignores `sparse`)
+                    dense.copy_(grad)
+                    touched = grad.ne(0).any(dim=1).float()
             torch.distributed.all_reduce(touched, group=self.group)
             rows = touched.nonzero().squeeze(1)
             world = torch.distributed.get_world_size(self.group)
-            values = grad.index_select(0, rows).mul_(1.0 / world)  # DDP multiplies by 1/world, then sums
+            values = dense.index_select(0, rows).mul_(1.0 / world)  # DDP multiplies by 1/world, then sums
             torch.distributed.all_reduce(values, group=self.group)
-            grad.index_copy_(0, rows, values)
+            dense.index_copy_(0, rows, values)
+            param.grad = dense
+            self.rows[param] = rows
             self.sent += 4 * (touched.numel() + values.numel())
 
     def take(self, synced: bool) -> int:
@@ -235,6 +263,16 @@ class GradientComm:
         if factor_order and all(f"p/{name}" in pending for name in factor_order):
             s.p_memory_dict[index] = torch.cat([pending.pop(f"p/{name}") for name in factor_order])
             s.q_memory_dict[index] = torch.cat([pending.pop(f"q/{name}") for name in factor_order])
+
+
+def _cpu(model: torch.nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
+def _done(tensor: torch.Tensor) -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(tensor)
+    return future
 
 
 def _split(flat: torch.Tensor, pieces: list[tuple[str, int]]) -> dict[str, torch.Tensor]:

@@ -27,8 +27,11 @@ def sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
     return torch.dot(flat, flat)
 
 
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """The global gradient norm (as if the model were whole), clipping to max_norm when given.
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None,
+                   rows: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """The global gradient norm (as if the model were whole), clipping to max_norm when given. `rows`: for
+    parameters whose gradient is zero outside some rows (GradientComm.rows: the word embedding's), only those are
+    scaled (zeros stay zeros; the norm still sums every element, in the order of a dense gradient).
 
     Under FSDP/TP gradients are DTensors, some sharded, some replicated, next to plain tensors (parameters
     TP leaves alone); torch's clip_grad_norm_ cannot mix those, so shards' squared sums are all-reduced over the
@@ -50,7 +53,10 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None)
     norm = torch.zeros(()) if total is None else total.sqrt()
     if max_norm is not None and math.isfinite(max_norm):
         coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        rows = rows or {}
         for param in parameters:
-            if param.grad is not None:
+            if param in rows:
+                param.grad.index_copy_(0, rows[param], param.grad.index_select(0, rows[param]).mul_(coefficient))
+            elif param.grad is not None:
                 param.grad.mul_(coefficient.to(param.grad.device))
     return norm

@@ -97,7 +97,7 @@ class StepRunner:
             self.comm.reduce_embedding_rows()
         mark("optimizer")
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.parameters, self.max_grad_norm)
+        grad_norm = clip_grad_norm(self.parameters, self.max_grad_norm, self.comm.rows if self.comm else None)
         result = StepResult(
             loss_sum=loss_sum, global_targets=global_targets, grad_norm=grad_norm,
             lr=self.optimizer.param_groups[0]["lr"], applied=False,
