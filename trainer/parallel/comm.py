@@ -16,6 +16,10 @@ arithmetic (x 1/world, then the sum): the same gradient as the dense all-reduce,
 dense bucket of it came last in the backward and its wait was the largest exposed cost of a MiniLM step. Under a
 hook the rows still go apart, exact and in fp32; the hook takes the other gradients.
 
+Without a hook, on one host with CPU tensors (`parallel.shm_allreduce`), DDP's buckets are summed through shared
+memory (parallel/shared_memory.py) instead of gloo's loopback TCP, the same arithmetic again; the bytes are counted
+as for `none`.
+
 FSDP has no DDP hooks: it reduce-scatters gradient shards in the dtype of its MixedPrecisionPolicy, which
 `apply_fsdp` takes from `fsdp_dtypes` (parallel/apply.py): fp32 unless `comm_hook=fp16|bf16` asks for half the
 bytes (each reduced shard is cast back to fp32, so master weights and optimizer state stay fp32). Its bytes are
