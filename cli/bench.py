@@ -1,18 +1,17 @@
 """`distrain bench`: distrain vs Hugging Face Trainer on the same cores, data, model, batch and learning rate.
 
-    distrain bench [--data-dir DIR] [--repeats 3] [--steps 60 | --samples N | --full] [--precision fp32|bf16]
-                   [--out DIR] [overrides ...]
+    distrain bench [--data-dir DIR] [--repeats 3] [--steps 60 [--warmup 5] | --samples N | --full]
+                   [--precision fp32|bf16] [--out DIR] [overrides ...]
 
 Training throughput: CoNLL-2003 NER, 2 processes (gloo), length-grouped batches of --batch per rank, at
 --precision on both sides (bf16: distrain's precision=bf16, the Trainer's bf16=True; both autocast). Each
 repetition runs `distrain train +experiment=conll_ner` and the HF Trainer peer (cli/bench_hf.py under torchrun),
 one after the other (interleaved, so that the machine's load hits both), over the same window: --steps optimizer
-steps after --warmup steps that are not counted (both sides' first steps carry one-off costs, the Trainer's
-more than distrain's), or one epoch of the first --samples training
-sentences, or with --full 3 epochs and then each one's test F1. Both count real (non-padding) tokens of every
-rank over the time of the counted training steps, data loading included, logging, evaluation and checkpoints
-excluded. Trailing overrides go to `distrain train` (e.g.
-launcher.threads_per_process=2).
+steps after --warmup steps that are not counted (both sides' first steps carry one-off costs, the Trainer's more
+than distrain's), or one epoch of the first --samples training sentences, or with --full 3 epochs and then each
+one's test F1. Both count real (non-padding) tokens of every rank over the time of the counted training steps,
+data loading included, logging, evaluation and checkpoints excluded. Trailing overrides go to `distrain train`
+(e.g. launcher.threads_per_process=2).
 Start-up: a tiny 2-rank distrain run (1 step, 16 eval samples, checkpoint, export); the time each job after the
 first adds to a sweep of such runs (`distrain train -m`, one launcher for all its jobs); a bare torchrun of a
 trivial gloo job; interleaved (--startup-repeats, default --repeats; 0 skips it).
