@@ -40,6 +40,7 @@ from pathlib import Path
 
 from distrain.cli.console import console, print_error
 from distrain.trainer.config import run_files
+from distrain.trainer.observe.reporting import read_metrics
 
 BIN = Path(sys.executable).parent
 SPLITS = ("train.txt", "dev.txt", "test.txt")
@@ -121,8 +122,8 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
         command.append(f"train.epochs={FULL_EPOCHS}")  # conll_ner's own default differs
     wall = run(command + args.overrides, run_dir.with_suffix(".log"))
     summary = json.loads((run_dir / run_files.SUMMARY).read_text())
-    counted = [json.loads(line) for line in (run_dir / run_files.METRICS).read_text().splitlines()]
-    counted = [r for r in counted if r["kind"] == "train" and r["step"] > args.warmup]
+    records = read_metrics(run_dir / run_files.METRICS)
+    counted = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
     tokens = sum(r["tokens_per_s"] * r["seconds"] for r in counted)
     seconds = sum(r["seconds"] for r in counted)
     result = {
