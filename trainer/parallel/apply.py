@@ -138,9 +138,12 @@ def apply_ddp(model: torch.nn.Module, device: torch.device, parallel: DictConfig
         model._ddp_params_and_buffers_to_ignore = [sparse]  # what DDP's constructor reads
         model.get_input_embeddings().sparse = True  # its backward gives the touched rows (parallel/comm.py)
         torch.distributed.broadcast(model.get_parameter(sparse).data, src=0)
-    # The encoders' buffers (position ids) never change: syncing them before every forward is waste.
+    # The encoders' buffers (position ids) never change: syncing them before every forward is waste. Gradients are
+    # views into DDP's buckets: the reduced bucket is the gradient, without a copy back (parallel/grads.py says
+    # why the norm must not depend on where in a bucket a gradient lies).
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                   gradient_as_bucket_view=True)
 
 
 def parallelize(
