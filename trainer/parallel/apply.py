@@ -142,8 +142,9 @@ def apply_ddp(model: torch.nn.Module, device: torch.device, parallel: DictConfig
     # views into DDP's buckets: the reduced bucket is the gradient, without a copy back (parallel/grads.py says
     # why the norm must not depend on where in a bucket a gradient lies).
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
-                                   gradient_as_bucket_view=True)
+    return DistributedDataParallel(
+        model, device_ids=device_ids, forward_sync_buffers=False, gradient_as_bucket_view=True
+    )
 
 
 def parallelize(
