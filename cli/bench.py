@@ -125,11 +125,13 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
     records = read_metrics(run_dir / run_files.METRICS)
     counted = [r for r in records if r["kind"] == "train" and r["step"] > args.warmup]
     tokens = sum(r["tokens_per_s"] * r["seconds"] for r in counted)
+    positions = sum(r["tokens_per_s"] * r["seconds"] / (1.0 - r["padding"]) for r in counted)
     seconds = sum(r["seconds"] for r in counted)
     result = {
         "real_tokens": tokens,
         "step_seconds": seconds,
         "real_tokens_per_s": tokens / seconds,
+        "padding": 1.0 - tokens / positions,  # of the counted steps' positions
         "steps": summary["step"],
         "counted_steps": summary["step"] - args.warmup,
         "all_steps_real_tokens_per_s": summary["real_tokens"] / summary["step_seconds"],
@@ -333,12 +335,13 @@ def print_report(report: dict, out: Path) -> None:
     t = report["throughput"]
     settings = report["settings"]
     table = Table(title=f"real tokens/s over the training steps ({settings['window']}, {settings['precision']})")
-    for column in ("", "median", "min - max", "runs"):
+    for column in ("", "median", "min - max", "runs", "padding"):
         table.add_column(column, justify="right")
     for name in ("distrain", "hf_trainer"):
         s = t[name]
-        table.add_row(name, f"{s['median']:.1f}", f"{s['min']:.1f} - {s['max']:.1f}", str(s["n"]))
-    table.add_row("distrain / HF", f"{t['ratio']:.3f}", "", "")
+        padding = ", ".join(sorted({f"{r['padding']:.1%}" for r in s["runs"]}))  # the same batches in every run
+        table.add_row(name, f"{s['median']:.1f}", f"{s['min']:.1f} - {s['max']:.1f}", str(s["n"]), padding)
+    table.add_row("distrain / HF", f"{t['ratio']:.3f}", "", "", "")
     console.print(table)
     if "test_f1" in t["distrain"]["runs"][0]:
         for name in ("distrain", "hf_trainer"):

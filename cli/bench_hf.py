@@ -90,15 +90,17 @@ class StepProfiler(TrainerCallback):
 
 
 class CountingTrainer(Trainer):
-    """Counts the real tokens of the batches it trains on (this rank's, one batch per step: no accumulation);
-    labels the forward for the profiler."""
+    """Counts the real tokens and the positions (padding included) of the batches it trains on (this rank's, one
+    batch per step: no accumulation); labels the forward for the profiler."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_step: list[int] = []
+        self.positions_per_step: list[int] = []
 
     def training_step(self, model, inputs, *args, **kwargs):
         self.tokens_per_step.append(int(inputs["attention_mask"].sum()))
+        self.positions_per_step.append(inputs["attention_mask"].numel())
         return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(self, *args, **kwargs):
@@ -195,13 +197,16 @@ def main() -> None:
     started = time.perf_counter()
     trainer.train()
     train_wall = time.perf_counter() - started
-    tokens = torch.tensor([float(sum(trainer.tokens_per_step)), float(sum(trainer.tokens_per_step[args.warmup :]))])
+    counted = slice(args.warmup, None)
+    tokens = torch.tensor([float(sum(trainer.tokens_per_step)), float(sum(trainer.tokens_per_step[counted])),
+                           float(sum(trainer.positions_per_step[counted]))])  # fmt: skip
     dist.all_reduce(tokens)  # every rank's batches
     seconds = sum(clock.per_step[args.warmup :])
     result = {
         "real_tokens": tokens[1].item(),
         "step_seconds": seconds,
         "real_tokens_per_s": tokens[1].item() / seconds,
+        "padding": 1.0 - tokens[1].item() / tokens[2].item(),  # of the counted steps' positions
         "counted_steps": len(clock.per_step[args.warmup :]),
         "all_steps_real_tokens_per_s": tokens[0].item() / sum(clock.per_step),
         "train_wall_seconds": train_wall,

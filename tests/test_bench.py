@@ -42,6 +42,7 @@ def test_bench_measures_both_sides_and_writes_their_figures(tiny_bench):
         assert run["real_tokens"] > 0 and run["step_seconds"] > 0 and run["all_steps_real_tokens_per_s"] > 0, run
         assert math.isclose(run["real_tokens_per_s"], run["real_tokens"] / run["step_seconds"]), run
         assert throughput[side]["median"] == run["real_tokens_per_s"]
+        assert run["padding"] == 0.0, run  # one sentence per batch: every position is a real token
     assert throughput["ratio"] == throughput["distrain"]["median"] / throughput["hf_trainer"]["median"]
     startup = report["startup"]
     assert startup["distrain_tiny"]["median"] > startup["torchrun_bare"]["median"] > 0
