@@ -201,13 +201,13 @@ def main() -> None:
     tokens = torch.tensor([float(sum(trainer.tokens_per_step)), float(sum(trainer.tokens_per_step[counted])),
                            float(sum(trainer.positions_per_step[counted]))])  # fmt: skip
     dist.all_reduce(tokens)  # every rank's batches
-    seconds = sum(clock.per_step[args.warmup :])
+    seconds = sum(clock.per_step[counted])
     result = {
         "real_tokens": tokens[1].item(),
         "step_seconds": seconds,
         "real_tokens_per_s": tokens[1].item() / seconds,
         "padding": 1.0 - tokens[1].item() / tokens[2].item(),  # of the counted steps' positions
-        "counted_steps": len(clock.per_step[args.warmup :]),
+        "counted_steps": len(clock.per_step[counted]),
         "all_steps_real_tokens_per_s": tokens[0].item() / sum(clock.per_step),
         "train_wall_seconds": train_wall,
         "steps": trainer.state.global_step,
