@@ -14,7 +14,7 @@ from distrain.cli.compose import compose_train
 from distrain.cli.validate import validate
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.observe.accounting import held_bytes, planned_bytes
-from distrain.trainer.optim.registry import OPTIMIZERS, build_optimizer, kernel_choices, restore_kernel_choices
+from distrain.trainer.optim.registry import OPTIMIZERS, build_optimizer, group_settings, restore_group_settings
 from distrain.trainer.parallel.dims import ParallelDims
 
 VARIANTS = [["optim=adamw"], ["optim=sgd"], ["optim=sgd", "optim.momentum=0"], ["optim=adagrad"], ["optim=rmsprop"],
@@ -41,21 +41,28 @@ def test_planned_optimizer_bytes_equal_what_each_optimizer_holds(overrides):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_loading_state_keeps_the_kernels_of_the_new_layout(name):
+def test_loading_state_keeps_the_kernels_of_the_new_layout_and_the_settings_of_the_new_config(name):
     """A checkpoint written by a fused optimizer, loaded into one built for another layout (per-parameter
-    kernel): hyper-parameters come back, kernel choices stay the new layout's."""
+    kernel) and another config (a tenth of the lr, more weight decay): the state comes back, the settings and
+    kernel choices stay the new ones, and the changed hyper-parameters are named."""
     cfg = compose_train(["model=bert_tiny", f"optim={name}"])
     model = _model()
     saver = build_optimizer(model, cfg.optim)
     model(torch.tensor([[1, 2, 3]])).square().sum().backward()
     saver.step()
-    loader = type(saver)([{"params": g["params"]} for g in saver.param_groups], lr=1.0, foreach=False)
-    choices = kernel_choices(loader)
+    lr = cfg.optim.lr / 10
+    for group in saver.param_groups:
+        group["initial_lr"] = cfg.optim.lr  # as the schedule sets it
+    loader = type(saver)([{**group, "params": group["params"], "lr": lr, "initial_lr": lr, "weight_decay": 0.5,
+                           "fused": None, "foreach": False} for group in saver.param_groups])  # fmt: skip
+    settings = group_settings(loader)
     loader.load_state_dict(saver.state_dict())
-    assert loader.param_groups[0]["lr"] == cfg.optim.lr  # the saver's hyper-parameters came back ...
-    restore_kernel_choices(loader, choices)
-    # ... but not its kernel
-    assert kernel_choices(loader) == choices and not any(g.get("fused") for g in loader.param_groups)
+    assert loader.param_groups[0]["initial_lr"] == cfg.optim.lr  # torch brings back the saver's settings ...
+    changed = restore_group_settings(loader, settings)
+    # ... and distrain puts back this run's, naming the hyper-parameters that differed
+    assert group_settings(loader) == settings and not any(g.get("fused") for g in loader.param_groups)
+    assert sorted(changed) == [f"lr {cfg.optim.lr} -> {lr}", f"weight_decay {cfg.optim.weight_decay} -> 0.5"]
+    assert loader.state_dict()["state"] == saver.state_dict()["state"]  # the moments and steps are the saver's
 
 
 @pytest.mark.parametrize(

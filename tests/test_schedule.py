@@ -363,6 +363,32 @@ def test_checkpoint_step_goes_back_keeps_the_newer_ones_and_a_rerun_continues_fr
         start(every_step(6), *overrides, "checkpoint.step=3").fit()
 
 
+def test_a_rewind_with_another_lr_trains_at_it_on_the_same_schedule(start, capsys):
+    # Going back to an earlier checkpoint with a lower lr (after a loss spike, say): the config's lr and weight
+    # decay apply from there on (torch's load_state_dict would bring back the checkpoint's), the schedule keeps
+    # its place, and the output says what changed.
+    overrides = ("train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.eval_every=100")
+    first = start(every_step(6), *overrides, "optim.lr=5e-4", "optim.weight_decay=0.01")
+    assert first.fit()["status"] == "finished"
+    capsys.readouterr()
+    lowered = ("optim.lr=1e-5", "optim.weight_decay=0.1")
+    again = start(every_step(6), *overrides, *lowered, "checkpoint.step=2")
+    assert again.fit()["status"] == "finished"
+    out = capsys.readouterr().out
+    assert "the optimizer's settings are this run's config from step 2 on, not the checkpoint's: " in out, out
+    assert "lr 0.0005 -> 1e-05" in out and "weight_decay 0.01 -> 0.1" in out, out
+    fresh = start(every_step(6), *overrides, *lowered, run="fresh")  # the same schedule at the new lr from step 0
+    assert fresh.fit()["status"] == "finished"
+    lrs = {r["step"]: r["lr"] for r in again.records("train")}
+    assert [lrs[step] for step in range(3, 7)] == [r["lr"] for r in fresh.records("train")][2:]
+    assert [g["weight_decay"] for g in again.trainer.optimizer.param_groups] == [0.1, 0.0]
+    # An unchanged config says nothing of the kind (and an exact resume is tested above)
+    capsys.readouterr()
+    rerun = start(every_step(6), *overrides, *lowered, "checkpoint.step=4", run="fresh")
+    assert rerun.fit()["status"] == "finished"
+    assert "optimizer's settings" not in capsys.readouterr().out
+
+
 def model_weights(run: Run) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in run.trainer.model.state_dict().items()}
 

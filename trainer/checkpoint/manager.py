@@ -36,7 +36,7 @@ from distrain.trainer.errors import UserError
 from distrain.trainer.model import adapters
 from distrain.trainer.observe.reporting import console
 from distrain.trainer.observe.watchdog import mark
-from distrain.trainer.optim.registry import kernel_choices, restore_kernel_choices
+from distrain.trainer.optim.registry import group_settings, restore_group_settings
 from distrain.trainer.parallel.apply import check_weights_finite, unwrap
 from distrain.trainer.parallel.distributed import DistEnv
 
@@ -49,7 +49,7 @@ class Stateful(Protocol):
 
 
 class Wrapped:
-    """A torch object whose whole state_dict is one entry of trainer_state.json (scheduler, grad scaler)."""
+    """A torch object whose whole state_dict is one entry of trainer_state.json (the grad scaler)."""
 
     def __init__(self, key: str, obj: Any):
         self.key, self.obj = key, obj
@@ -128,9 +128,9 @@ class CheckpointManager:
         for part in self.parts.values():  # a part may refuse this checkpoint before anything is loaded
             if hasattr(part, "check_resume"):
                 part.check_resume(state, where, self.run_dir)
-        chosen = kernel_choices(self.optimizer)  # the kernels this layout can use, not those the saver used
+        settings = group_settings(self.optimizer)  # this config's hyper-parameters, this layout's kernels
         state = self.store.load(path, self.model, self.optimizer)
-        restore_kernel_choices(self.optimizer, chosen)
+        changed = restore_group_settings(self.optimizer, settings)
         for part in self.parts.values():
             part.load_state_dict(state)
         self._restore_rank_tensors(path, state)
@@ -138,6 +138,9 @@ class CheckpointManager:
         if self.cfg.checkpoint.step is not None and self.restarted_from is None:
             self.restarted_from = self.cfg.checkpoint.step
         self._say(f"resumed from {path} at step {state['step']}")
+        if changed:
+            self._say(f"the optimizer's settings are this run's config from step {state['step']} on, not the "
+                      f"checkpoint's: {', '.join(changed)}")  # fmt: skip
         return state["step"]
 
     def _restore_rank_tensors(self, path: Path, state: dict[str, Any]) -> None:

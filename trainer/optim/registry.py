@@ -1,8 +1,9 @@
 """The optimizers distrain trains with, by `optim.name`: how each is built (weight-decay groups, the fastest
 correct kernel for the layout) and what state it keeps per parameter, which `distrain plan` counts.
 
-Restoring a checkpoint restores hyper-parameters, never kernel choices: `fused` / `foreach` are decided by the
-layout the optimizer runs in (`kernel_choices` before the load, `restore_kernel_choices` after)."""
+Restoring a checkpoint restores the optimizer's state (moments, step counts), never its settings: hyper-parameters
+are this run's config (a rewind with a lower `optim.lr` trains at it) and `fused` / `foreach` are decided by the
+layout the optimizer runs in (`group_settings` before the load, `restore_group_settings` after)."""
 
 from __future__ import annotations
 
@@ -141,13 +142,27 @@ def _kernel(params: list[torch.nn.Parameter], chosen: OptimizerSpec) -> dict[str
     return {"foreach": False if len(kinds) > 1 else None}
 
 
-def kernel_choices(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's kernel settings, as built for this layout."""
-    return [{key: group[key] for key in KERNEL_KEYS if key in group} for group in optimizer.param_groups]
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's settings as this config and layout built them: hyper-parameters and kernels, without
+    its parameters and its current lr (the schedule's position sets that)."""
+    return [{key: value for key, value in group.items() if key not in ("params", "lr")}
+            for group in optimizer.param_groups]  # fmt: skip
 
 
-def restore_kernel_choices(optimizer: torch.optim.Optimizer, choices: list[dict[str, Any]]) -> None:
-    """Put back the kernels this layout can use after a load that brought the saver's (a fused kernel saved by
-    one process cannot step the DTensors of a tensor-parallel resume)."""
-    for group, chosen in zip(optimizer.param_groups, choices, strict=True):
-        group.update(chosen)
+def restore_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> list[str]:
+    """Put back this run's settings after a load brought the saver's (a fused kernel saved by one process cannot
+    step the DTensors of a tensor-parallel resume; a rewind may lower the lr). Returns the hyper-parameters that
+    differed, as "key saved -> now"."""
+    changed: dict[str, str] = {}
+    for group, built in zip(optimizer.param_groups, settings, strict=True):
+        for key, value in built.items():
+            saved = group.get(key)
+            if key not in KERNEL_KEYS and _plain(saved) != _plain(value):
+                name = "lr" if key == "initial_lr" else key  # the schedule's base lr
+                changed.setdefault(name, f"{name} {_plain(saved)} -> {_plain(value)}")
+        group.update(built)
+    return list(changed.values())
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # a loaded state may hold betas as a list

@@ -29,7 +29,7 @@ from distrain.trainer.model import adapters
 from distrain.trainer.observe.metrics import MetricsProcessor
 from distrain.trainer.observe.profiling import StepProfiler
 from distrain.trainer.observe.watchdog import mark
-from distrain.trainer.optim.schedule import build_scheduler
+from distrain.trainer.optim.schedule import ScheduleState, build_scheduler
 from distrain.trainer.parallel.comm import GradientComm
 from distrain.trainer.parallel.distributed import DistEnv
 from distrain.trainer.parallel.sync import Synchronizer
@@ -69,7 +69,7 @@ class Trainer:
             "train": self.state,
             "evaluator": self.evaluator,
             "batches": self.batches,
-            "scheduler": Wrapped("scheduler", self.scheduler),
+            "scheduler": ScheduleState(self.scheduler),
             "grad_scaler": Wrapped("grad_scaler", self.stepper.scaler),
             "comm": self.comm,  # PowerSGD's iteration; its error feedback and factors per rank (tensors())
             "sync": self.sync,  # local SGD / DiLoCo: each rank's own weights and optimizer state, the anchor
