@@ -168,3 +168,52 @@ def hydra_message(error: HydraException) -> str:
     if isinstance(error, OverrideParseException):  # name the override (and so its key), not only the grammar
         text = f"{error.override}: {text} (quote a value with brackets or colons: key='[::1]:29500')"
     return "\n".join(line for line in text.splitlines() if not line.startswith("To append to your config use +"))
+
+
+COUNTS = ("batch_size", "calibration_samples", "max_new_tokens")  # eval, predict, export: null or a count
+
+
+def check_tool_command_line(command: str, args: list[str]) -> None:
+    """Before Hydra, for the commands with a flat config of their own (configs/<command>.yaml: eval, predict,
+    export): exit 2 naming the key on an unknown key (with `+` too, which Hydra would take silently), a value of
+    the wrong type for its default, or a required key left out. Hydra alone would exit 1 and advise `+key`."""
+    from hydra._internal.utils import get_args_parser
+
+    parsed, _ = get_args_parser().parse_known_args(args)
+    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+        return
+    defaults = OmegaConf.load(str(files("distrain.configs") / f"{command}.yaml"))
+    keys = sorted(key for key in defaults if key not in ("defaults", "hydra"))
+    try:
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except HydraException as error:
+        overrides, problems = [], [hydra_message(error)]
+    else:
+        problems = []
+    for override in overrides:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        if key not in keys:
+            problems.append(f"{key}: no such key of distrain {command}{_nearest(key, keys)} (its keys: "
+                            f"{', '.join(keys)})")  # fmt: skip
+            continue
+        if override.is_sweep_override():
+            continue
+        value, default = override.value(), defaults._get_node(key)._value()
+        if key in COUNTS:
+            expected, fits = "an integer > 0", type(value) is int and value > 0 or value is None
+        elif isinstance(default, str) or default is None:
+            continue
+        else:
+            kinds = (int, float) if type(default) is float else (type(default),)  # an int is a fine float
+            expected, fits = type(default).__name__, type(value) in kinds
+        if not fits:
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+            problems.append(f"{key}={override.get_value_element_as_str()}: expected {expected} (default {shown})")
+    given = {override.key_or_group for override in overrides}
+    problems += [f"{key}: required (distrain {command} {key}=...)" for key in keys
+                 if OmegaConf.is_missing(defaults, key) and key not in given]  # fmt: skip
+    if problems:
+        print_error("invalid argument", "\n".join(problems))
+        raise SystemExit(2)

@@ -6,6 +6,7 @@ are keyed by parameter name.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.table import Table
 
+from distrain.cli.compose import check_tool_command_line
 from distrain.cli.console import console, print_error
 from distrain.trainer.errors import UserError
 from distrain.trainer.inference.load import eval_report, locate
@@ -61,6 +63,7 @@ def eval_job(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    check_tool_command_line("eval", sys.argv[1:])
     eval_job()
 
 

@@ -7,11 +7,13 @@ max_metric_drop on dev (the folder is written, marked failed in onnx_export.json
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from distrain.cli.compose import check_tool_command_line
 from distrain.cli.console import console, print_error
 from distrain.trainer.errors import UserError
 
@@ -67,6 +69,7 @@ def export_job(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_tool_command_line("export", sys.argv[1:])
     export_job()
 
 

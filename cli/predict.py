@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from rich.progress import Progress
 from transformers import pipeline
 
+from distrain.cli.compose import check_tool_command_line
 from distrain.cli.console import error_console, print_error
 from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
@@ -82,6 +83,7 @@ def predict_job(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    check_tool_command_line("predict", sys.argv[1:])
     predict_job()
 
 

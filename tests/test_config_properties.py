@@ -179,6 +179,33 @@ def test_parity_and_plan_suggest_the_nearest_key(command):
 
 
 @pytest.mark.parametrize(
+    ("command", "args", "expected"),
+    [
+        ("eval", ["ckpt=X", "splt=dev"], "splt: no such key of distrain eval; did you mean split?"),
+        ("eval", ["ckpt=X", "+splt=dev"], "splt: no such key of distrain eval; did you mean split?"),  # not taken
+        ("eval", ["split=dev"], "ckpt: required (distrain eval ckpt=...)"),
+        ("eval", ["ckpt=X", "batch_size=0"], "batch_size=0: expected an integer > 0 (default null)"),
+        ("export", ["ckpt=X", "quantise=int8"], "quantise: no such key of distrain export; did you mean quantize?"),
+        ("export", ["ckpt=X", "overwrite=yes"], "overwrite=yes: expected bool (default false)"),
+        ("predict", ["ckpt=X", "top_k=2.5"], "top_k=2.5: expected int (default 50)"),
+    ],
+)  # fmt: skip
+def test_eval_predict_and_export_refuse_a_bad_key_or_value_naming_it(command, args, expected, tmp_path):
+    result = run_distrain(command, *[a.replace("X", str(tmp_path)) for a in args], check=False)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and "+splt" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_predict_takes_a_float_key_given_as_an_integer(tmp_path):
+    # temperature=1 is a float in predict's config; the check must pass it on to the command (which then fails
+    # on the missing checkpoint, exit 2, naming it)
+    result = run_distrain("predict", f"ckpt={tmp_path / 'none'}", "temperature=1", check=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
     ("override", "expected"),
     [
         ("logger=[tensorboard,mlflow]", None),
