@@ -1,9 +1,10 @@
 """`distrain report <sweep dir or run dir>`: the runs ranked by their dev metric, with what each changed.
 
 A sweep dir is any folder whose sub-folders are run dirs (a multirun's `<hydra.sweep.dir>`, an Optuna study's).
-Each run's metric is its best dev metric (summary.json; for a run still going, the best eval record so far); the
-direction comes from the task (perplexity and loss: lower is better). The table shows the overrides that differ
-between the runs; the same rows go to report.csv in the given folder.
+Each run's metric is its best dev metric (summary.json, which a rerun moves aside when it starts; for a run still
+going or one that died, the best eval record so far, and its status says which: a launcher holds a running one's
+LOCK); the direction comes from the task (perplexity and loss: lower is better). The table shows the overrides
+that differ between the runs; the same rows go to report.csv in the given folder.
 Those keys are also plotted: the dev metric against each, one PNG per key in <folder>/report/ (a log
 axis for values spanning more than 20x, such as learning rates), the best run marked. For a run dir,
 <run>/report/training.png shows loss, learning rate, tokens/s and the dev metric against step (evaluations and
@@ -25,6 +26,7 @@ import yaml
 from rich.table import Table
 
 from distrain.cli.console import console, print_error
+from distrain.cli.rundir import holder_now
 from distrain.trainer.config import run_files
 from distrain.trainer.observe.reporting import read_metrics
 from distrain.trainer.tasks import task_class
@@ -61,7 +63,12 @@ def describe(run: Path) -> dict[str, Any]:
         best_first = task.best_first(metric)
         best = min(evals, key=lambda r: best_first(r[metric]))
         row.update(value=best[metric], best_step=best["step"])
-    row["status"] = "running or failed" if evals or (run / run_files.LOGS).exists() else "not started"
+    if holder := holder_now(run):
+        row["status"] = f"running (pid {holder.get('pid', '?')} on {holder.get('host', '?')})"
+    elif evals or (run / run_files.LOGS).exists():
+        row["status"] = "failed or killed (no summary.json; logs/ says why)"
+    else:
+        row["status"] = "not started"
     return row
 
 

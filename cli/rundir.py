@@ -80,6 +80,9 @@ def write_run_dir(cfg: DictConfig, overrides: list[str]) -> Path:
             console.print(f"[yellow]{run_dir} had another config; changed keys: {', '.join(changed)}")
             config_path.replace(run_dir / "config.previous.yaml")
         write_atomically(config_path, resolved)
+        summary = run_dir / run_files.SUMMARY  # the last invocation's result; this one has none until it ends
+        if summary.exists():
+            summary.replace(run_dir / run_files.PREVIOUS_SUMMARY)
         write_atomically(run_dir / run_files.OVERRIDES, yaml.safe_dump(overrides, default_flow_style=False))
         write_atomically(run_dir / run_files.ENV, strict_json.dumps(environment(), indent=1))
     except OSError as error:
@@ -152,6 +155,24 @@ def run_dir_lock(run_dir: Path, rdzv_id: str | None) -> Iterator[None]:
             os.ftruncate(fd, 0)  # released cleanly: nothing for the next launch to take over
     finally:
         os.close(fd)  # drops the flock
+
+
+def holder_now(run_dir: Path) -> dict[str, Any] | None:
+    """Who holds the run dir's lock right now (host, pid, started), or None when no launcher runs in it."""
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    except OSError:
+        return None  # a filesystem without flock: unknown, as without a lock file
+    finally:
+        os.close(fd)  # drops a shared lock taken just now
+    return None
 
 
 def _holder(path: Path) -> dict[str, Any]:

@@ -122,9 +122,32 @@ def test_ctrl_c_checkpoints_and_a_rerun_finishes_the_same_run(uninterrupted, tmp
     wait_for(lambda: len(steps_logged(run)) >= 5, "step 5", process)
     stopped, _ = stop(run, process, "Ctrl-C")
     assert stopped >= 5
-    rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
-    assert f"at step {stopped}" in rerun.stdout
+    assert f"preempted at step {stopped}" in report_row(run)
+
+    # A rerun moves the stopped invocation's summary aside: the report says it runs, then that it was killed.
+    rerun = start(run, cache_dir)
+    wait_for(lambda: len(steps_logged(run)) > stopped, "a step of the rerun", rerun)
+    pids = run_pids(run, rerun)
+    for pid in pids:  # frozen mid-run (the tiny run would end while the report starts)
+        os.kill(pid, signal.SIGSTOP)
+    assert f"running (pid {rerun.pid} on {socket.gethostname()})" in report_row(run)
+    kill_all(pids)
+    rerun.wait(timeout=60)
+    assert "failed or killed (no summary.json; logs/ says why)" in report_row(run)
+    previous = json.loads((run / "summary.previous.json").read_text())
+    assert previous["status"] == f"preempted at step {stopped}"
+
+    final = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
+    assert "resumed from" in final.stdout
+    assert "finished" in report_row(run)
     assert_matches(run, uninterrupted)
+
+
+def report_row(run: Path) -> str:
+    """The run's row of `distrain report`, its cells joined (rich wraps a long status within its cell)."""
+    table = run_distrain("report", str(run)).stdout
+    rows = [line for line in table.splitlines() if "│" in line]
+    return " ".join(" ".join(cell.strip() for cell in line.split("│")) for line in rows)
 
 
 @pytest.mark.slow

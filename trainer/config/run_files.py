@@ -6,7 +6,8 @@
 <run.dir>/head.json         the task head's settings (label names), so weights load without the data
 <run.dir>/class_weights.json  task.class_weights: the loss weight per label and the training counts behind it
 <run.dir>/metrics.jsonl     one JSON record per line: train, eval, memory, resume
-<run.dir>/summary.json      the last invocation's result (status, step, best metric, ...)
+<run.dir>/summary.json      the last invocation's result (status, step, best metric, ...); none while one runs
+<run.dir>/summary.previous.json  the one before, moved aside when a rerun starts
 <run.dir>/logs/rank_<r>.log every rank's log
 <run.dir>/checkpoints/      step_<N>/ DCP checkpoints
 <run.dir>/export/           the Hugging Face folder (weights, tokenizer, labels, distrain_config.yaml, card)
@@ -25,6 +26,7 @@ HEAD = "head.json"
 CLASS_WEIGHTS = "class_weights.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+PREVIOUS_SUMMARY = "summary.previous.json"
 LOGS = "logs"
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
