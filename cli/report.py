@@ -33,16 +33,24 @@ from distrain.trainer.tasks import task_class
 
 
 def run_dirs(folder: Path) -> list[Path]:
+    """The run dir `folder`, or its sub-folders that are run dirs or a sweep's jobs refused before they started
+    (a summary.json without config.yaml)."""
     if (folder / run_files.CONFIG).is_file():
         return [folder]
-    found = [p for p in folder.iterdir() if p.is_dir() and (p / run_files.CONFIG).is_file()]
+    found = [p for p in folder.iterdir()
+             if p.is_dir() and ((p / run_files.CONFIG).is_file() or (p / run_files.SUMMARY).is_file())]  # fmt: skip
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
 def describe(run: Path) -> dict[str, Any]:
+    overrides = yaml.safe_load((run / run_files.OVERRIDES).read_text()) if (run / run_files.OVERRIDES).exists() else []
+    if not (run / run_files.CONFIG).is_file():  # a sweep's job refused before it started: no metric, no task
+        summary = json.loads((run / run_files.SUMMARY).read_text())
+        why = "; ".join(summary.get("problems", []))
+        return {"run": run, "metric": None, "task": None, "overrides": overrides, "value": None, "best_step": None,
+                "status": f"{summary['status']}: {why}" if why else summary["status"]}  # fmt: skip
     config = yaml.safe_load((run / run_files.CONFIG).read_text())
     metric, task = config["task"]["metric"], task_class(config["task"]["name"])
-    overrides = yaml.safe_load((run / run_files.OVERRIDES).read_text()) if (run / run_files.OVERRIDES).exists() else []
     row: dict[str, Any] = {
         "run": run,
         "metric": metric,
@@ -315,9 +323,14 @@ def main() -> None:
         print_error("nothing to report", f"{folder} is neither a run dir nor a folder of run dirs (with config.yaml)")
         raise SystemExit(2)
     rows = [describe(run) for run in runs]
-    metric, task = rows[0]["metric"], rows[0]["task"]
+    trained = [row for row in rows if row["task"]]
+    if not trained:
+        print_error("nothing to report", "no run of " + str(folder) + " started:\n"
+                    + "\n".join(f"{row['run'].name}: {row['status']}" for row in rows))  # fmt: skip
+        raise SystemExit(2)
+    metric, task = trained[0]["metric"], trained[0]["task"]
     best_first = task.best_first(metric)
-    rows.sort(key=lambda r: (r["value"] is None, best_first(r["value"] or 0)))
+    rows.sort(key=lambda r: (r["task"] is None, r["value"] is None, best_first(r["value"] or 0)))
     # Show only what differs between runs (in a sweep: the swept keys).
     seen = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in rows]
     keys = sorted(
@@ -349,7 +362,9 @@ def main() -> None:
     else:
         labels = [f"{row['run'].name}: " + (" ".join(f"{k}={short(over[k])}" for k in keys if k in over) or "-")
                   for row, over in zip(rows, seen, strict=True)]  # fmt: skip
-        plots.append(plot_runs_overlaid(pyplot(), rows, labels, metric, direction, folder / "report" / "curves.png"))
+        started = [i for i, row in enumerate(rows) if row["task"]]  # a refused job has no curves
+        plots.append(plot_runs_overlaid(pyplot(), [rows[i] for i in started], [labels[i] for i in started], metric,
+                                        direction, folder / "report" / "curves.png"))  # fmt: skip
     if (folder / "study.json").is_file():
         plots += study_report(folder)
     for path in plots:

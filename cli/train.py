@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
@@ -72,30 +73,34 @@ def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError([reorder_message(f"checkpoint {checkpoint}", problems, run_dir)])
 
 
-def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path:
+FAILED_JOBS: list[tuple[str, int]] = []  # this multirun's failed jobs: (run dir, exit code it would have had)
+
+
+def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path | None:
     """start_run for a command line: a clear message, then exit 2 (bad config) or 1 (failed workers). In a
-    multirun the error is re-raised instead, so that Hydra records the job as failed and the sweep goes on
-    (a study tells the trial FAIL)."""
+    multirun the sweep goes on instead: the job is recorded as failed in its run dir (for `distrain report` and a
+    study's sweeper) and in FAILED_JOBS (for the sweep's exit code), and None is returned."""
     from distrain.cli.launch import TrainingFailed
     from distrain.cli.rundir import RunDirBusy
 
+    run_dir = Path(cfg.run.dir)
     try:
         return start_run(cfg, overrides)
     except ConfigError as error:
-        print_error("invalid configuration", "\n".join(error.problems))
-        if multirun:
-            raise
-        raise SystemExit(2) from None
+        title, problems, code, summary = "invalid configuration", error.problems, 2, run_files.REFUSED
     except RunDirBusy as error:
-        print_error("run dir in use", str(error))
-        if multirun:
-            raise
-        raise SystemExit(1) from None
+        title, problems, code, summary = "run dir in use", [str(error)], 1, None  # another launcher's dir
     except TrainingFailed as error:
-        print_error(f"training failed ({cfg.run.dir})", str(error))
-        if multirun:
-            raise
-        raise SystemExit(1) from None
+        title, problems, code, summary = f"training failed ({run_dir})", [str(error)], 1, run_files.FAILED
+    print_error(title, "\n".join(problems))
+    if not multirun:
+        raise SystemExit(code)
+    FAILED_JOBS.append((str(run_dir), code))
+    if summary and not (run_dir / run_files.SUMMARY).exists():  # the workers' own summary (diverged, ...) stays
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / run_files.OVERRIDES).write_text(yaml.safe_dump(overrides, default_flow_style=False))
+        (run_dir / run_files.SUMMARY).write_text(json.dumps({"status": summary, "problems": problems}, indent=1))
+    return None
 
 
 @hydra.main(config_path="pkg://distrain.configs", config_name="train", version_base=None)
@@ -106,6 +111,8 @@ def train_job(cfg: DictConfig) -> float | None:
         # One run dir per job: <hydra.sweep.dir>/<job number>, made by Hydra.
         cfg.run.dir = hydra_cfg.runtime.output_dir
     run_dir = run_or_exit(cfg, overrides, multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    if run_dir is None:
+        return None
     summary_path = run_dir / run_files.SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return summary.get("best_metric")
@@ -131,6 +138,11 @@ def main() -> None:
     check_command_line(sys.argv[1:])
     register_sweeper()
     train_job()
+    if FAILED_JOBS:  # a multirun whose jobs all ran: each failure was printed as it happened
+        print_error(f"{len(FAILED_JOBS)} jobs of the sweep failed", "\n".join(
+            f"{run_dir} ({'invalid configuration' if code == 2 else 'training failed'})" for run_dir, code in
+            FAILED_JOBS) + "\n`distrain report <sweep dir>` lists every job with its status")  # fmt: skip
+        raise SystemExit(1 if any(code == 1 for _, code in FAILED_JOBS) else 2)  # a failed training first
 
 
 if __name__ == "__main__":

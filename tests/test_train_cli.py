@@ -7,6 +7,7 @@ for the same global batch; a run stopped and resumed gives the losses and weight
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -274,24 +275,30 @@ def test_mixed_precision_trains_close_to_fp32(runs, tmp_path, cache_dir, precisi
     assert losses[STEPS] < losses[1]
 
 
-def test_a_two_job_multirun_makes_two_run_dirs(tmp_path, cache_dir):
-    result = run_distrain(
-        "train",
-        "-m",
-        *TINY,
-        f"data.cache_dir={cache_dir}",
-        "train.max_steps=2",
-        "optim.lr=1e-3,2e-3",
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    assert result.stdout.count("distrain run summary") == 2
-    for job, lr in (("0", "0.001"), ("1", "0.002")):
+def test_a_multirun_runs_every_job_records_a_refused_one_and_exits_2(tmp_path, cache_dir):
+    result = run_distrain("train", "-m", *TINY, f"data.cache_dir={cache_dir}", "train.max_steps=2",
+                          "optim.lr=-1,1e-3,2e-3", f"hydra.sweep.dir={tmp_path}", check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.count("distrain run summary") == 2  # the refused job did not stop the sweep
+    assert "optim.lr: expected a number > 0, got -1.0" in result.stderr
+    assert f"1 jobs of the sweep failed\n{tmp_path / '0'} (invalid configuration)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for job, lr in (("1", "0.001"), ("2", "0.002")):
         run = tmp_path / job
         assert f"optim.lr={lr}" in (run / "overrides.yaml").read_text()
         assert (run / "export" / "model.safetensors").is_file()
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         first = next(r for r in records if r["kind"] == "train")
         assert first["lr"] == pytest.approx(float(lr))
+    refused = tmp_path / "0"
+    assert not (refused / "config.yaml").exists()  # nothing of a run: only what says why
+    assert json.loads((refused / "summary.json").read_text())["status"] == "invalid configuration"
+    run_distrain("report", str(tmp_path))
+    with open(tmp_path / "report.csv") as f:
+        rows = {row["run"].rsplit("/", 1)[-1]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ["0", "1", "2"] and rows["0"]["rank"] == "3"  # listed, ranked last
+    assert rows["0"]["status"] == "invalid configuration: optim.lr: expected a number > 0, got -1.0"
+    assert rows["0"]["optim.lr"] == "-1" and rows["1"]["status"] == "finished"
 
 
 def test_bad_data_fails_the_run_with_file_and_line(tmp_path, conll_dir, cache_dir):

@@ -46,6 +46,8 @@ DIVERGED = "diverged"
 PRUNED = "pruned"  # a sweep's pruner stopped the trial at a dev evaluation (summary "pruned": why); resumable
 _PREEMPTED = "preempted at step"
 _STOPPED = "stopped at step"  # train.stop_at_step reached: a rerun resumes
+REFUSED = "invalid configuration"  # a sweep's job refused before it started (summary "problems": each with its key)
+FAILED = "failed"  # a sweep's job whose workers failed without a summary of their own (summary "error": why)
 
 
 def preempted(step: int) -> str:
