@@ -56,8 +56,9 @@ def meta_model(cfg: DictConfig) -> torch.nn.Module:
     return meta_model_and_task(cfg)[0]
 
 
-def meta_model_and_task(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
-    """meta_model's model, and the run's task."""
+def meta_model_and_task(cfg: DictConfig, read_data: bool = True) -> tuple[torch.nn.Module, Any]:
+    """meta_model's model, and the run's task. Without `read_data` (data that validation found unreadable) a
+    classifier head keeps the model config's label count instead of the data's."""
     env = DistEnv()
     if cfg.model.train_tokenizer_vocab is not None:
         tokenizer: Any = _SizedVocab(cfg.model.train_tokenizer_vocab)
@@ -66,7 +67,7 @@ def meta_model_and_task(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     else:
         tokenizer = load_tokenizer(cfg.model, env)
         task = build_task(cfg, tokenizer)
-        head = task.head(task.prepare(env))  # the label set sizes the classifier
+        head = task.head(task.prepare(env)) if read_data else {}  # the label set sizes the classifier
     with torch.device("meta"):
         model = build_model(cfg.model, task.auto_model_class(), cfg.train.seed, model_source(cfg.model, env),
                             tokenizer, pretrained=False, **head)  # fmt: skip
@@ -86,13 +87,19 @@ def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
 def main() -> None:
     own, overrides = split_args(sys.argv[1:], OWN, __doc__)
     cfg = compose_train(overrides)
+    problems: list[str] = []
     try:
         validate(cfg)
     except ConfigError as error:
-        console.print(f"[yellow]note: the chosen config would not start: {'; '.join(error.problems)}")
+        problems = error.problems
+        console.print(f"[yellow]note: the chosen config would not start: {'; '.join(problems)}")
+    read_data = not any(problem.startswith("data.") for problem in problems)
+    if not read_data:  # reading it would fail, after the Hub's retries when the data comes from there
+        console.print("[yellow]note: the data is not read (see above): a classifier head is planned with the model "
+                      "config's label count, a few parameters off the run's")  # fmt: skip
     world = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
     try:
-        model, task = meta_model_and_task(cfg)
+        model, task = meta_model_and_task(cfg, read_data)
     except Exception as error:  # the model or its tokenizer cannot be read here (e.g. a Hub id offline)
         print_error("cannot plan", f"{type(error).__name__}: {error}")
         raise SystemExit(2) from None

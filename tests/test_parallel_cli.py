@@ -154,6 +154,18 @@ def test_plan_flags_layouts_that_cannot_work(tmp_path):
     assert "cannot work" in result.stdout
 
 
+def test_plan_without_readable_data_still_plans_and_says_so(tmp_path):
+    # The README's own example with its data missing: the plan is printed (exit 0), flagged, without reading data.
+    out = tmp_path / "plan.json"
+    result = run_distrain("plan", "+experiment=conll_ner", "model=bert_tiny", f"data.dir={tmp_path / 'none'}",
+                          "parallel=fsdp", "launcher.nproc_per_node=2", f"output={out}")  # fmt: skip
+    said = " ".join(result.stdout.split())
+    assert "note: the chosen config would not start: data.dir" in said, said
+    assert "the data is not read" in said, said
+    rows = {row["layout"]: row for row in json.loads(out.read_text())}
+    assert rows["fsdp (chosen)"]["params_bytes"] < rows["ddp"]["params_bytes"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
