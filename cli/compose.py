@@ -62,7 +62,13 @@ def compose_checked(overrides: list[str]) -> DictConfig:
     try:
         cfg = compose_config(overrides)
     except HydraException as error:
-        print_error("invalid override", hydra_message(error))
+        message = hydra_message(error)
+        new_key = re.search(r"Could not override '(\S+)'.*Key '[^']+' is not in struct", message, re.DOTALL)
+        if new_key:  # a key a free-form mapping (data.files, model.architecture) lacks in the chosen option
+            key = new_key[1]
+            message += (f"\n{key}: the chosen config has no such entry; `+{key}=...` adds one"
+                        f"{_cut_hint(key)}")  # fmt: skip
+        print_error("invalid override", message)
         raise SystemExit(2) from None
     except (OmegaConfBaseException, AttributeError) as error:
         # OmegaConf's own failures, e.g. a mapping merged into a section that is off (logger.mlflow={a: 1} while
@@ -71,11 +77,18 @@ def compose_checked(overrides: list[str]) -> DictConfig:
         if key is None:
             raise
         first_line = str(error).splitlines()[0]
-        print_error("invalid override", f"{key[1]}: this value does not fit the schema there ({first_line})")
+        print_error("invalid override", f"{key[1]}: this value does not fit the schema there ({first_line}); a "
+                    f"mapping cannot replace a null section from the command line{_cut_hint(key[1])}")  # fmt: skip
         raise SystemExit(2) from None
     # compose() leaves ${now:...} unresolved; a run started from here resolves it like `distrain train`.
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def _cut_hint(key: str) -> str:
+    if key == "data.split" or key.startswith(("data.files.", "data.split.")):
+        return "; for one set of files cut by fractions, data=custom_split data.files.all=FILE [data.split.dev=0.1 ...]"
+    return ""
 
 
 @cache

@@ -159,6 +159,11 @@ def test_the_property_covered_the_schema(tmp_path_factory):
         pytest.param(["launcher.rdzv_endpoint=host1-29500"], "launcher.rdzv_endpoint: expected host:port",
                      marks=pytest.mark.slow),
         pytest.param(["optim.lr=abc"], "full_key: optim.lr", marks=pytest.mark.slow),
+        # data=custom names three files: the cut form is its own option, which both messages point to
+        (["data=custom", "data.split={train: 0.8, dev: 0.1, test: 0.1}"],
+         "data.split: this value does not fit the schema there"),
+        pytest.param(["data=custom", "data.files.all=x"], "`+data.files.all=...` adds one; for one set of files cut "
+                     "by fractions, data=custom_split data.files.all=FILE", marks=pytest.mark.slow),
     ],
 )  # fmt: skip
 def test_distrain_train_refuses_with_the_key_before_starting(args, expected, tmp_path):

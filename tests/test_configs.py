@@ -49,6 +49,7 @@ PARTNERS = {
     "data=bbc_topics": ["task=chat", "model=smollm2"],
     "task=chat": ["data=bbc_topics", "model=smollm2"],
     "data=custom": ["task=classify", "data.format=jsonl"],
+    "data=custom_split": ["task=classify"],
     "task=classify": ["data=bbc_news"],
     "task=clm": ["data=shakespeare"],
     "task=mlm": ["data=shakespeare", "data.document_boundaries=false"],
@@ -72,6 +73,9 @@ def test_every_option_composes_and_validates(group, option, conll_dir, tmp_path)
     if option == "custom":
         for split in ("train", "dev", "test"):
             (tmp_path / f"{split}.jsonl").write_text('{"text": "a", "label": "x"}\n')
+        overrides.append(f"data.dir={tmp_path}")
+    if option == "custom_split":
+        (tmp_path / "data.jsonl").write_text("".join('{"text": "a", "label": "x"}\n' for _ in range(10)))
         overrides.append(f"data.dir={tmp_path}")
     cfg = compose_train(overrides)
     validate(cfg)

@@ -148,6 +148,17 @@ def test_classify_reads_jsonl_with_mapped_columns(cache_dir, tmp_path):
     assert len(data.splits["train"]) == 20 and data.splits["dev"][1]["labels"] == 0
 
 
+def test_custom_split_cuts_one_file_by_the_fractions_set_on_the_command_line(cache_dir, tmp_path):
+    rows = [{"text": f"text number {i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    write_jsonl(tmp_path / "all.jsonl", rows)
+    cfg = compose_train(["model=bert_tiny", "task=classify", "data=custom_split", f"data.dir={tmp_path}",
+                         f"data.cache_dir={cache_dir}", "data.files.all=all.jsonl", "data.split.train=0.5",
+                         "data.split.dev=0.25", "data.split.test=0.25"])  # fmt: skip
+    validate(cfg)
+    data = build_task(cfg, load_tokenizer(cfg.model, DistEnv())).prepare(DistEnv())
+    assert {name: len(split) for name, split in data.splits.items()} == {"train": 20, "dev": 10, "test": 10}
+
+
 @pytest.mark.parametrize(
     ("train_rows", "overrides", "expected"),
     [
