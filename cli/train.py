@@ -55,15 +55,20 @@ def start_run(cfg: DictConfig, overrides: list[str]) -> Path:
 
 
 def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
-    """Before any worker starts: a rerun whose settings would train the checkpoint on other batches (another
-    global batch, seed or length grouping) is a config error naming the keys. The workers check the data itself."""
-    from distrain.trainer.checkpoint.store import latest_checkpoint, read_trainer_state
+    """Before any worker starts: a `checkpoint.step` with no complete checkpoint, or a rerun whose settings would
+    train the checkpoint on other batches (another global batch, seed or length grouping), is a config error naming
+    the keys. The workers check the data itself."""
+    from distrain.trainer.checkpoint.store import MARKER, latest_checkpoint, no_checkpoint_at, read_trainer_state
     from distrain.trainer.parallel.dims import ParallelDims
     from distrain.trainer.train.batches import config_order, order_problems, reorder_message
 
     root = run_dir / run_files.CHECKPOINTS
-    wanted = root / f"step_{cfg.checkpoint.step}"
-    checkpoint = wanted if cfg.checkpoint.step is not None and wanted.is_dir() else latest_checkpoint(root)
+    checkpoint, wanted = latest_checkpoint(root), cfg.checkpoint.step
+    # The same command again resumes the continuation it started (its checkpoints record the step it went back to)
+    if wanted is not None and (checkpoint is None or read_trainer_state(checkpoint).get("restarted_from") != wanted):
+        checkpoint = root / f"step_{wanted}"
+        if not (checkpoint / MARKER).is_file():
+            raise ConfigError([no_checkpoint_at(root, wanted)])
     if checkpoint is None:
         return
     dims, _ = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)

@@ -205,6 +205,14 @@ def test_a_rerun_on_another_global_batch_is_refused_before_any_worker_starts(uni
     assert "distrain train run dir" not in result.stdout  # no worker started
     assert (run / "config.yaml").read_text() == config
 
+    # So is a checkpoint.step with no checkpoint, listing the steps that have one
+    result = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}", "checkpoint.step=45",
+                          check=False)  # fmt: skip
+    out = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2 and "checkpoint.step=45: no complete checkpoint step_45" in out, out
+    assert "(complete: 40, 50, 60); pick one of those" in out and "distrain train run dir" not in out, out
+    assert (run / "config.yaml").read_text() == config and not (run / "config.previous.yaml").exists()
+
 
 def assert_a_second_launch_is_refused(run: Path, cache_dir: str, first: subprocess.Popen) -> None:
     started = time.perf_counter()

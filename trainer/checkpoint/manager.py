@@ -29,6 +29,7 @@ from distrain.trainer.checkpoint.store import (
     Checkpointer,
     complete_checkpoints,
     load_model_weights,
+    no_checkpoint_at,
     read_rank_tensors,
     read_trainer_state,
 )
@@ -169,11 +170,9 @@ class CheckpointManager:
         if latest_state.get("restarted_from") == wanted:
             return latest  # this command already went back to step `wanted`: resume where that left off
         folder = self.step_folder(wanted)
-        if not (folder / "COMPLETE").is_file():
-            steps = ", ".join(str(s) for s, _ in complete_checkpoints(self.store.root)) or "none"
-            raise UserError(f"checkpoint.step={wanted}: no complete checkpoint step_{wanted} in {self.store.root} "
-                            f"(complete: {steps}); pick one of those, or leave checkpoint.step unset to resume the "
-                            "newest")  # fmt: skip
+        if not (folder / "COMPLETE").is_file():  # the launcher checked; a damaged one was set aside since
+            raise UserError(no_checkpoint_at(self.store.root, wanted))
+        self.env.barrier()  # every rank has read the newest one's state above before rank 0 renames it
         if self.env.is_main:  # the newer ones belong to the abandoned continuation: kept, out of the way
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for step, newer in complete_checkpoints(self.store.root):

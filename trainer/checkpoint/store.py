@@ -221,6 +221,13 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def no_checkpoint_at(root: Path, step: int) -> str:
+    """Why checkpoint.step=`step` cannot start: the message, with the steps that can."""
+    steps = ", ".join(str(s) for s, _ in complete_checkpoints(root)) or "none"
+    return (f"checkpoint.step={step}: no complete checkpoint step_{step} in {root} (complete: {steps}); pick one of "
+            "those, or leave checkpoint.step unset to resume the newest")  # fmt: skip
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
