@@ -183,7 +183,8 @@ def hydra_message(error: HydraException) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("To append to your config use +"))
 
 
-COUNTS = ("batch_size", "calibration_samples", "max_new_tokens")  # eval, predict, export: null or a count
+# Keys of eval, predict and export that are null or a count
+COUNTS = ("batch_size", "calibration_samples", "max_new_tokens", "max_samples")
 
 
 def check_tool_command_line(command: str, args: list[str]) -> None:

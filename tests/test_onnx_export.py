@@ -26,8 +26,10 @@ def shipped(tmp_path_factory, cache_dir) -> dict[str, Path]:
     data.mkdir()
     for split, (count, seed) in {"train": (400, 0), "dev": (40, 1), "test": (80, 2)}.items():
         (data / f"{split}.txt").write_text(conll_sentences(count, seed), encoding="utf-8")
+    # data.max_eval_samples keeps the run's own evaluations short; what ships is scored on the whole dev split
     run_distrain("train", "model=bert_tiny", "data=conll2003", f"data.dir={data}", f"data.cache_dir={cache_dir}",
-                 "train.max_steps=25", "train.log_every=25", "optim.lr=5e-3", f"run.dir={run}")  # fmt: skip
+                 "train.max_steps=25", "train.log_every=25", "optim.lr=5e-3", "data.max_eval_samples=20",
+                 f"run.dir={run}")  # fmt: skip
     out = {"run": run, "fp32": root / "fp32", "int8": root / "int8", "root": root}
     out["fp32_log"] = run_distrain("export", f"ckpt={run}", "format=onnx", f"output={out['fp32']}").stdout
     run_distrain("eval", f"ckpt={out['fp32']}", "split=dev", f"output={root / 'eval_fp32'}")
@@ -64,6 +66,11 @@ def test_the_export_is_checked_against_torch_and_says_so(shipped):
     assert all(isinstance(a, str) and isinstance(b, str) for a, b in dims), dims  # dynamic batch and sequence
     card = (shipped["fp32"] / "README.md").read_text()
     assert "fp32" in card and "max abs logit diff" in card
+    # Scored on all 40 dev sentences (not the run's data.max_eval_samples=20), and the card says so; so is the
+    # training export's card, which says its figures came from the first 20
+    assert meta["dev_examples"] == 40 and "all 40 dev examples" in card
+    trained_card = (shipped["run"] / "export" / "README.md").read_text()
+    assert "on the first 20 dev examples (data.max_eval_samples)" in trained_card
 
 
 @pytest.mark.slow
@@ -84,6 +91,7 @@ def test_eval_of_the_onnx_folder_equals_the_torch_metrics_the_export_measured(sh
     in-process with the same task metrics before writing the folder."""
     meta = json.loads((shipped["fp32"] / "onnx_export.json").read_text())
     onnx_dev, torch_dev = report(shipped, "fp32", "dev"), meta["dev_metrics"]["torch_fp32"]
+    assert onnx_dev["examples"] == meta["dev_examples"] == 40  # both the whole split
     assert (onnx_dev["runtime"], onnx_dev["runtime_precision"]) == ("onnxruntime", "fp32")
     assert torch_dev["f1"] > 0.5, "the tiny model should tag entities, or this comparison proves nothing"
     for key in ("f1", "precision", "recall", "accuracy"):

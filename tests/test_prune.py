@@ -172,7 +172,7 @@ def test_structured_pruning_runs_alike_under_single_and_fsdp_and_exports_a_small
     # (token accuracy: after 5 steps the tiny model finds no entity, so its entity F1 is 0 either way)
     records = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     run_dev = [r for r in records if r["kind"] == "eval" and r.get("split") == "dev"][-1]
-    run_distrain("eval", f"ckpt={exports[1]}", "split=dev", f"output={tmp_path / 'eval'}")
+    run_distrain("eval", f"ckpt={exports[1]}", "split=dev", "max_samples=16", f"output={tmp_path / 'eval'}")
     smaller_dev = json.loads((tmp_path / "eval" / "eval_dev.json").read_text())
     assert 0 < run_dev["accuracy"] < 1 and smaller_dev["accuracy"] == pytest.approx(run_dev["accuracy"], abs=1e-9)
     assert smaller_dev["f1"] == pytest.approx(run_dev["f1"], abs=1e-9)

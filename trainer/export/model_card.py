@@ -66,9 +66,12 @@ def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None, p
     if dev_metrics:
         values = {k: v for k, v in dev_metrics.items() if k != "step" and isinstance(v, float | int)}
         rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in values.items())
+        capped = cfg.data.max_eval_samples
+        on = f", on the first {capped} dev examples (data.max_eval_samples)" if capped is not None else ""
         parts.append(
-            f"## Evaluation\n\nDev metrics of these weights (step {dev_metrics.get('step')}):\n\n| metric | value |\n"
-            f"|---|---|\n{rows}\n\nTest: `distrain eval ckpt=<this folder> split=test`."
+            f"## Evaluation\n\nDev metrics of these weights (step {dev_metrics.get('step')}{on}):\n\n"
+            f"| metric | value |\n|---|---|\n{rows}\n\nThe whole of a split: `distrain eval ckpt=<this folder> "
+            "split=test` (or `split=dev`)."
         )
     if adapter:
         settings = yaml.safe_dump(OmegaConf.to_container(adapter, resolve=True, enum_to_str=True), sort_keys=False)

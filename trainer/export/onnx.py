@@ -407,6 +407,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
     if name == "clm" and quantize_mode == "int8_static":  # calibration would need past key/values of each sample
         raise ExportError("quantize: int8_static covers the encoder tasks; a causal LM ships quantize=int8 (dynamic)")
     cfg, env, tokenizer, task, model = load_for_inference(weights)
+    cfg.data.max_train_samples = cfg.data.max_eval_samples = None  # the artefact is scored on the whole dev split
     data = task.prepare(env)
     dev = data.splits["dev"]
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
@@ -447,7 +448,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
             "quantize": quantize_mode, "task": str(task.name), "metric": metric, "source": str(weights.path),
             "source_kind": weights.kind, "opset": _opset(fp32_dir / GRAPH), "export_seconds": round(seconds, 2),
             "max_abs_logit_diff": {"onnx_fp32": diff}, "check_lengths": lengths, "fp32_tolerance": fp32_tolerance,
-            "dev_metrics": metrics, "bytes": sizes, "max_metric_drop": max_metric_drop,
+            "dev_metrics": metrics, "dev_examples": len(dev), "bytes": sizes, "max_metric_drop": max_metric_drop,
             "distrain_version": distrain_version(),
         }  # fmt: skip
         del fp32  # its session holds the graph's files open
@@ -528,7 +529,8 @@ def onnx_card(cfg: Any, task: Any, meta: dict[str, Any]) -> str:
         f"precision **{meta['precision']}** (quantize={meta['quantize']}); status **{meta['status']}**"
         + (f": {meta['failure']}" if meta.get("failure") else "")
         + ".",
-        f"## Measured cost\n\nDev {metric} ({task.direction(metric)}), graph size and max |logit diff| against the "
+        f"## Measured cost\n\nDev {metric} ({task.direction(metric)}; all {meta['dev_examples']} dev examples), graph "
+        "size and max |logit diff| against the "
         f"torch model on dev inputs of lengths {meta['check_lengths']} (unpadded positions):\n\n"
         f"| model | dev {metric} | size | max abs logit diff |\n|---|---|---|---|\n" + "\n".join(rows),
     ]

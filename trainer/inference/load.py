@@ -140,6 +140,8 @@ def eval_report(
         task.reference = build_reference(cfg, env, task, tokenizer)
     if data_dir is not None:
         cfg.data.dir = data_dir
+    # The whole split: a run's data.max_*_samples kept its own evaluations short, not this report's
+    cfg.data.max_train_samples = cfg.data.max_eval_samples = None
     data = task.prepare(env)
     if split not in data.splits:
         raise EvalError(f"split: expected one of {sorted(data.splits)}, got {split!r}")
@@ -149,6 +151,8 @@ def eval_report(
             f"the model's labels {names} differ from the data's {data.labels}: evaluate on the data it was trained on"
         )
     dataset = data.splits[split]
+    if options.get("max_samples") and options.max_samples < len(dataset):
+        dataset = dataset.select(range(options.max_samples))
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     precision = "fp32" if weights.kind == "onnx" else cfg.precision.name  # autocast is torch's, not ORT's
     predictions, loss = predict_split_with_loss(model, task, dataset, size, env, precision)
