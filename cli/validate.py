@@ -121,8 +121,26 @@ def validate(cfg: DictConfig) -> None:
     problems += _dpo_problems(cfg)
     problems += _student_problems(cfg.model)
     problems += _prune_problems(cfg)
+    problems += _init_from_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _init_from_problems(cfg: DictConfig) -> list[str]:
+    """checkpoint.init_from: weights that are there and whole (a damaged export is named here, not by a worker),
+    unless the run dir has checkpoints of its own, which a rerun resumes instead."""
+    from distrain.trainer.checkpoint.store import complete_checkpoints
+    from distrain.trainer.inference.load import EvalError, locate
+
+    if cfg.checkpoint.init_from is None or complete_checkpoints(resolve_path(cfg.run.dir) / "checkpoints"):
+        return []
+    try:
+        locate(resolve_path(cfg.checkpoint.init_from).expanduser())
+    except EvalError as error:
+        return [f"checkpoint.init_from: {str(error).removeprefix('ckpt: ')}"]
+    except (OSError, ValueError) as error:  # a path the filesystem refuses
+        return [f"checkpoint.init_from: cannot read {cfg.checkpoint.init_from!r} ({error})"]
+    return []
 
 
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}

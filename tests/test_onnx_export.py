@@ -7,6 +7,8 @@ torch weights' through the real commands (the metrics, the predictions file, the
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import onnx
@@ -71,6 +73,41 @@ def test_the_export_is_checked_against_torch_and_says_so(shipped):
     assert meta["dev_examples"] == 40 and "all 40 dev examples" in card
     trained_card = (shipped["run"] / "export" / "README.md").read_text()
     assert "on the first 20 dev examples (data.max_eval_samples)" in trained_card
+
+
+def test_a_damaged_export_or_onnx_folder_is_named_and_nothing_runs_on_it(shipped, tmp_path, cache_dir):
+    # Exports carry no digests: a cut file is found by its own format (safetensors' header, the ONNX graph and the
+    # length of its external weights), as a user's copy interrupted midway leaves it.
+    export, onnx_dir = tmp_path / "export", tmp_path / "onnx"
+    shutil.copytree(shipped["run"] / "export", export)
+    shutil.copytree(shipped["fp32"], onnx_dir)
+    os.truncate(export / "model.safetensors", (export / "model.safetensors").stat().st_size // 2)
+    os.truncate(onnx_dir / "model.onnx.data", 1000)
+    expected = {
+        ("eval", export): f"export folder {export} is damaged: model.safetensors: ",
+        ("predict", export): f"export folder {export} is damaged: model.safetensors: ",
+        ("export", export): f"export folder {export} is damaged: model.safetensors: ",
+        ("eval", onnx_dir): f"onnx folder {onnx_dir} is damaged: model.onnx.data: 1,000 bytes, but model.onnx places ",
+    }
+    for (command, folder), message in expected.items():
+        result = run_distrain(
+            command,
+            f"ckpt={folder}",
+            *(["input=-"] if command == "predict" else []),
+            *(["output=" + str(tmp_path / "out")] if command == "export" else []),
+            check=False,
+        )
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and message in said and "Traceback" not in said, (command, said)
+    assert not (tmp_path / "out").exists()
+    # ... and as the weights a run starts from: refused before the run dir exists
+    run = tmp_path / "warm"
+    result = run_distrain("train", "model=bert_tiny", "data=conll2003", f"data.dir={shipped['root'] / 'data'}",
+                          f"data.cache_dir={cache_dir}", f"checkpoint.init_from={export}", f"run.dir={run}",
+                          check=False)  # fmt: skip
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and f"checkpoint.init_from: export folder {export} is damaged" in said, said
+    assert not run.exists()
 
 
 @pytest.mark.slow

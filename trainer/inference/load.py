@@ -59,12 +59,14 @@ def locate(ckpt: Path) -> Weights:
         if problem:
             raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
         return Weights("checkpoint", ckpt, ckpt.parent.parent / run_files.CONFIG)
-    if (ckpt / "model.onnx").is_file() and (ckpt / run_files.EXPORT_CONFIG).is_file():
-        return Weights("onnx", ckpt, ckpt / run_files.EXPORT_CONFIG)
-    if (ckpt / "adapter_config.json").is_file() and (ckpt / run_files.EXPORT_CONFIG).is_file():
-        return Weights("adapter", ckpt, ckpt / run_files.EXPORT_CONFIG)
     if (ckpt / run_files.EXPORT_CONFIG).is_file():
-        return Weights("export", ckpt, ckpt / run_files.EXPORT_CONFIG)
+        kind = "onnx" if (ckpt / "model.onnx").is_file() else "adapter" if (ckpt / "adapter_config.json").is_file() \
+            else "export"  # fmt: skip
+        problem = export_damage(ckpt)
+        if problem:
+            raise EvalError(f"ckpt: {kind} folder {ckpt} is damaged: {problem}; export it again from its run (a "
+                            "checkpoint or the run dir)")  # fmt: skip
+        return Weights(kind, ckpt, ckpt / run_files.EXPORT_CONFIG)
     if (ckpt / run_files.CONFIG).is_file():
         if (ckpt / run_files.EXPORT / run_files.EXPORT_CONFIG).is_file():
             return locate(ckpt / run_files.EXPORT)
@@ -73,6 +75,41 @@ def locate(ckpt: Path) -> Weights:
             return locate(found[-1][1])
         raise EvalError(f"ckpt: run dir {ckpt} has neither an export nor a complete checkpoint yet")
     raise EvalError(f"ckpt: expected a checkpoint folder (step_<N>), an export folder or a run dir, got {ckpt}")
+
+
+def export_damage(folder: Path) -> str | None:
+    """What is wrong with an export folder's weight files, or None: a safetensors file whose header or length is
+    off (safetensors checks both on opening), an ONNX graph that does not parse, or external ONNX weights shorter
+    than the graph says. Exports carry no digests (they are meant to be edited and shared), so a file that is whole
+    but altered passes."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except SafetensorError as error:
+            return f"{path.name}: {error}"
+    graph = folder / "model.onnx"
+    if not graph.is_file():
+        return None
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except DecodeError as error:
+        return f"{graph.name} does not parse as an ONNX graph ({error})"
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = {entry.key: entry.value for entry in tensor.external_data}
+        data = folder / where["location"]
+        end = int(where.get("offset", 0)) + int(where.get("length", 0))
+        if not data.is_file() or data.stat().st_size < end:
+            size = f"{data.stat().st_size:,} bytes" if data.is_file() else "missing"
+            return f"{where['location']}: {size}, but {graph.name} places {tensor.name} up to byte {end:,}"
+    return None
 
 
 def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task, torch.nn.Module]:
