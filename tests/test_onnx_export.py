@@ -236,6 +236,8 @@ def test_int8_beyond_max_metric_drop_is_written_but_marked_failed(shipped, int8)
     meta = json.loads((target / "onnx_export.json").read_text())
     assert meta["status"] == "failed" and meta["metric_drop"] == pytest.approx(drop)
     assert "torch fp32" in result.stderr and "ONNX int8" in result.stderr and "Traceback" not in result.stderr
+    said = " ".join(result.stderr.split())  # both as percentages: the drop and the threshold
+    assert f"int8 loses {drop:.2%} of dev f1" in said and f"max_metric_drop={drop - 0.01} ({drop - 0.01:.2%})" in said
     assert "status **failed**" in (target / "README.md").read_text()
 
 

@@ -474,7 +474,7 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
         if failed:
             meta["failure"] = (f"int8 loses {meta['metric_drop']:.2%} of dev {metric} (torch fp32 "
                                f"{metrics['torch_fp32'][metric]:.4f}, ONNX int8 {metrics['onnx_int8'][metric]:.4f}) "
-                               f"> max_metric_drop={max_metric_drop}")  # fmt: skip
+                               f"> max_metric_drop={max_metric_drop} ({max_metric_drop:.2%})")  # fmt: skip
         model.config.save_pretrained(partial)  # label names (id2label) and the architecture, for the tokenizer too
         if causal and model.generation_config is not None:  # the generation defaults, as in the Hugging Face export
             model.generation_config.save_pretrained(partial)
