@@ -5,6 +5,7 @@ their values with Hydra's override grammar."""
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 from functools import cache
 from importlib.resources import files
@@ -183,6 +184,16 @@ def hydra_message(error: HydraException) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("To append to your config use +"))
 
 
+def _tool_help(command: str, source: str) -> str:
+    """configs/<command>.yaml's header comment and key lines, as `distrain <command> --help` prints them."""
+    lines = source.split("\nhydra:", 1)[0].splitlines()
+    header = len(lines) - len(list(itertools.dropwhile(lambda line: line.startswith("#"), lines)))
+    usage = [line.removeprefix("# ").removeprefix("Config of ").rstrip(".") for line in lines[:header]]
+    keys = [line for line in lines[header:] if line and not line.startswith(("defaults:", "  - "))]
+    return "\n".join([*usage, "", f"keys (key=value; `distrain {command} --cfg job` prints the composed config):",
+                      *(f"  {line}" for line in keys)])  # fmt: skip
+
+
 # Keys of eval, predict and export that are null or a count
 COUNTS = ("batch_size", "calibration_samples", "max_new_tokens", "max_samples")
 
@@ -194,9 +205,13 @@ def check_tool_command_line(command: str, args: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     parsed, _ = get_args_parser().parse_known_args(args)
-    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+    source = (files("distrain.configs") / f"{command}.yaml").read_text()
+    if parsed.help:  # its own keys with their comments (Hydra's help would list the train config's groups)
+        print(_tool_help(command, source))
+        raise SystemExit(0)
+    if parsed.hydra_help or parsed.info or parsed.shell_completion:
         return
-    defaults = OmegaConf.load(str(files("distrain.configs") / f"{command}.yaml"))
+    defaults = OmegaConf.create(source)
     keys = sorted(key for key in defaults if key not in ("defaults", "hydra"))
     try:
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
@@ -227,7 +242,7 @@ def check_tool_command_line(command: str, args: list[str]) -> None:
             problems.append(f"{key}={override.get_value_element_as_str()}: expected {expected} (default {shown})")
     given = {override.key_or_group for override in overrides}
     problems += [f"{key}: required (distrain {command} {key}=...)" for key in keys
-                 if OmegaConf.is_missing(defaults, key) and key not in given]  # fmt: skip
+                 if OmegaConf.is_missing(defaults, key) and key not in given and not parsed.cfg]  # fmt: skip
     if problems:
         print_error("invalid argument", "\n".join(problems))
         raise SystemExit(2)

@@ -203,6 +203,12 @@ def test_eval_predict_and_export_refuse_a_bad_key_or_value_naming_it(command, ar
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_eval_help_lists_its_own_keys_with_their_meaning():
+    out = run_distrain("eval", "--help").stdout
+    assert "max_samples: null  # the first N examples of the split" in out and "split: test" in out
+    assert "Configuration groups" not in out and "experiment" not in out  # the train config's, which eval refuses
+
+
 def test_predict_takes_a_float_key_given_as_an_integer(tmp_path):
     # temperature=1 is a float in predict's config; the check must pass it on to the command (which then fails
     # on the missing checkpoint, exit 2, naming it)
