@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distrain.cli.bench import cpu_seconds, load_report
 from distrain.cli.console import console, print_error
 from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
@@ -74,6 +76,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from distrain.trainer.export.onnx import GRAPH, METADATA, export_graph, ort_model, quantize, read_metadata
     from distrain.trainer.inference.load import load_for_inference, locate
 
+    started = {"load_average": os.getloadavg(), "cpu": cpu_seconds()}  # the whole bench: seconds, not a call's ms
     given = locate(Path(args.ckpt).expanduser().resolve())
     onnx_folder = given.path if given.kind == "onnx" else None
     meta = read_metadata(onnx_folder) if onnx_folder else None
@@ -110,6 +113,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for size in SIZES:
                 for name, m in models.items():  # interleaved: every model in each repetition
                     runs.setdefault((name, size), []).append(measure(caller(m), inputs[size]))
+        load = load_report(started, os.cpu_count() or 1)
     results = [{"model": name, "batch": size, **{k: statistics.median(r[k] for r in reps) for k in reps[0]}}
                for (name, size), reps in runs.items()]  # fmt: skip
     results.sort(key=lambda r: (r["batch"], list(models).index(r["model"])))
@@ -118,7 +122,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
         "threads": args.threads, "repeats": args.repeats, "batches": args.batches,
         "seq_len": f"{min(lengths)}-{max(lengths)} (dev examples, padded per batch)", "weights": str(weights.path),
-        "onnx_export": str(onnx_folder) if onnx_folder else None, "results": results,
+        "onnx_export": str(onnx_folder) if onnx_folder else None, "results": results, "load": load,
     }  # fmt: skip
     for r in results:
         base = next(x for x in results if x["batch"] == r["batch"] and x["model"] == "torch_fp32")
@@ -147,6 +151,8 @@ def main(argv: list[str]) -> None:
         line = (f"  batch {r['batch']}  {r['model']:<10} p50 {r['p50_ms']:8.2f} ms  p95 {r['p95_ms']:8.2f} ms  "
                 f"{r['sentences_per_s']:8.1f} sentences/s  {r['speedup_vs_torch_p50']:.2f}x vs torch p50")  # fmt: skip
         console.print(line, highlight=False)
+    if "warning" in report["load"]:
+        console.print(f"[yellow]warning:[/yellow] {report['load']['warning']}", highlight=False)
     console.print(f"wrote {out}", highlight=False)
 
 

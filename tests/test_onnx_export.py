@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -188,6 +190,19 @@ def test_bench_inference_times_the_three_models_and_fills_the_card(shipped, int8
     assert "torch_fp32" in result.stdout
     assert json.loads((int8 / "onnx_export.json").read_text())["latency"]["threads"] == 1
     assert "## Latency" in (int8 / "README.md").read_text()
+    assert "other_processes_cores" in bench["load"]
+
+    # Two processes spinning on the cores meanwhile: the figures are flagged, on the console and in the card
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        busy = run_distrain("bench", "inference", "--ckpt", str(int8), "--threads", "1", "--repeats", "2",
+                            "--batches", "3")  # fmt: skip
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+    said = " ".join(busy.stdout.split())
+    assert "warning: other processes kept" in said and "the figures are unreliable" in said, said
+    assert "**Measured on a busy machine**: other processes kept" in (int8 / "README.md").read_text()
 
 
 @pytest.mark.slow  # two more launches: the default suite's budget keeps the export and its eval only

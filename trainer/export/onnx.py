@@ -541,7 +541,13 @@ def onnx_card(cfg: Any, task: Any, meta: dict[str, Any]) -> str:
         parts.append(
             f"## Latency\n\n`distrain bench inference` on {lat['cpu']}, {lat['threads']} threads, {lat['repeats']} "
             f"interleaved repetitions (median), lengths {lat['seq_len']}, {lat['date']}:\n\n"
-            "| model | batch | p50 ms | p95 ms | sentences/s |\n|---|---|---|---|---|\n" + "\n".join(lines)
+            "| model | batch | p50 ms | p95 ms | sentences/s |\n|---|---|---|---|---|\n"
+            + "\n".join(lines)
+            + (
+                f"\n\n**Measured on a busy machine**: {lat['load']['warning']}."
+                if lat.get("load", {}).get("warning")
+                else ""
+            )
         )
     if str(task.name) == "clm":
         parts.append(
