@@ -45,7 +45,8 @@ def eval_job(cfg: DictConfig) -> float:
         weights = locate(Path(cfg.ckpt).expanduser().resolve())
         console.print(f"[bold]distrain eval[/] {weights.kind} {weights.path} on {cfg.split}")
         output = Path(cfg.output).expanduser().resolve() if cfg.output else None
-        report = eval_report(weights, cfg.split, cfg.batch_size, cfg.data_dir, output, cfg)
+        report = eval_report(weights, cfg.split, cfg.batch_size, cfg.data_dir, output, cfg,
+                             say=lambda message: console.print(message, highlight=False))  # fmt: skip
     except UserError as error:
         print_error("cannot evaluate", str(error))
         raise SystemExit(2) from None

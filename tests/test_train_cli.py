@@ -170,8 +170,11 @@ def test_the_dev_loss_is_the_cross_entropy_per_target_of_what_ships(runs):
 
 def test_eval_on_the_test_split_agrees_with_seqeval_on_its_predictions(runs):
     export = runs["single_8"] / "export"
-    run_distrain("eval", f"ckpt={export}", "split=test")
+    said = run_distrain("eval", f"ckpt={export}", "split=test").stdout
     report = json.loads((export / "eval_test.json").read_text())
+    # its phases, each as it starts and with its time as it ends
+    assert f"predicting {report['examples']:,} test examples in batches of " in said, said
+    assert said.count("  done in ") == 2 and "scoring the raw-text path (ner" in said, said
     gold, pred, g, p = [], [], [], []
     for line in (export / "predictions_test.txt").read_text().splitlines() + [""]:
         if line:

@@ -7,6 +7,8 @@ the worker writes once into the run dir (`save_head`), so weights load without r
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,9 +169,11 @@ def eval_report(
     data_dir: str | None,
     output: Path | None,
     options: DictConfig,
+    say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file.
-    `options`: eval's settings of the task's raw-text scores (Task.raw_text_report)."""
+    `options`: eval's settings of the task's raw-text scores (Task.raw_text_report); `say`: each phase as it starts
+    and its seconds as it ends (a large split takes minutes)."""
     cfg, env, tokenizer, task, model = load_for_inference(weights)
     if task.needs_reference:  # dpo's rewards: against the run's reference, built apart (the weights are merged)
         from distrain.trainer.train.reference import build_reference
@@ -192,11 +196,18 @@ def eval_report(
         dataset = dataset.select(range(options.max_samples))
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     precision = "fp32" if weights.kind == "onnx" else cfg.precision.name  # autocast is torch's, not ORT's
+    started = time.perf_counter()
+    say(f"predicting {len(dataset):,} {split} examples in batches of {size} ...")
     predictions, loss = predict_split_with_loss(model, task, dataset, size, env, precision)
     report = task.report(predictions, dataset)
     if loss is not None:
         report["loss"] = loss  # what the run's eval records call loss, on this split
-    report.update(task.raw_text_report(model, dataset, size, env, options))
+    say(f"  done in {time.perf_counter() - started:.1f} s")
+    if type(task).raw_text_report is not Task.raw_text_report:  # ner, chat: another pass or two over the split
+        started = time.perf_counter()
+        say(f"scoring the raw-text path ({task.name}: what `distrain predict` and the export's pipeline return) ...")
+        report.update(task.raw_text_report(model, dataset, size, env, options))
+        say(f"  done in {time.perf_counter() - started:.1f} s")
     # metric: the run's task.metric (what it picked its best checkpoint by), not the task's first metric.
     report.update({"task": str(task.name), "metric": str(cfg.task.metric), "split": split, "examples": len(dataset),
                    "weights": str(weights.path), **runtime(weights, cfg)})  # fmt: skip
