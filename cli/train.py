@@ -78,7 +78,7 @@ def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError([reorder_message(f"checkpoint {checkpoint}", problems, run_dir)])
 
 
-FAILED_JOBS: list[tuple[str, int]] = []  # this multirun's failed jobs: (run dir, exit code it would have had)
+FAILED_JOBS: list[tuple[str, str, int]] = []  # this multirun's failed jobs: (run dir, what, its exit code alone)
 
 
 def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -> Path | None:
@@ -100,7 +100,7 @@ def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -
     print_error(title, "\n".join(problems))
     if not multirun:
         raise SystemExit(code)
-    FAILED_JOBS.append((str(run_dir), code))
+    FAILED_JOBS.append((str(run_dir), title.split(" (")[0], code))
     if summary and not (run_dir / run_files.SUMMARY).exists():  # the workers' own summary (diverged, ...) stays
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / run_files.OVERRIDES).write_text(yaml.safe_dump(overrides, default_flow_style=False))
@@ -145,9 +145,9 @@ def main() -> None:
     train_job()
     if FAILED_JOBS:  # a multirun whose jobs all ran: each failure was printed as it happened
         print_error(f"{len(FAILED_JOBS)} jobs of the sweep failed", "\n".join(
-            f"{run_dir} ({'invalid configuration' if code == 2 else 'training failed'})" for run_dir, code in
-            FAILED_JOBS) + "\n`distrain report <sweep dir>` lists every job with its status")  # fmt: skip
-        raise SystemExit(1 if any(code == 1 for _, code in FAILED_JOBS) else 2)  # a failed training first
+            f"{run_dir} ({what})" for run_dir, what, _ in FAILED_JOBS)
+            + "\n`distrain report <sweep dir>` lists every job with its status")  # fmt: skip
+        raise SystemExit(1 if any(code == 1 for *_, code in FAILED_JOBS) else 2)  # a failed training first
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_the_model_card_has_the_adapter_settings_when_an_adapter_is_used():
     adapter = yaml.safe_load(card.split("## Adapter\n\n```yaml\n")[1].split("```")[0])
     assert adapter == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"],
                        "merge_on_export": True}  # fmt: skip
-    assert "| f1 | 0.5 |" in card and "(step 3)" in card
+    assert "| f1 | 0.5 |" in card and "(step 3, on the first 64 dev examples (data.max_eval_samples))" in card
 
 
 # Map mode: 100 steps of global batches of 10 = 1,000 samples; a record every 10 steps.
