@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from distrain.cli.compose import config_groups, schema_keys
+from distrain.cli.compose import check_tool_command_line, config_groups, schema_keys
 from distrain.cli.console import error_console
 from distrain.cli.train import check_command_line
 from distrain.cli.validate import validate
@@ -196,10 +196,18 @@ def test_parity_and_plan_suggest_the_nearest_key(command):
     ],
 )  # fmt: skip
 def test_eval_predict_and_export_refuse_a_bad_key_or_value_naming_it(command, args, expected, tmp_path):
-    result = run_distrain(command, *[a.replace("X", str(tmp_path)) for a in args], check=False)
+    # In this process: the check each command's main() runs before Hydra (the command itself: the test below)
+    with error_console.capture() as captured, pytest.raises(SystemExit) as exit_:
+        check_tool_command_line(command, [a.replace("X", str(tmp_path)) for a in args])
+    assert exit_.value.code == 2 and expected in captured.get(), captured.get()
+    assert "+splt" not in captured.get()  # Hydra's advice, which would have the typo taken silently
+
+
+def test_eval_refuses_a_misspelled_key_before_reading_anything(tmp_path):
+    result = run_distrain("eval", f"ckpt={tmp_path}", "+splt=dev", check=False)
     assert result.returncode == 2, result.stderr
-    assert expected in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout and "+splt" not in result.stderr
+    assert "splt: no such key of distrain eval; did you mean split?" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

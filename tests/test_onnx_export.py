@@ -77,6 +77,7 @@ def test_the_export_is_checked_against_torch_and_says_so(shipped):
     assert "on the first 20 dev examples (data.max_eval_samples)" in trained_card
 
 
+@pytest.mark.slow  # five launches: the default suite's budget
 def test_a_damaged_export_or_onnx_folder_is_named_and_nothing_runs_on_it(shipped, tmp_path, cache_dir):
     # Exports carry no digests: a cut file is found by its own format (safetensors' header, the ONNX graph and the
     # length of its external weights), as a user's copy interrupted midway leaves it.
