@@ -128,7 +128,8 @@ def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp
     assert [r["step"] for r in train] == [2] and summary["real_tokens"] > 0 and summary["step_seconds"] > 0
     assert "sweep.pruner=median stopped trial 1 at step 2: dev accuracy" in summary["pruned"]
     assert (run / "checkpoints" / "step_2" / "COMPLETE").exists()
-    evaluated = run_distrain("eval", f"ckpt={run}", "split=dev")  # its checkpoint loads: resumable and exportable
+    # its checkpoint loads (resumable and exportable) and scores what the trial reported on the same 32 dev samples
+    evaluated = run_distrain("eval", f"ckpt={run}", "split=dev", "max_samples=32")
     assert f"{bad.intermediate_values[2]:.4f}" in evaluated.stdout
     report = run_distrain("report", str(tmp_path))
     assert "pruned" in report.stdout and "1 complete, 1 pruned" in report.stdout
