@@ -47,7 +47,7 @@ PRUNED = "pruned"  # a sweep's pruner stopped the trial at a dev evaluation (sum
 _PREEMPTED = "preempted at step"
 _STOPPED = "stopped at step"  # train.stop_at_step reached: a rerun resumes
 REFUSED = "invalid configuration"  # a sweep's job refused before it started (summary "problems": each with its key)
-FAILED = "failed"  # a sweep's job whose workers failed without a summary of their own (summary "error": why)
+FAILED = "failed"  # a sweep's job whose workers failed without a summary of their own (summary "problems": why)
 
 
 def preempted(step: int) -> str:
