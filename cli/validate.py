@@ -130,9 +130,10 @@ def _init_from_problems(cfg: DictConfig) -> list[str]:
     """checkpoint.init_from: weights that are there and whole (a damaged export is named here, not by a worker),
     unless the run dir has checkpoints of its own, which a rerun resumes instead."""
     from distrain.trainer.checkpoint.store import complete_checkpoints
+    from distrain.trainer.config import run_files
     from distrain.trainer.inference.load import EvalError, locate
 
-    if cfg.checkpoint.init_from is None or complete_checkpoints(resolve_path(cfg.run.dir) / "checkpoints"):
+    if cfg.checkpoint.init_from is None or complete_checkpoints(resolve_path(cfg.run.dir) / run_files.CHECKPOINTS):
         return []
     try:
         locate(resolve_path(cfg.checkpoint.init_from).expanduser())

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.trainer.checkpoint.store import (
+    MARKER,
     Checkpointer,
     complete_checkpoints,
     load_model_weights,
@@ -170,7 +171,7 @@ class CheckpointManager:
         if latest_state.get("restarted_from") == wanted:
             return latest  # this command already went back to step `wanted`: resume where that left off
         folder = self.step_folder(wanted)
-        if not (folder / "COMPLETE").is_file():  # the launcher checked; a damaged one was set aside since
+        if not (folder / MARKER).is_file():  # the launcher checked; a damaged one was set aside since
             raise UserError(no_checkpoint_at(self.store.root, wanted))
         self.env.barrier()  # every rank has read the newest one's state above before rank 0 renames it
         if self.env.is_main:  # the newer ones belong to the abandoned continuation: kept, out of the way
