@@ -71,6 +71,21 @@ def compose_checked(overrides: list[str]) -> DictConfig:
                         f"{_cut_hint(key)}")  # fmt: skip
         print_error("invalid override", message)
         raise SystemExit(2) from None
+    except AssertionError as error:  # OmegaConf's, for `section.key=v` where the chosen config's section is null
+        if "Unexpected type for root: NoneType" not in str(error):
+            raise
+        _, open_dicts = schema_keys()
+        keys = [o.split("=")[0].lstrip("+~") for o in overrides]
+        named = [k for k in keys if any(k.startswith(f"{d}.") for d in open_dicts)] or keys
+        hint = (
+            "; model.architecture is for a model built from a config (model=bert_tiny, llama_tiny, ...), not "
+            "pretrained weights"
+            if any(k.startswith("model.architecture.") for k in named)
+            else ""
+        )
+        print_error("invalid override", f"{', '.join(named)}: the chosen config leaves this section null, so it has "
+                    f"no entries to set{hint}")  # fmt: skip
+        raise SystemExit(2) from None
     except (OmegaConfBaseException, AttributeError) as error:
         # OmegaConf's own failures, e.g. a mapping merged into a section that is off (logger.mlflow={a: 1} while
         # logger.mlflow is null): an AttributeError that OmegaConf tagged with the key.
@@ -159,14 +174,45 @@ def _override_problems(override: Override) -> list[str]:
     return [f"{key}: no such key{hint or '; `distrain train --cfg job` prints every key'}"]
 
 
+def _type_problems(overrides: list[Override]) -> list[str]:
+    """Scalar values that do not fit their schema field's type (train.max_steps=abc), all at once: Hydra's
+    composition stops at the first. Each value of a sweep `key=a,b` is tried."""
+    keys, _ = schema_keys()
+    groups = config_groups()
+    schema = OmegaConf.structured(DistrainConfig)
+    problems = []
+    for override in overrides:
+        key = override.key_or_group
+        if key not in keys or key in groups or override.is_delete():
+            continue
+        if override.is_sweep_override():
+            if override.is_interval_sweep():
+                continue
+            values = list(override.sweep_iterator())
+        else:
+            values = [override.value()]
+        for value in values:
+            # Mappings and lists merge into what the chosen options hold: only the composition can judge them
+            if isinstance(value, dict | list) or isinstance(value, str) and "${" in value:
+                continue
+            try:
+                OmegaConf.update(schema, key, value, merge=False)
+            except OmegaConfBaseException as error:
+                reason = str(error).splitlines()[0]
+                problems.append(f"{key}={value}: does not fit the schema ({reason})")
+                break
+    return problems
+
+
 def override_problems(overrides: list[str]) -> list[str]:
     """Problems of these command-line overrides, each naming its key: unknown keys and unknown options of a
-    config group, with the nearest real ones (also for each value of a sweep `key=a,b`)."""
+    config group, with the nearest real ones (also for each value of a sweep `key=a,b`), and values of the wrong
+    type for their key."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
         return [hydra_message(error)]
-    return [problem for override in parsed for problem in _override_problems(override)]
+    return [problem for override in parsed for problem in _override_problems(override)] + _type_problems(parsed)
 
 
 def check_overrides_or_exit(overrides: list[str]) -> None:

@@ -55,7 +55,7 @@ def export_job(cfg: DictConfig) -> None:
         say = lambda text: console.print(text, highlight=False)  # noqa: E731
         try:
             meta = export_onnx(weights, target, cfg.quantize, float(cfg.max_metric_drop), cfg.calibration_samples,
-                               cfg.batch_size, float(cfg.fp32_tolerance), say)  # fmt: skip
+                               cfg.batch_size, float(cfg.fp32_tolerance), say, cfg.max_samples)  # fmt: skip
         except QuantizationLoss as error:
             print_error("export failed its check", str(error))
             raise SystemExit(1) from None

@@ -17,6 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 
 from distrain.cli.console import console
 from distrain.trainer.config import run_files
+from distrain.trainer.errors import ConfigError
 from distrain.trainer.train.preemption import signal_number
 
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -25,6 +26,10 @@ LIBC_FATAL = "LIBC_FATAL_STDERR_"
 
 class TrainingFailed(RuntimeError):
     """The worker group failed (after any restarts); the message names the ranks, exit codes and logs."""
+
+
+class RefusedByWorkers(ConfigError):
+    """A setting only the data can check (task.class_weights against its labels), refused by the workers."""
 
 
 def rdzv_id(launcher: DictConfig, run_dir: Path) -> str | None:
@@ -144,7 +149,10 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
     except ChildFailedError as error:
         # The first rank to fail holds the cause; the others usually died of losing their peer.
         first_rank, first = error.get_first_failure()
-        lines = [f"rank {first_rank} failed first (exit code {first.exitcode}): {_message(first)}"]
+        said = _message(first)
+        if said.startswith(f"{ConfigError.__name__}: "):
+            raise RefusedByWorkers([line.removeprefix("  - ") for line in said.splitlines()[1:]]) from None
+        lines = [f"rank {first_rank} failed first (exit code {first.exitcode}): {said}"]
         for rank, failure in sorted(error.failures.items()):
             if rank != first_rank:
                 lines.append(f"rank {rank} exited too (code {failure.exitcode}): {run_files.rank_log(run_dir, rank)}")

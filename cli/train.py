@@ -22,7 +22,7 @@ from distrain.cli.compose import check_overrides_or_exit, compose_checked
 from distrain.cli.console import console, print_error
 from distrain.trainer.config import run_files
 from distrain.trainer.config.schema import register_configs
-from distrain.trainer.errors import ConfigError
+from distrain.trainer.errors import ConfigError, UserError
 
 register_configs()
 
@@ -58,17 +58,15 @@ def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
     """Before any worker starts: a `checkpoint.step` with no complete checkpoint, or a rerun whose settings would
     train the checkpoint on other batches (another global batch, seed or length grouping), is a config error naming
     the keys. The workers check the data itself."""
-    from distrain.trainer.checkpoint.store import MARKER, latest_checkpoint, no_checkpoint_at, read_trainer_state
+    from distrain.trainer.checkpoint.store import latest_checkpoint, read_trainer_state, starting_checkpoint
     from distrain.trainer.parallel.dims import ParallelDims
     from distrain.trainer.train.batches import config_order, order_problems, reorder_message
 
     root = run_dir / run_files.CHECKPOINTS
-    checkpoint, wanted = latest_checkpoint(root), cfg.checkpoint.step
-    # The same command again resumes the continuation it started (its checkpoints record the step it went back to)
-    if wanted is not None and (checkpoint is None or read_trainer_state(checkpoint).get("restarted_from") != wanted):
-        checkpoint = root / f"step_{wanted}"
-        if not (checkpoint / MARKER).is_file():
-            raise ConfigError([no_checkpoint_at(root, wanted)])
+    try:
+        checkpoint = starting_checkpoint(root, latest_checkpoint(root), cfg.checkpoint.step)
+    except UserError as error:
+        raise ConfigError([str(error)]) from None
     if checkpoint is None:
         return
     dims, _ = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
@@ -85,7 +83,7 @@ def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -
     """start_run for a command line: a clear message, then exit 2 (bad config) or 1 (failed workers). In a
     multirun the sweep goes on instead: the job is recorded as failed in its run dir (for `distrain report` and a
     study's sweeper) and in FAILED_JOBS (for the sweep's exit code), and None is returned."""
-    from distrain.cli.launch import TrainingFailed
+    from distrain.cli.launch import RefusedByWorkers, TrainingFailed
     from distrain.cli.rundir import RunDirBusy
 
     run_dir = Path(cfg.run.dir)
@@ -93,18 +91,24 @@ def run_or_exit(cfg: DictConfig, overrides: list[str], multirun: bool = False) -
         return start_run(cfg, overrides)
     except ConfigError as error:
         title, problems, code, summary = "invalid configuration", error.problems, 2, run_files.REFUSED
+        started = isinstance(error, RefusedByWorkers)
     except RunDirBusy as error:
         title, problems, code, summary = "run dir in use", [str(error)], 1, None  # another launcher's dir
+        started = False
     except TrainingFailed as error:
         title, problems, code, summary = f"training failed ({run_dir})", [str(error)], 1, run_files.FAILED
+        started = True
     print_error(title, "\n".join(problems))
+    # A sweep's job, or a run whose workers started: its dir says why, for `distrain report` (a single run refused
+    # before its workers started is left as it was). The workers' own summary (diverged, ...) stays.
+    if summary and (multirun or started) and not (run_dir / run_files.SUMMARY).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if multirun:
+            (run_dir / run_files.OVERRIDES).write_text(yaml.safe_dump(overrides, default_flow_style=False))
+        (run_dir / run_files.SUMMARY).write_text(json.dumps({"status": summary, "problems": problems}, indent=1))
     if not multirun:
         raise SystemExit(code)
     FAILED_JOBS.append((str(run_dir), title.split(" (")[0], code))
-    if summary and not (run_dir / run_files.SUMMARY).exists():  # the workers' own summary (diverged, ...) stays
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / run_files.OVERRIDES).write_text(yaml.safe_dump(overrides, default_flow_style=False))
-        (run_dir / run_files.SUMMARY).write_text(json.dumps({"status": summary, "problems": problems}, indent=1))
     return None
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from distrain.cli.compose import check_tool_command_line, config_groups, schema_keys
+from distrain.cli.compose import check_tool_command_line, config_groups, override_problems, schema_keys
 from distrain.cli.console import error_console
 from distrain.cli.train import check_command_line
 from distrain.cli.validate import validate
@@ -158,7 +158,10 @@ def test_the_property_covered_the_schema(tmp_path_factory):
         # The property test covers these in-process; from the shell in stage 2 (each start costs 5-15 s here).
         pytest.param(["launcher.rdzv_endpoint=host1-29500"], "launcher.rdzv_endpoint: expected host:port",
                      marks=pytest.mark.slow),
-        pytest.param(["optim.lr=abc"], "full_key: optim.lr", marks=pytest.mark.slow),
+        pytest.param(["optim.lr=abc"], "optim.lr=abc: does not fit the schema", marks=pytest.mark.slow),
+        # a pretrained model's architecture is null: OmegaConf's assertion, named instead
+        (["model=minilm", "model.architecture.hidden_size=64"],
+         "model.architecture.hidden_size: the chosen config leaves this section null"),
         # data=custom names three files: the cut form is its own option, which both messages point to
         (["data=custom", "data.split={train: 0.8, dev: 0.1, test: 0.1}"],
          "data.split: this value does not fit the schema there"),
@@ -173,6 +176,15 @@ def test_distrain_train_refuses_with_the_key_before_starting(args, expected, tmp
     assert "Traceback" not in result.stderr + result.stdout
     assert "+optim" not in result.stderr  # Hydra's advice to add the key, which the schema refuses
     assert not (tmp_path / "run").exists()
+
+
+def test_every_bad_override_is_named_at_once():
+    """Hydra's composition stops at the first value of the wrong type; the check before it names them all, with an
+    unknown key, and each bad value of a sweep, and passes what fits (interpolations are the composition's)."""
+    problems = override_problems(["optim.lrr=1", "train.max_steps=abc", "optim.lr=1e-4,x", "train.epochs=2",
+                                  "precision=bf16", "run.name=${now:%H}", "train.profile_steps=[1,2]"])  # fmt: skip
+    assert [p.split(":")[0] for p in problems] == ["optim.lrr", "train.max_steps=abc", "optim.lr=x"], problems
+    assert "could not be converted to Integer" in problems[1]
 
 
 @pytest.mark.slow

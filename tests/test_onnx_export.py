@@ -264,9 +264,13 @@ def test_an_mlm_export_matches_torch(tmp_path, cache_dir):
     run_distrain("train", "+experiment=minilm_mlm", "model=bert_tiny", "parallel=single", "launcher.nproc_per_node=1",
                  "data.max_train_samples=64", "data.max_eval_samples=16", "train.max_steps=3", "train.eval_every=0",
                  f"data.cache_dir={cache_dir}", f"run.dir={run}")  # fmt: skip
-    run_distrain("export", f"ckpt={run}", "quantize=int8", f"output={tmp_path / 'onnx'}")  # exit 0: checked
+    # max_samples: the first 24 dev blocks score the three models (the whole split takes a minute more)
+    run_distrain("export", f"ckpt={run}", "quantize=int8", "max_samples=24", f"output={tmp_path / 'onnx'}")
     meta = json.loads((tmp_path / "onnx" / "onnx_export.json").read_text())
     assert meta["status"] == "ok" and meta["max_abs_logit_diff"]["onnx_fp32"] < 1e-4
+    assert meta["dev_examples"] == 24 < meta["dev_split_examples"]
+    card = (tmp_path / "onnx" / "README.md").read_text()
+    assert f"the first 24 of {meta['dev_split_examples']} dev examples (max_samples)" in card
     perplexity = {name: metrics["perplexity"] for name, metrics in meta["dev_metrics"].items()}
     assert perplexity["onnx_fp32"] == pytest.approx(perplexity["torch_fp32"], rel=1e-4)
     # int8 passes the default threshold as a fraction of the perplexity (in its units, 0.01 would refuse any LM)
@@ -285,7 +289,7 @@ def clm(tmp_path_factory, cache_dir) -> dict[str, Path]:
                  "launcher.nproc_per_node=1", "data.max_length=64", "data.max_train_samples=64",
                  "data.max_eval_samples=8", "train.max_steps=20", "train.eval_every=0", f"data.cache_dir={cache_dir}",
                  f"run.dir={run}")  # fmt: skip
-    log = run_distrain("export", f"ckpt={run}", f"output={onnx_dir}").stdout
+    log = run_distrain("export", f"ckpt={run}", "max_samples=16", f"output={onnx_dir}").stdout
     return {"root": root, "run": run, "onnx": onnx_dir, "log": log}
 
 
@@ -319,7 +323,7 @@ def test_a_causal_lm_exports_with_its_cache_and_generates_the_torch_tokens(clm):
 @pytest.mark.slow
 def test_eval_of_a_causal_lm_folder_reports_the_torch_perplexity(clm):
     """Packed dev blocks (documents attend within themselves): ONNX Runtime's perplexity equals torch's."""
-    run_distrain("eval", f"ckpt={clm['onnx']}", "split=dev", f"output={clm['root'] / 'eval'}")
+    run_distrain("eval", f"ckpt={clm['onnx']}", "split=dev", "max_samples=16", f"output={clm['root'] / 'eval'}")
     evaluated = json.loads((clm["root"] / "eval" / "eval_dev.json").read_text())
     torch_dev = json.loads((clm["onnx"] / "onnx_export.json").read_text())["dev_metrics"]["torch_fp32"]
     assert (evaluated["runtime"], evaluated["runtime_precision"]) == ("onnxruntime", "fp32")

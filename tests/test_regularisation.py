@@ -104,6 +104,12 @@ def test_weights_and_augmentation_train_alike_on_one_and_two_processes_and_acros
         f"run.dir={tmp_path / 'plain'}",
     ]
     run_distrain("train", *plain)  # fmt: skip
+    # A list of the wrong length: only the data's labels tell, in the workers; refused as the launcher's own checks
+    refused = run_distrain("train", *plain[:-1], "task.class_weights=[1,2]", f"run.dir={tmp_path / 'refused'}",
+                           check=False)  # fmt: skip
+    assert refused.returncode == 2 and "invalid configuration" in refused.stderr, refused.stderr
+    assert "task.class_weights: expected 6 weights, one per label in id order" in refused.stderr
+    assert json.loads((tmp_path / "refused" / "summary.json").read_text())["status"] == "invalid configuration"
     losses = {name: train_losses(tmp_path / name) for name in ("single", "ddp", "plain")}
     assert sorted(losses["single"]) == sorted(losses["ddp"]) == [1, 2, 3]
     for step, loss in losses["single"].items():

@@ -321,6 +321,9 @@ def test_bad_data_fails_the_run_with_file_and_line(tmp_path, conll_dir, cache_di
     assert result.returncode == 1
     assert f"{data / 'train.txt'}:2: expected 4 columns like the lines before, got 2" in result.stderr
     assert "rank 0 failed first (exit code 1): DataError" in result.stderr
+    # The run dir says so too, for `distrain report` (not "failed or killed", a guess)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and f"{data / 'train.txt'}:2: expected 4 columns" in summary["problems"][0]
 
 
 def test_a_bad_config_stops_before_any_worker_or_run_dir(tmp_path):

@@ -26,13 +26,12 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.trainer.checkpoint.store import (
-    MARKER,
     Checkpointer,
     complete_checkpoints,
     load_model_weights,
-    no_checkpoint_at,
     read_rank_tensors,
     read_trainer_state,
+    starting_checkpoint,
 )
 from distrain.trainer.errors import UserError
 from distrain.trainer.model import adapters
@@ -163,16 +162,10 @@ class CheckpointManager:
     def _starting_checkpoint(self) -> Path | None:
         latest = self.store.latest_good(report=self._warn)
         wanted = self.cfg.checkpoint.step
-        if wanted is None or latest is None:
-            if wanted is not None:
-                raise UserError(f"checkpoint.step={wanted}: {self.run_dir} has no complete checkpoint to start from")
+        # The launcher checked step `wanted` exists; a damaged one may have been set aside since: UserError
+        folder = starting_checkpoint(self.store.root, latest, wanted)
+        if folder == latest:
             return latest
-        latest_state = read_trainer_state(latest)
-        if latest_state.get("restarted_from") == wanted:
-            return latest  # this command already went back to step `wanted`: resume where that left off
-        folder = self.step_folder(wanted)
-        if not (folder / MARKER).is_file():  # the launcher checked; a damaged one was set aside since
-            raise UserError(no_checkpoint_at(self.store.root, wanted))
         self.env.barrier()  # every rank has read the newest one's state above before rank 0 renames it
         if self.env.is_main:  # the newer ones belong to the abandoned continuation: kept, out of the way
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -188,7 +181,7 @@ class CheckpointManager:
         """Weights only, from another run's checkpoint or export; names and shapes must match this model."""
         from distrain.trainer.inference.load import locate
 
-        weights = locate(Path(init_from).expanduser())
+        weights = locate(Path(init_from).expanduser(), verify=False)  # the launcher's validation verified it
         if weights.kind == "adapter":
             raise UserError(f"checkpoint.init_from: {weights.path} is an adapter folder; use the run's merged "
                             "export (adapter.merge_on_export=true) or one of its checkpoints")  # fmt: skip

@@ -228,6 +228,20 @@ def no_checkpoint_at(root: Path, step: int) -> str:
             "those, or leave checkpoint.step unset to resume the newest")  # fmt: skip
 
 
+def starting_checkpoint(root: Path, latest: Path | None, wanted: int | None) -> Path | None:
+    """The checkpoint a run starts from: the newest, `latest` (None: none, a fresh start); with checkpoint.step=
+    `wanted`, that step's, unless `latest` already continues from it (this command went back to `wanted` before
+    and was stopped: resume where that left off). UserError when step `wanted` has no complete checkpoint."""
+    if wanted is None:
+        return latest
+    if latest is not None and read_trainer_state(latest).get("restarted_from") == wanted:
+        return latest
+    folder = root / f"step_{wanted}"
+    if not (folder / MARKER).is_file():
+        raise UserError(no_checkpoint_at(root, wanted))
+    return folder
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1][1] if found else None

@@ -393,8 +393,10 @@ def default_output(weights: Any, quantize_mode: str) -> Path:
 
 
 def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop: float, calibration_samples: int,
-                batch_size: int | None, fp32_tolerance: float, say: Any = print) -> dict[str, Any]:  # fmt: skip
-    """Export, check and write `target` (via `target`.partial); the metadata. A logit check beyond `fp32_tolerance`
+                batch_size: int | None, fp32_tolerance: float, say: Any = print,
+                max_samples: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Export, check and write `target` (via `target`.partial); the metadata. The dev scores are on the whole dev
+    split, or its first `max_samples`. A logit check beyond `fp32_tolerance`
     (max |logit diff| ONNX fp32 vs torch on unpadded positions) leaves nothing;
     int8 beyond `max_metric_drop` leaves the folder marked failed (status) and raises ExportError."""
     from distrain.trainer.config.schema import load_run_config
@@ -410,6 +412,9 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
     cfg.data.max_train_samples = cfg.data.max_eval_samples = None  # the artefact is scored on the whole dev split
     data = task.prepare(env)
     dev = data.splits["dev"]
+    dev_split_examples = len(dev)
+    if max_samples and max_samples < len(dev):
+        dev = dev.select(range(max_samples))
     size = batch_size or cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -448,7 +453,8 @@ def export_onnx(weights: Any, target: Path, quantize_mode: str, max_metric_drop:
             "quantize": quantize_mode, "task": str(task.name), "metric": metric, "source": str(weights.path),
             "source_kind": weights.kind, "opset": _opset(fp32_dir / GRAPH), "export_seconds": round(seconds, 2),
             "max_abs_logit_diff": {"onnx_fp32": diff}, "check_lengths": lengths, "fp32_tolerance": fp32_tolerance,
-            "dev_metrics": metrics, "dev_examples": len(dev), "bytes": sizes, "max_metric_drop": max_metric_drop,
+            "dev_metrics": metrics, "dev_examples": len(dev),
+            "dev_split_examples": dev_split_examples, "bytes": sizes, "max_metric_drop": max_metric_drop,
             "distrain_version": distrain_version(),
         }  # fmt: skip
         del fp32  # its session holds the graph's files open
@@ -515,6 +521,14 @@ def _opset(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+def _dev_scope(meta: dict[str, Any]) -> str:
+    """Which dev examples the card's scores are on: all of them, or the first N (the export's max_samples)."""
+    scored, split = meta["dev_examples"], meta.get("dev_split_examples", meta["dev_examples"])
+    if scored == split:
+        return f"all {scored} dev examples"
+    return f"the first {scored} of {split} dev examples (max_samples)"
+
+
 def onnx_card(cfg: Any, task: Any, meta: dict[str, Any]) -> str:
     """The export's README.md: what it is, its precision and what that cost (logit diff, dev metric, bytes,
     latency when `distrain bench inference` measured it), and how to run it."""
@@ -529,9 +543,8 @@ def onnx_card(cfg: Any, task: Any, meta: dict[str, Any]) -> str:
         f"precision **{meta['precision']}** (quantize={meta['quantize']}); status **{meta['status']}**"
         + (f": {meta['failure']}" if meta.get("failure") else "")
         + ".",
-        f"## Measured cost\n\nDev {metric} ({task.direction(metric)}; all {meta['dev_examples']} dev examples), graph "
-        "size and max |logit diff| against the "
-        f"torch model on dev inputs of lengths {meta['check_lengths']} (unpadded positions):\n\n"
+        f"## Measured cost\n\nDev {metric} ({task.direction(metric)}; {_dev_scope(meta)}), graph size and max |logit "
+        f"diff| against the torch model on dev inputs of lengths {meta['check_lengths']} (unpadded positions):\n\n"
         f"| model | dev {metric} | size | max abs logit diff |\n|---|---|---|---|\n" + "\n".join(rows),
     ]
     if meta.get("latency"):

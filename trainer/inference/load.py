@@ -49,32 +49,33 @@ class Weights:
     config: Path  # the run's resolved config.yaml
 
 
-def locate(ckpt: Path) -> Weights:
+def locate(ckpt: Path, verify: bool = True) -> Weights:
     """What `ckpt=` points at: a checkpoint folder, an export folder (Hugging Face or ONNX: `distrain export`), or a
-    run dir (its export, else its latest complete checkpoint)."""
+    run dir (its export, else its latest complete checkpoint). `verify`: check the files are whole (a checkpoint's
+    digests, an export's headers and lengths); False where the launcher has just done so."""
     if not ckpt.exists():
         raise EvalError(f"ckpt: {ckpt} does not exist")
     if (ckpt / ".metadata").is_file() or ckpt.name.startswith("step_"):
         if not is_checkpoint(ckpt):
             raise EvalError(f"ckpt: {ckpt} is an incomplete checkpoint (no COMPLETE marker): its save was interrupted")
-        problem = damage(ckpt)
+        problem = damage(ckpt) if verify else None
         if problem:
             raise EvalError(f"ckpt: checkpoint {ckpt} is damaged: {problem}")
         return Weights("checkpoint", ckpt, ckpt.parent.parent / run_files.CONFIG)
     if (ckpt / run_files.EXPORT_CONFIG).is_file():
         kind = "onnx" if (ckpt / "model.onnx").is_file() else "adapter" if (ckpt / "adapter_config.json").is_file() \
             else "export"  # fmt: skip
-        problem = export_damage(ckpt)
+        problem = export_damage(ckpt) if verify else None
         if problem:
             raise EvalError(f"ckpt: {kind} folder {ckpt} is damaged: {problem}; export it again from its run (a "
                             "checkpoint or the run dir)")  # fmt: skip
         return Weights(kind, ckpt, ckpt / run_files.EXPORT_CONFIG)
     if (ckpt / run_files.CONFIG).is_file():
         if (ckpt / run_files.EXPORT / run_files.EXPORT_CONFIG).is_file():
-            return locate(ckpt / run_files.EXPORT)
+            return locate(ckpt / run_files.EXPORT, verify)
         found = complete_checkpoints(ckpt / run_files.CHECKPOINTS)
         if found:
-            return locate(found[-1][1])
+            return locate(found[-1][1], verify)
         raise EvalError(f"ckpt: run dir {ckpt} has neither an export nor a complete checkpoint yet")
     raise EvalError(f"ckpt: expected a checkpoint folder (step_<N>), an export folder or a run dir, got {ckpt}")
 
@@ -117,6 +118,9 @@ def export_damage(folder: Path) -> str | None:
 def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task, torch.nn.Module]:
     """The run's config, a one-process environment on the run's device kind, and the tokenizer, task and model
     with the given weights (on that device, in eval mode)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar would break up our phase lines
     cfg: DictConfig = load_run_config(weights.config)
     env = DistEnv(device=pick_device(cfg.train.device, 0))
     run_dir = weights.config.parent
