@@ -4,6 +4,7 @@ their values with Hydra's override grammar."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import re
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distrain.cli.console import print_error
+from distrain.trainer.config import schema
 from distrain.trainer.config.schema import DistrainConfig, register_configs
 
 
@@ -65,7 +67,13 @@ def compose_checked(overrides: list[str]) -> DictConfig:
     except HydraException as error:
         message = hydra_message(error)
         new_key = re.search(r"Could not override '(\S+)'.*Key '[^']+' is not in struct", message, re.DOTALL)
-        if new_key:  # a key a free-form mapping (data.files, model.architecture) lacks in the chosen option
+        entry_key = re.search(r"Could not override '(\S+)'.*Key '([^']+)' not in '(\w+)'", message, re.DOTALL)
+        if entry_key:  # a list of structured entries (data.mixture=[{...}]): OmegaConf names the class, not the key
+            where, key, kind = entry_key.groups()
+            fields = [f.name for f in dataclasses.fields(getattr(schema, kind))] if hasattr(schema, kind) else []
+            message = (f"{where}: an entry has no key {key!r}{_nearest(key, fields)} (an entry's keys: "
+                       f"{', '.join(fields)})")  # fmt: skip
+        elif new_key:  # a key a free-form mapping (data.files, model.architecture) lacks in the chosen option
             key = new_key[1]
             message += (f"\n{key}: the chosen config has no such entry; `+{key}=...` adds one"
                         f"{_cut_hint(key)}")  # fmt: skip

@@ -68,6 +68,7 @@ def main() -> None:
             print_error("invalid argument", f"variant: expected KEY=VALUE (data.pack_examples=true), got {variant!r}")
             raise SystemExit(2)
         specs = [(f"{specs[0][0]} (reference)", []), *((f"{spec} {variant}", [variant]) for spec, _ in specs)]
+    planned = []
     for label, extra in specs:
         spec = label.split(" ", 1)[0]
         try:
@@ -99,8 +100,10 @@ def main() -> None:
         # The same global batch everywhere: the reference micro-batch, split over the data shards.
         strategy_overrides.append(f"train.micro_batch_size={micro // dims.dp}")
         cfg.train.micro_batch_size = micro // dims.dp
+        planned.append((label, cfg, strategy_overrides, run_dir, f"{dims.dp}x{dims.tp}"))
+    for label, cfg, strategy_overrides, run_dir, layout in planned:  # every spec checked before the first trains
         run_or_exit(cfg, strategy_overrides)
-        runs[label] = (run_dir, f"{dims.dp}x{dims.tp}")
+        runs[label] = (run_dir, layout)
 
     reference_name = next(iter(runs))
     reference = losses(runs[reference_name][0])

@@ -7,6 +7,7 @@ for masked LMs. Empty input lines give `{"input": "", "skipped": "empty line"}`,
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,22 +21,49 @@ from distrain.cli.compose import check_tool_command_line
 from distrain.cli.console import error_console, print_error
 from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
-from distrain.trainer.inference.load import load_for_inference, locate
+from distrain.trainer.inference.load import failed_export, load_for_inference, locate
 
 
 def read_lines(source: str) -> list[str]:
+    """The input's lines, decoded as UTF-8 (a leading BOM dropped); UserError naming the line that is not."""
     if source == "-":
-        return sys.stdin.read().splitlines()
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise UserError(f"input: {path} is not a file")
-    return path.read_text(encoding="utf-8").splitlines()
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"input: {path} is not a file")
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UserError(f"{source}:{line}: not UTF-8 (byte 0x{data[error.start]:02x}); convert the input first, "
+                        "e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
+
+
+def output_problem(output: str) -> str | None:
+    """Why `output` (a file, or - for standard output) cannot be written, before any prediction is made."""
+    if output == "-":
+        return None
+    path = Path(output).expanduser().absolute()
+    if path.is_dir():
+        return f"output: {path} is a folder; expected a file path (or - for standard output)"
+    if not path.parent.is_dir():
+        return f"output: the folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        return f"output: {path} cannot be written by this user"
+    return None
 
 
 @hydra.main(config_path="pkg://distrain.configs", config_name="predict", version_base=None)
 def predict_job(cfg: DictConfig) -> None:
     try:
         weights = locate(Path(cfg.ckpt).expanduser().resolve())
+        if warning := failed_export(weights):
+            error_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        problem = output_problem(cfg.output)
+        if problem:
+            raise UserError(problem)
         lines = read_lines(cfg.input)
         _, env, tokenizer, task, model = load_for_inference(weights)
         for number, line in enumerate(lines, start=1):

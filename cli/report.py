@@ -42,13 +42,19 @@ def run_dirs(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
+def status_of(summary: dict[str, Any]) -> str:
+    """A summary's status, with why for a refused or failed one (each problem's first line: a failed run's also
+    lists every rank's log)."""
+    why = "; ".join(problem.splitlines()[0] for problem in summary.get("problems", []) if problem)
+    return f"{summary['status']}: {why}" if why else summary["status"]
+
+
 def describe(run: Path) -> dict[str, Any]:
     overrides = yaml.safe_load((run / run_files.OVERRIDES).read_text()) if (run / run_files.OVERRIDES).exists() else []
     if not (run / run_files.CONFIG).is_file():  # a sweep's job refused before it started: no metric, no task
         summary = json.loads((run / run_files.SUMMARY).read_text())
-        why = "; ".join(summary.get("problems", []))
         return {"run": run, "metric": None, "task": None, "overrides": overrides, "value": None, "best_step": None,
-                "status": f"{summary['status']}: {why}" if why else summary["status"]}  # fmt: skip
+                "status": status_of(summary)}  # fmt: skip
     config = yaml.safe_load((run / run_files.CONFIG).read_text())
     metric, task = config["task"]["metric"], task_class(config["task"]["name"])
     row: dict[str, Any] = {
@@ -62,7 +68,7 @@ def describe(run: Path) -> dict[str, Any]:
     summary = run / run_files.SUMMARY
     if summary.exists():
         data = json.loads(summary.read_text())
-        row.update(value=data.get("best_metric"), best_step=data.get("best_step"), status=data.get("status"))
+        row.update(value=data.get("best_metric"), best_step=data.get("best_step"), status=status_of(data))
         return row
     evals = []
     if (run / run_files.METRICS).exists():
@@ -279,9 +285,10 @@ def study_report(folder: Path) -> list[Path]:
     plots, out = [], folder / "report"
     out.mkdir(exist_ok=True)
     importances = None
+    fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)  # named, and seeded: the same figures each time
     if counts[TrialState.COMPLETE] >= 2:
         try:
-            importances = optuna.importance.get_param_importances(study)
+            importances = optuna.importance.get_param_importances(study, evaluator=fanova)
             console.print("parameter importances (Optuna, fANOVA): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in importances.items()), highlight=False)  # fmt: skip
         except (RuntimeError, ValueError) as error:  # e.g. every trial had the same value of each key
@@ -296,7 +303,8 @@ def study_report(folder: Path) -> list[Path]:
     drawings = [("study_history.png", optuna_plots.plot_optimization_history, counts[TrialState.COMPLETE] > 0),
                 ("intermediate_values.png", optuna_plots.plot_intermediate_values,
                  any(t.intermediate_values for t in trials)),
-                ("importances.png", optuna_plots.plot_param_importances, bool(importances))]  # fmt: skip
+                ("importances.png", lambda s: optuna_plots.plot_param_importances(s, evaluator=fanova),
+                 bool(importances))]  # fmt: skip
     for name, draw, wanted in drawings:
         if not wanted:
             continue
@@ -327,6 +335,15 @@ def main() -> None:
     if not trained:
         print_error("nothing to report", "no run of " + str(folder) + " started:\n"
                     + "\n".join(f"{row['run'].name}: {row['status']}" for row in rows))  # fmt: skip
+        raise SystemExit(2)
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for row in trained:
+        groups.setdefault((row["task"].name, row["metric"]), []).append(row["run"])
+    if len(groups) > 1:  # one ranking of an F1, a loss and a reward accuracy would mean nothing
+        lines = [f"task {name}, dev {metric}: {len(found)} runs, e.g. {found[0]}"
+                 for (name, metric), found in groups.items()]  # fmt: skip
+        print_error("runs not comparable", f"the runs of {folder} score different metrics:\n" + "\n".join(lines)
+                    + "\nreport a folder of one experiment's runs (a sweep dir, or runs/<run.name>)")  # fmt: skip
         raise SystemExit(2)
     metric, task = trained[0]["metric"], trained[0]["task"]
     best_first = task.best_first(metric)

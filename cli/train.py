@@ -148,7 +148,7 @@ def main() -> None:
     register_sweeper()
     train_job()
     if FAILED_JOBS:  # a multirun whose jobs all ran: each failure was printed as it happened
-        print_error(f"{len(FAILED_JOBS)} jobs of the sweep failed", "\n".join(
+        print_error(f"{len(FAILED_JOBS)} job{'s' if len(FAILED_JOBS) > 1 else ''} of the sweep failed", "\n".join(
             f"{run_dir} ({what})" for run_dir, what, _ in FAILED_JOBS)
             + "\n`distrain report <sweep dir>` lists every job with its status")  # fmt: skip
         raise SystemExit(1 if any(code == 1 for *_, code in FAILED_JOBS) else 2)  # a failed training first

@@ -119,6 +119,10 @@ def validate(cfg: DictConfig) -> None:
     problems += _mixture_problems(cfg)
     problems += _distill_problems(cfg)
     problems += _dpo_problems(cfg)
+    if not cfg.sweep.params:  # no search: sweep.* would silently do nothing
+        from distrain.trainer.config.schema import SweepConfig
+
+        problems += _unread(cfg.sweep, SweepConfig, "sweep", "only read by a search (hparams_search=...)")
     problems += _student_problems(cfg.model)
     problems += _prune_problems(cfg)
     problems += _init_from_problems(cfg)
@@ -213,7 +217,7 @@ def _device_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _writable_problem(key: str, value: str) -> str | None:
+def writable_problem(key: str, value: str) -> str | None:
     """A message when the folder `value` cannot be made or written (its nearest existing ancestor decides)."""
     path = resolve_path(value).absolute()
     if path.exists() and not path.is_dir():
@@ -229,7 +233,7 @@ def _writable_problem(key: str, value: str) -> str | None:
 
 def _path_problems(cfg: DictConfig) -> list[str]:
     problems = [
-        _writable_problem(key, OmegaConf.select(cfg, key)) for key in ("run.dir", "data.cache_dir", "model.cache_dir")
+        writable_problem(key, OmegaConf.select(cfg, key)) for key in ("run.dir", "data.cache_dir", "model.cache_dir")
     ]
     if (
         cfg.data.dir is not None
@@ -391,9 +395,12 @@ def model_config_if_local(model: DictConfig) -> Any:
 
 
 def _distill_problems(cfg: DictConfig) -> list[str]:
-    """distill.*: the teacher's checks (trainer/train/distill.py), once the run's own model settings are sound."""
+    """distill.*: only with a teacher (else they would silently do nothing); the teacher's checks
+    (trainer/train/distill.py), once the run's own model settings are sound."""
     if cfg.distill.teacher is None:
-        return []
+        from distrain.trainer.config.schema import DistillConfig
+
+        return _unread(cfg.distill, DistillConfig, "distill", "distill.teacher is null: no distillation")
     from distrain.trainer.train.distill import check_teacher
 
     problems = []
@@ -414,15 +421,19 @@ def _distill_problems(cfg: DictConfig) -> list[str]:
     return problems + check_teacher(cfg, tokenizer, f"model.tokenizer={source}")
 
 
+def _unread(section: DictConfig, schema: type, name: str, why: str) -> list[str]:
+    """The keys of a switched-off section set away from their defaults: they would silently do nothing."""
+    default = OmegaConf.structured(schema)
+    return [f"{name}.{key}: {why}; drop it" for key in section if key != "name" and section[key] != default[key]]
+
+
 def _dpo_problems(cfg: DictConfig) -> list[str]:
     """dpo.*: only with task=dpo (else they would silently do nothing); its reference exists and is a causal LM;
     the first line of each local data file has the columns (the workers check every line, naming its file:line)."""
     from distrain.trainer.config.schema import DpoConfig
 
     if cfg.task.name != "dpo":
-        default = OmegaConf.structured(DpoConfig)
-        return [f"dpo.{key}: only read with task=dpo (task={cfg.task.name}); drop it"
-                for key in ("beta", "reference") if cfg.dpo[key] != default[key]]  # fmt: skip
+        return _unread(cfg.dpo, DpoConfig, "dpo", f"only read with task=dpo (task={cfg.task.name})")
     problems = []
     if cfg.dpo.reference is not None:
         from distrain.trainer.train.distill import find_teacher
@@ -458,7 +469,9 @@ def _prune_problems(cfg: DictConfig) -> list[str]:
     the workers only: they check prune.end_step against it)."""
     prune, max_steps = cfg.prune, cfg.train.max_steps
     if prune.name == "none":
-        return []
+        from distrain.trainer.config.schema import PruneConfig
+
+        return _unread(prune, PruneConfig, "prune", "prune=none: no pruning; choose prune=magnitude or structured")
     problems = []
     if not 0 <= prune.sparsity < 1:
         problems.append(f"prune.sparsity: expected a number in [0, 1) (the fraction of pruned weights set to zero), "
@@ -541,10 +554,13 @@ def _data_problems(data: DictConfig) -> list[str]:
             problems.append(
                 f"data.files: with data.split set, expected exactly one file under 'all', got {sorted(splits)}"
             )
-        if set(data.split) != {"train", "dev", "test"} or abs(sum(data.split.values()) - 1) > 1e-6:
-            problems.append(
-                f"data.split: expected fractions for train, dev and test that sum to 1, got {dict(data.split)}"
-            )
+        if (
+            set(data.split) != {"train", "dev", "test"}
+            or abs(sum(data.split.values()) - 1) > 1e-6
+            or not all(0 < value < 1 for value in data.split.values())
+        ):
+            problems.append(f"data.split: expected fractions in (0, 1) for train, dev and test that sum to 1 (change "
+                            f"two: data.split.train=0.85 data.split.dev=0.05), got {dict(data.split)}")  # fmt: skip
     elif not ({"dev"} if data.mixture else {"train", "dev"}) <= splits or not splits <= {"train", "dev", "test"}:
         needed = "dev (data.mixture supplies train)" if data.mixture else "train and dev"
         problems.append(f"data.files: expected files for {needed} (and optionally test), got {sorted(splits)}")

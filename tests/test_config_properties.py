@@ -187,6 +187,12 @@ def test_every_bad_override_is_named_at_once():
     assert "could not be converted to Integer" in problems[1]
 
 
+def test_parity_checks_every_strategy_before_the_first_trains(tmp_path):
+    result = run_distrain("parity", *TINY, "strategies=[single,fdsp]", "steps=1", f"out={tmp_path / 'p'}", check=False)
+    assert result.returncode == 2 and "parallel=fdsp: no such option" in result.stderr, result.stderr
+    assert not (tmp_path / "p").exists()  # `single` did not train first
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["parity", "plan"])
 def test_parity_and_plan_suggest_the_nearest_key(command):

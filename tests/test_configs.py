@@ -153,6 +153,18 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_with_their_key(overrid
         ),
         (["task=mlm", "data=shakespeare", "task.class_weights=balanced"], "task.class_weights: mlm has no labels"),
         (["model.dropout=1.5"], "model.dropout: expected null or a number in [0, 1), got 1.5"),
+        (
+            [
+                "data=custom_split",
+                "task=classify",
+                "data.dir=/tmp",
+                "data.files.all=x.jsonl",
+                "data.split.train=1.1",
+                "data.split.dev=-0.05",
+                "data.split.test=-0.05",
+            ],
+            "data.split: expected fractions in (0, 1) for train, dev and test that sum to 1",
+        ),  # fmt: skip
         (["train.profile_steps=[8,5]"], "train.profile_steps: expected null or [first, last] with 1 <= first <= last"),
     ],
 )

@@ -189,6 +189,9 @@ def test_a_distilled_student_trains_exports_and_evaluates(bert_parity, tmp_path,
                  "data.max_eval_samples=16", "train.save_every=2", f"run.dir={run}")  # fmt: skip
     config = json.loads((run / "export" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
+    card = " ".join((run / "export" / "README.md").read_text().split())
+    assert f"from the weights of `{teacher}` (its blocks [1] kept)" in card and "random init" not in card
+    assert f"## Distillation Distilled from the teacher `{teacher}`: alpha 0.5" in card
     from transformers import pipeline
 
     tagger = pipeline("token-classification", model=str(run / "export"))

@@ -211,9 +211,12 @@ def test_a_stopped_dpo_run_resumes_exactly_like_the_uninterrupted_one(tmp_path, 
     assert eval_records(parts)[-1]["reward_accuracy"] == eval_records(whole)[-1]["reward_accuracy"]
     report = run_distrain("eval", f"ckpt={parts}", "split=dev", "max_samples=16").stdout  # the run's 16
     assert "reward accuracy" in report
-    assert json.loads((parts / "export" / "eval_dev.json").read_text())["reward_accuracy"] == pytest.approx(
-        eval_records(parts)[-1]["reward_accuracy"]
-    )  # the export's rewards, against the same rebuilt reference, are the run's last evaluation's
+    # The export's rewards, against the same rebuilt reference (not the export itself: loss log 2, margin 0), are
+    # the run's last evaluation's
+    evaluated, last = json.loads((parts / "export" / "eval_dev.json").read_text()), eval_records(parts)[-1]
+    assert evaluated["reward_accuracy"] == pytest.approx(last["reward_accuracy"])
+    assert evaluated["reward_margin"] == pytest.approx(last["reward_margin"], abs=1e-5) != 0
+    assert evaluated["loss"] == pytest.approx(last["loss"], abs=1e-5)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Headline: Oil prices rise again. Topic:\n")
     line = run_distrain("predict", f"ckpt={parts}", f"input={prompts}", "max_new_tokens=3").stdout.splitlines()[-1]

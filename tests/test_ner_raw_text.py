@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import run_distrain
+from conftest import DISTRAIN, run_distrain
 from seqeval.metrics.sequence_labeling import get_entities
 
 NAMES = {
@@ -120,3 +121,22 @@ def test_eval_reports_the_raw_text_f1_beside_the_word_level_f1(tagged):
 def test_the_export_says_which_aggregation_to_use(tagged):
     card = (tagged["run"] / "export" / "README.md").read_text()
     assert 'aggregation_strategy="first"' in card and "label_subwords" in card
+
+
+def test_input_that_is_not_utf8_and_an_output_that_cannot_be_written_are_named_before_any_work(tagged, tmp_path):
+    """Exit 2 with the file:line of a Latin-1 byte (from a file and from standard input), and with the output key
+    when its folder is missing or is a file, before the model runs; nothing is written."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"Paris is nice\nCaf\xe9 de Flore\n")
+    for source, stdin, name in ((f"input={latin1}", None, str(latin1)), ("input=-", latin1.read_bytes(), "-")):
+        result = subprocess.run([DISTRAIN, "predict", f"ckpt={tagged['run']}", source], input=stdin,
+                                capture_output=True, timeout=300)  # fmt: skip
+        said = " ".join(result.stderr.decode().split())
+        assert result.returncode == 2 and f"{name}:2: not UTF-8 (byte 0xe9)" in said, said
+    result = run_distrain("predict", f"ckpt={tagged['run']}", f"input={latin1}",
+                          f"output={tmp_path / 'missing' / 'out.jsonl'}", check=False)  # fmt: skip
+    assert result.returncode == 2 and f"output: the folder {tmp_path / 'missing'} does not exist" in result.stderr
+    result = run_distrain("eval", f"ckpt={tagged['run']}", "split=dev", f"output={latin1}", check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and f"output: expected a folder, {latin1} is a file" in said, said
+    assert "predicting" not in result.stdout and not (tmp_path / "missing").exists()

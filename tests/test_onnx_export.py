@@ -86,7 +86,15 @@ def test_a_damaged_export_or_onnx_folder_is_named_and_nothing_runs_on_it(shipped
     shutil.copytree(shipped["fp32"], onnx_dir)
     os.truncate(export / "model.safetensors", (export / "model.safetensors").stat().st_size // 2)
     os.truncate(onnx_dir / "model.onnx.data", 1000)
+    # A folder missing a file transformers would quietly stand in for: an all-[UNK] tokenizer, or no config
+    no_vocab, no_config = tmp_path / "no_vocab", tmp_path / "no_config"
+    shutil.copytree(shipped["fp32"], no_vocab)
+    shutil.copytree(shipped["run"] / "export", no_config)
+    (no_vocab / "tokenizer.json").unlink()
+    (no_config / "config.json").unlink()
     expected = {
+        ("eval", no_vocab): f"onnx folder {no_vocab} is damaged: the tokenizer's vocabulary is missing",
+        ("predict", no_config): f"export folder {no_config} is damaged: config.json (the model's architecture",
         ("eval", export): f"export folder {export} is damaged: model.safetensors: ",
         ("predict", export): f"export folder {export} is damaged: model.safetensors: ",
         ("export", export): f"export folder {export} is damaged: model.safetensors: ",
@@ -255,6 +263,10 @@ def test_int8_beyond_max_metric_drop_is_written_but_marked_failed(shipped, int8)
     said = " ".join(result.stderr.split())  # both as percentages: the drop and the threshold
     assert f"int8 loses {drop:.2%} of dev f1" in said and f"max_metric_drop={drop - 0.01} ({drop - 0.01:.2%})" in said
     assert "status **failed**" in (target / "README.md").read_text()
+    # Used anyway when asked, with a warning that says so
+    (shipped["root"] / "one.txt").write_text("Paris is nice\n")
+    used = run_distrain("predict", f"ckpt={target}", f"input={shipped['root'] / 'one.txt'}")
+    assert f"warning: {target} failed its export check (int8 loses" in " ".join(used.stderr.split()), used.stderr
 
 
 @pytest.mark.slow

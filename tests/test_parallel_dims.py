@@ -53,7 +53,13 @@ def test_each_strategy_answers_what_it_shards():
         ("ddp", 2, None, 2, "parallel.tp: ddp has no tensor parallelism"),
         ("tp", 4, 2, None, "parallel.dp: tp alone does not replicate"),
         ("fsdp_tp", 4, None, None, "parallel.tp: fsdp_tp needs parallel.tp"),
-        ("fsdp_tp", 4, None, 3, "parallel.dp: expected an integer >= 1 that divides 4, got 0"),
+        (
+            "fsdp_tp",
+            4,
+            None,
+            3,
+            "parallel.tp: expected an integer >= 1 that divides launcher.nproc_per_node x launcher.nnodes = 4, got 3",
+        ),
         ("fsdp_tp", 2, 2, 2, "parallel.dp x parallel.tp: expected 2"),
     ],
 )

@@ -211,6 +211,15 @@ def test_bad_pruning_settings_are_refused_before_spawn(overrides, message):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
+    (["prune.sparsity=0.3"], "prune.sparsity: prune=none: no pruning; choose prune=magnitude or structured; drop it"),
+    (["distill.alpha=0.9"], "distill.alpha: distill.teacher is null: no distillation; drop it"),
+    (["sweep.n_trials=5"], "sweep.n_trials: only read by a search (hparams_search=...); drop it"),
+])  # fmt: skip
+def test_a_setting_of_a_switched_off_method_is_refused_not_ignored(overrides, message):
+    _refused([*TINY, *overrides], message)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
     (["prune.scope=global"], "prune.scope: expected layer with prune=structured"),
     (["model.architecture.model_type=gpt2"], "structured pruning of a 'gpt2' model, whose feed-forward layers"),
 ])  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,6 +203,34 @@ def test_a_map_mode_mixture_names_its_bad_sources(corpus, tmp_path):
     assert "data.mixture[1].format: expected one of ['text', 'jsonl', 'csv'], got 'conll'" in message
     assert "data.streaming" not in message  # map mode mixes
     validate(compose_train(mixture_overrides(corpus, tmp_path / "cache")))
+
+
+def test_a_source_column_that_is_not_there_names_the_sources_key(corpus, tmp_path):
+    """b.jsonl's column is `body`: a source that says `bodyy` is named by its own key, in map and streaming mode."""
+    from distrain.trainer.data.mixture import train_sources
+    from distrain.trainer.data.streaming import SourceReader
+    from distrain.trainer.errors import DataError
+    from distrain.trainer.model.tokenizer import ensure_run_tokenizer, load_tokenizer
+    from distrain.trainer.parallel.distributed import DistEnv
+    from distrain.trainer.tasks import build_task
+
+    overrides = [o.replace("text_column: body", "text_column: bodyy") for o in mixture_overrides(corpus, tmp_path)]
+    cfg = compose_train(overrides)
+    expected = f"{corpus / 'b.jsonl'}:1: no column 'bodyy' (data.mixture[1].text_column); the record has ['body']"
+    _, _, source_b = train_sources(cfg.data)[1]
+    with pytest.raises(DataError, match=re.escape(expected)):
+        next(SourceReader(source_b, 0, {"epoch": 0, "file": 0, "offset": 0, "line": 0}).records())
+    env = DistEnv()
+    with pytest.raises(DataError, match=re.escape(expected)):  # the run's tokenizer is trained on the sources
+        ensure_run_tokenizer(cfg, tmp_path / "bad", env)
+    ensure_run_tokenizer(compose_train(mixture_overrides(corpus, tmp_path)), tmp_path, env)  # with the right column
+    with pytest.raises(DataError, match=re.escape(expected)):  # the map-mode data path
+        build_task(cfg, load_tokenizer(cfg.model, env, tmp_path)).prepare(env)
+    # ... and a misspelled key of a source, from the shell
+    misspelled = [o.replace("text_column: body", "text_colum: body") for o in mixture_overrides(corpus, tmp_path)]
+    result = run_distrain("train", *misspelled, f"run.dir={tmp_path / 'run'}", check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "data.mixture: an entry has no key 'text_colum'; did you mean text_column" in said
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,8 @@ def test_a_study_killed_after_three_trials_and_rerun_ends_with_n_trials_none_rep
     for trial in finished:
         summary = json.loads((tmp_path / str(trial.number) / "summary.json").read_text())
         assert trial.value == pytest.approx(summary["best_metric"])
+        # no pruner, and still each dev evaluation is the study's intermediate value (its plot, the dashboard's)
+        assert trial.intermediate_values == {3: pytest.approx(summary["best_metric"])}, trial.intermediate_values
 
 
 def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp_path, cache_dir):
@@ -134,6 +136,13 @@ def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp
     report = run_distrain("report", str(tmp_path))
     assert "pruned" in report.stdout and "1 complete, 1 pruned" in report.stdout
     assert (tmp_path / "report" / "study_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same study with another grid: its finished trials are not this grid's, so it is refused, not "done"
+    changed = run_distrain("train", *STUDY, f"data.cache_dir={cache_dir}", "sweep.sampler=grid", "sweep.seed=1",
+                           "optim.lr=choice(5e-3,1e-2)", "optim.weight_decay=0.0", "train.micro_batch_size=8",
+                           "train.max_steps=6", f"hydra.sweep.dir={tmp_path}", check=False)  # fmt: skip
+    said = " ".join(changed.stderr.split())
+    assert changed.returncode == 2 and "has trials outside this grid (e.g. trial 1: optim.lr=1e-07)" in said, said
+    assert len(load(tmp_path).trials) == 2
 
 
 def test_two_trials_run_at_once_splitting_the_cores_and_the_report_reads_the_study(tmp_path, cache_dir):

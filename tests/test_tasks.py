@@ -168,6 +168,9 @@ def test_custom_split_cuts_one_file_by_the_fractions_set_on_the_command_line(cac
         ([{"text": "x", "label": "a"}, {"text": "y", "label": "z"}], ["data.labels=[a,b]"],
          "train.jsonl:2: label 'z' is not one of ['a', 'b']"),
         ([], [], "train.jsonl: no records (empty file?)"),
+        # not a class called "None"
+        ([{"text": "x", "label": "a"}, {"text": "y", "label": None}], [],
+         "train.jsonl:2: column 'label' (data.label_column) has no value"),
     ],
 )  # fmt: skip
 def test_bad_classification_data_names_the_file_line_and_key(cache_dir, tmp_path, train_rows, overrides, expected):

@@ -249,3 +249,13 @@ def test_a_run_trains_its_own_tokenizer_and_exports_it(task_runs):
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     vocab = json.loads((run / "export" / "config.json").read_text())["vocab_size"]
     assert vocab == 512
+
+
+def test_report_does_not_rank_runs_that_score_different_metrics(task_runs):
+    """An F1 and a classifier's metric in one ranking would mean nothing: exit 2 naming each group."""
+    task_runs["ner"], task_runs["classify"]  # noqa: B018 (both trained)
+    result = run_distrain("report", str(task_runs.root), check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and f"the runs of {task_runs.root} score different metrics" in said, said
+    assert f"task ner, dev f1: 1 runs, e.g. {task_runs['ner']}" in said and "task classify, dev " in said, said
+    assert not (task_runs.root / "report.csv").exists()

@@ -285,7 +285,7 @@ def test_a_multirun_runs_every_job_records_a_refused_one_and_exits_2(tmp_path, c
     assert result.returncode == 2, result.stderr
     assert result.stdout.count("distrain run summary") == 2  # the refused job did not stop the sweep
     assert "optim.lr: expected a number > 0, got -1.0" in result.stderr
-    assert f"1 jobs of the sweep failed\n{tmp_path / '0'} (invalid configuration)" in result.stderr
+    assert f"1 job of the sweep failed\n{tmp_path / '0'} (invalid configuration)" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     for job, lr in (("1", "0.001"), ("2", "0.002")):
         run = tmp_path / job

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distrain.trainer.data.sampler import GlobalBatchSampler
 from distrain.trainer.data.sources import Record
+from distrain.trainer.errors import DataError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -34,24 +35,36 @@ def train_sources(data: DictConfig) -> list[tuple[str, float, DictConfig]]:
     base = OmegaConf.to_container(data, resolve=True)
     base.pop("mixture")
     out = []
-    for source in data.mixture:
+    for index, source in enumerate(data.mixture):
         own = {k: v for k, v in OmegaConf.to_container(source, resolve=True).items() if v is not None}
         cfg = OmegaConf.create({**base, "files": {"train": own.get("files")}})
         cfg.hub_splits = {"train": source.hub_split}
         for key in ("dir", "format", "text_unit", "hub_name", "hub_config", "hub_revision"):
             cfg[key] = own.get(key)
         cfg.columns = {own[key]: data[key] for key in COLUMNS if key in own}  # the source's name -> data.*'s
+        cfg.column_keys = {own[key]: f"data.mixture[{index}].{key}" for key in COLUMNS if key in own}  # for errors
         cfg.format = cfg.format or data.format
         cfg.text_unit = cfg.text_unit or data.text_unit
         out.append((source.name, float(source.weight), cfg))
     return out
 
 
-def renamed(record: Record, columns: dict[str, str]) -> Record:
-    """A source's record with its own column names replaced by data.*'s."""
+def renamed(record: Record, columns: dict[str, str], keys: dict[str, str]) -> Record:
+    """A source's record with its own column names replaced by data.*'s; a DataError naming the source's key
+    (`keys`: its column name -> data.mixture[i].<key>) when the record lacks one."""
     if not columns:
         return record
+    for name in columns:
+        if name not in record.fields:
+            raise DataError(f"{record.where}: no column {name!r} ({keys.get(name, 'data.mixture')}); the record has "
+                            f"{sorted(record.fields)}")  # fmt: skip
     return Record({columns.get(k, k): v for k, v in record.fields.items()}, record.where)
+
+
+def source_columns(data: DictConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """A mixture source's column renaming and the keys that set it (train_sources), or two empty dicts."""
+    columns = dict(OmegaConf.select(data, "columns", default=None) or {})
+    return columns, dict(OmegaConf.select(data, "column_keys", default=None) or {})
 
 
 def mix(parts: list[Dataset], weights: list[float], seed: int) -> Dataset:

@@ -234,4 +234,8 @@ def column(record: Record, key: str, name: str) -> Any:
     """The value of column `name` (set by data.<key>), or an error naming the record and the key."""
     if name not in record.fields:
         raise DataError(f"{record.where}: no column {name!r} (data.{key}); the record has {sorted(record.fields)}")
-    return record.fields[name]
+    value = record.fields[name]
+    if value is None:  # JSON null, or a CSV row shorter than its header: not a label or text called "None"
+        raise DataError(f"{record.where}: column {name!r} (data.{key}) has no value (null, or a CSV row with fewer "
+                        "values than the header)")  # fmt: skip
+    return value

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from distrain.trainer.data.mixture import renamed, train_sources
+from distrain.trainer.data.mixture import renamed, source_columns, train_sources
 from distrain.trainer.data.sources import Record, class_names, iter_records, matching_paths, named
 from distrain.trainer.errors import DataError
 
@@ -37,7 +37,7 @@ class SourceReader:
     def __init__(self, cfg: DictConfig, seed: int, state: dict[str, Any]):
         self.cfg, self.seed, self.state = cfg, seed, dict(state)
         self.paths = [] if cfg.dir is None else matching_paths(cfg, cfg.files["train"])
-        self.columns = dict(OmegaConf.select(cfg, "columns", default=None) or {})
+        self.columns, self.column_keys = source_columns(cfg)
 
     def records(self) -> Iterator[Record]:
         read_any = False
@@ -52,7 +52,7 @@ class SourceReader:
                     for record, position in iter_records(path, self.cfg, (self.state["offset"], self.state["line"])):
                         self.state["offset"], self.state["line"] = position
                         read_any = True
-                        yield renamed(record, self.columns)
+                        yield renamed(record, self.columns, self.column_keys)
                     self.state.update(file=self.state["file"] + 1, offset=0, line=0)
             if not read_any:
                 raise DataError(f"data.files.train: no records in {[str(p) for p in self.paths]} (empty files?)")
@@ -72,7 +72,7 @@ class SourceReader:
         for number, row in enumerate(rows):
             self.state["hub"] = rows.state_dict()
             where = f"{cfg.hub_name}[{cfg.hub_splits['train']}] row {number}"
-            yield renamed(Record(named(row, names), where), self.columns)
+            yield renamed(Record(named(row, names), where), self.columns, self.column_keys)
 
 
 def first_records(data: DictConfig, seed: int, count: int) -> list[Record]:

@@ -57,6 +57,11 @@ def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None, p
     if datasets:
         front["datasets"] = datasets
     model = base or f"random init ({cfg.model.name})"
+    if cfg.model.get("init_from"):  # a student built from another model's blocks
+        kept = cfg.model.get("keep_layers")
+        model = f"the weights of `{cfg.model.init_from}`" + (f" (its blocks {list(kept)} kept)" if kept else "")
+    if cfg.checkpoint.get("init_from"):
+        model = f"the weights of `{cfg.checkpoint.init_from}` (checkpoint.init_from)"
     parts = [
         "---\n" + yaml.safe_dump(front, sort_keys=False) + "---",
         f"# {cfg.run.name}\n\nA `{task.name}` model ({task.pipeline_task}) trained with distrain "
@@ -73,6 +78,11 @@ def model_card(cfg: DictConfig, task: Any, dev_metrics: dict[str, Any] | None, p
             f"| metric | value |\n|---|---|\n{rows}\n\nThe whole of a split: `distrain eval ckpt=<this folder> "
             "split=test` (or `split=dev`)."
         )
+    if cfg.get("distill") is not None and cfg.distill.teacher:
+        d = cfg.distill
+        hidden = f", hidden-state weight {d.hidden_weight}" if d.hidden_weight else ""
+        parts.append(f"## Distillation\n\nDistilled from the teacher `{d.teacher}`: alpha {d.alpha} of the loss on "
+                     f"its outputs softened at temperature {d.temperature}{hidden}.")  # fmt: skip
     if adapter:
         settings = yaml.safe_dump(OmegaConf.to_container(adapter, resolve=True, enum_to_str=True), sort_keys=False)
         parts.append(f"## Adapter\n\n```yaml\n{settings}```")

@@ -80,13 +80,21 @@ def locate(ckpt: Path, verify: bool = True) -> Weights:
     raise EvalError(f"ckpt: expected a checkpoint folder (step_<N>), an export folder or a run dir, got {ckpt}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")  # what a tokenizer is read from
+
+
 def export_damage(folder: Path) -> str | None:
-    """What is wrong with an export folder's weight files, or None: a safetensors file whose header or length is
-    off (safetensors checks both on opening), an ONNX graph that does not parse, or external ONNX weights shorter
-    than the graph says. Exports carry no digests (they are meant to be edited and shared), so a file that is whole
-    but altered passes."""
+    """What is wrong with an export folder, or None: no model config.json (an adapter folder has its own) or no
+    tokenizer vocabulary (transformers would build one of a few special tokens and map every word to [UNK]); a
+    safetensors file whose header or length is off (safetensors checks both on opening), an ONNX graph that does
+    not parse, or external ONNX weights shorter than the graph says. Exports carry no digests (they are meant to
+    be edited and shared), so a file that is whole but altered passes."""
     from safetensors import SafetensorError, safe_open
 
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        return "config.json (the model's architecture and labels) is missing"
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return f"the tokenizer's vocabulary is missing (none of {', '.join(TOKENIZER_FILES)})"
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), "pt"):
@@ -156,6 +164,18 @@ def load_for_inference(weights: Weights) -> tuple[DictConfig, DistEnv, Any, Task
     return cfg, env, tokenizer, task, model.to(env.device).eval()
 
 
+def failed_export(weights: Weights) -> str | None:
+    """A warning when the weights are an ONNX export its own check marked failed (int8 lost too much)."""
+    if weights.kind != "onnx":
+        return None
+    from distrain.trainer.export.onnx import read_metadata
+
+    meta = read_metadata(weights.path)
+    if meta.get("status") != "failed":
+        return None
+    return f"{weights.path} failed its export check ({meta.get('failure', 'see onnx_export.json')}); using it anyway"
+
+
 def runtime(weights: Weights, cfg: DictConfig) -> dict[str, str]:
     """Which runtime and precision produce a report of these weights (an ONNX export's from its metadata)."""
     if weights.kind == "onnx":
@@ -182,7 +202,9 @@ def eval_report(
     if task.needs_reference:  # dpo's rewards: against the run's reference, built apart (the weights are merged)
         from distrain.trainer.train.reference import build_reference
 
-        task.reference = build_reference(cfg, env, task, tokenizer)
+        # From the run's own model settings: cfg.model now names the evaluated weights (an export), which as the
+        # reference would score the model against itself (every reward 0, accuracy 0.5)
+        task.reference = build_reference(load_run_config(weights.config), env, task, tokenizer)
     if data_dir is not None:
         cfg.data.dir = data_dir
     # The whole split: a run's data.max_*_samples kept its own evaluations short, not this report's

@@ -70,10 +70,14 @@ class ParallelDims:
         else:  # fsdp_tp
             if tp is None and dp is None:
                 return None, ["parallel.tp: fsdp_tp needs parallel.tp (or parallel.dp) to split the processes"]
+            # The key that is set and does not divide the processes is the one to name, not the one derived
+            for key, value in (("dp", dp), ("tp", tp)):
+                if value is not None and value >= 1 and world_size % value:
+                    return None, [f"parallel.{key}: expected an integer >= 1 that divides {given}, got {value}"]
             if tp is None:
-                tp = world_size // dp if dp and world_size % dp == 0 else 0
+                tp = world_size // dp if dp else 0
             if dp is None:
-                dp = world_size // tp if tp and world_size % tp == 0 else 0
+                dp = world_size // tp if tp else 0
         problems = []
         for key, value in (("dp", dp), ("tp", tp)):
             if value < 1:

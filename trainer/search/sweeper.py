@@ -156,6 +156,12 @@ def run_study(plan: dict[str, Any], launcher: Any) -> Any:
     n_trials = sweep.n_trials
     if plan["grid"] is not None:
         n_trials = min(n_trials, math.prod(len(v) for v in plan["grid"].values()))  # every combination once
+        outside = off_grid(study, plan["grid"])
+        if outside:  # its finished trials would count towards this grid's combinations, which would never run
+            print_error("invalid sweep", f"sweep.params: study {sweep.study_name!r} in {plan['url']} has trials "
+                        f"outside this grid (e.g. {outside}); a changed grid is a new study: another "
+                        "sweep.study_name")  # fmt: skip
+            raise SystemExit(2)
     done = studies.finished(study)
     console.print(
         f"[bold]study[/] {sweep.study_name} in {studies.display_url(plan['url'])}: {done} of "
@@ -172,6 +178,17 @@ def run_study(plan: dict[str, Any], launcher: Any) -> Any:
         )
         raise SystemExit(1)
     return study
+
+
+def off_grid(study: Any, grid: dict[str, list]) -> str | None:
+    """A finished trial's parameters that are not in `grid` (key=value), or None."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        for key, value in trial.params.items():
+            if key not in grid or value not in grid[key]:
+                return f"trial {trial.number}: {key}={value}"
+    return None
 
 
 def trial_overrides(plan: dict[str, Any], trial: Any) -> list[str]:

@@ -17,7 +17,9 @@ log = logging.getLogger("distrain")
 class TrialReporter:
     def __init__(self, cfg: DictConfig, env: DistEnv):
         self.sweep, self.env, self.metric, self.eval_every = cfg.sweep, env, cfg.task.metric, cfg.train.eval_every
-        self.enabled = cfg.sweep.trial is not None and str(cfg.sweep.pruner) != "none"
+        # Every evaluation is reported (the study's intermediate values, its plots); only a pruner stops a run
+        self.enabled = cfg.sweep.trial is not None
+        self.prunes = str(cfg.sweep.pruner) != "none"
         self.trial: Any = None
 
     def _trial(self) -> Any:
@@ -45,7 +47,7 @@ class TrialReporter:
             try:
                 trial = self._trial()
                 trial.report(value, step)
-                if trial.should_prune():
+                if self.prunes and trial.should_prune():
                     reason = (f"sweep.pruner={self.sweep.pruner} stopped trial {self.sweep.trial} at step {step}: dev "
                               f"{self.metric} {value:.4g} is not among the promising trials at this step")  # fmt: skip
             except Exception as error:  # the study is unreachable or the trial already told: train on, unpruned

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from distrain.trainer.config.paths import resolve_path
 from distrain.trainer.config.schema import DataFormat, TaskName
 from distrain.trainer.data.cache import cached_splits, file_digest, tokenizer_fingerprint
-from distrain.trainer.data.mixture import mix, renamed, train_sources
+from distrain.trainer.data.mixture import mix, renamed, source_columns, train_sources
 from distrain.trainer.data.packing import IGNORE, is_packed, packed_model_inputs
 from distrain.trainer.data.sources import Record, column, read_splits, source_files
 from distrain.trainer.errors import ConfigError
@@ -181,12 +181,13 @@ class Task:
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "settings": self.cache_settings(),
         }
-        columns = dict(OmegaConf.select(data, "columns", default=None) or {})
+        columns, column_keys = source_columns(data)
         if columns:  # a mixture's source: its own column names
             key["columns"] = columns
 
         def build(folder: Path) -> None:
-            records = {split: [renamed(r, columns) for r in recs] for split, recs in read_splits(data, skip).items()}
+            records = {split: [renamed(r, columns, column_keys) for r in recs]
+                       for split, recs in read_splits(data, skip).items()}  # fmt: skip
             for split, raw in self.to_datasets(records).items():
                 raw.map(
                     self.tokenize,

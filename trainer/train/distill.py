@@ -134,17 +134,18 @@ def label_problem(teacher: list[str] | None, run: list[str]) -> str | None:
             "fixes the order)")  # fmt: skip
 
 
-def tokenizer_problem(teacher: Any, run: Any, run_source: str) -> str | None:
-    """Why the teacher's tokenizer differs from the run's (another vocabulary), or None."""
+def tokenizer_problem(teacher: Any, run: Any, run_source: str, key: str = KEY, role: str = "teacher",
+                      why: str = "Distillation compares outputs position by position") -> str | None:  # fmt: skip
+    """Why the `role` model's (the teacher's, DPO's reference's) tokenizer differs from the run's (another
+    vocabulary), or None; `run_source`: where the run's comes from."""
     mine, theirs = run.get_vocab(), teacher.get_vocab()
     if mine == theirs:
         return None
     differ = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])
     examples = ", ".join(f"{token!r}" for token, _ in differ[:3])
-    return (f"{KEY}: the teacher's tokenizer ({len(theirs)} tokens) differs from the run's ({run_source}, "
-            f"{len(mine)} tokens): {len(differ)} (token, id) pairs differ, e.g. {examples}. Distillation compares "
-            "outputs position by position, so both must tokenize alike: use the teacher's tokenizer "
-            "(model.tokenizer=<the teacher's folder>)")  # fmt: skip
+    return (f"{key}: the {role}'s tokenizer ({len(theirs)} tokens) differs from the run's ({run_source}, "
+            f"{len(mine)} tokens): {len(differ)} (token, id) pairs differ, e.g. {examples}. {why}, so both must "
+            f"tokenize alike: use the {role}'s tokenizer (model.tokenizer=<the {role}'s folder>)")  # fmt: skip
 
 
 def check_teacher(cfg: DictConfig, run_tokenizer: Any, run_source: str) -> list[str]:

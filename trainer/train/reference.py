@@ -62,9 +62,12 @@ def reference_model(cfg: DictConfig, task: Any, tokenizer: Any, env: Any) -> tor
             source = find_teacher(cfg.dpo.reference)
         except ConfigError as error:
             raise ConfigError([p.replace("distill.teacher", KEY, 1) for p in error.problems]) from None
-        problem = tokenizer_problem(source.tokenizer(), tokenizer, "the run's")
+        named = cfg.model.tokenizer or cfg.model.name_or_path
+        run_source = f"model.tokenizer={named}" if named else "trained by the run: model.train_tokenizer_vocab"
+        problem = tokenizer_problem(source.tokenizer(), tokenizer, run_source, KEY, "reference",
+                                    "DPO compares the log-probabilities of the same tokens under both")  # fmt: skip
         if problem:
-            raise ConfigError([problem.replace("distill.teacher", KEY, 1).replace("Distillation", "DPO")])
+            raise ConfigError([problem])
         model = source.load(task.auto_model_class())
     else:
         from distrain.trainer.model.build import build_model, model_source
