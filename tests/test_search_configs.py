@@ -181,8 +181,10 @@ def test_a_searched_key_the_schema_does_not_have_is_named_with_the_nearest_real_
         ("optim.lrr=interval(1e-5,1e-3)", "optim.lrr: no such key; did you mean optim.lr"),
         ("sweep.storage=not-a-url", "sweep.storage: cannot open 'not-a-url' (ArgumentError"),
         ("sweep.min_resource=0", "sweep.min_resource: expected null or an integer >= 1 (steps), got 0"),
+        ("optim.lr=interval(-1.0,0.5)", "sweep.params: optim.lr can be drawn as -1.0, which the run refuses: "
+         "optim.lr: expected a number > 0"),
     ],
-)
+)  # fmt: skip
 def test_bad_sweep_input_exits_2_naming_the_key_before_the_first_trial(tmp_path, override, expected):
     result = run_distrain("train", *TINY, "hparams_search=ner_optuna", override, f"hydra.sweep.dir={tmp_path}",
                           check=False)  # fmt: skip

@@ -109,6 +109,29 @@ def test_a_study_killed_after_three_trials_and_rerun_ends_with_n_trials_none_rep
         assert trial.intermediate_values == {3: pytest.approx(summary["best_metric"])}, trial.intermediate_values
 
 
+def test_a_study_started_as_a_background_job_stops_on_sigint_and_queues_its_trial_again(tmp_path, cache_dir):
+    """A shell starts a background job with SIGINT ignored; SIGINT to the sweeper alone (not its trial) still
+    stops the study: the trial checkpoints and stops (its stop file), is told FAIL and queued again, exit 130."""
+    command = [*STUDY, f"data.cache_dir={cache_dir}", "sweep.n_trials=2", "train.max_steps=5000",
+               "train.eval_every=0", "train.log_every=1", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    log = tmp_path.parent / f"{tmp_path.name}-sigint.log"
+    with open(log, "w") as out:
+        sweeper = subprocess.Popen([DISTRAIN, "train", *command], stdout=out, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+        metrics = tmp_path / "0" / "metrics.jsonl"
+        wait(lambda: sweeper.poll() is not None or metrics.exists() and metrics.stat().st_size > 0, "trial 0 training")
+        assert sweeper.poll() is None, log.read_text()
+        sweeper.send_signal(signal.SIGINT)
+        assert sweeper.wait(timeout=120) == 130, log.read_text()
+    study = load(tmp_path)
+    first, queued = study.trials
+    assert first.state == TrialState.FAIL and queued.state == TrialState.WAITING
+    assert queued.user_attrs.get("retry_of") == 0  # its parameters are the failed trial's (the kill test reruns one)
+    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    assert summary["status"] == f"preempted at step {summary['step']}" and summary["step"] < 5000, summary
+    assert list((tmp_path / "0" / "checkpoints").glob("step_*/COMPLETE"))
+
+
 def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp_path, cache_dir):
     # A grid of a learning rate that trains and one that cannot move the weights: with seed 1 the grid tries
     # 5e-3 first; 1e-7 is then below the median at its first evaluation.

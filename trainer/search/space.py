@@ -70,6 +70,11 @@ def distribution(override: Override) -> Any:
     raise ValueError(f"{override.get_key_element()}: not a sweep")
 
 
+def end_values(drawn: Any) -> list[Any]:
+    """The values a distribution can draw at its extremes: an interval's ends, or every choice."""
+    return list(drawn.choices) if hasattr(drawn, "choices") else [drawn.low, drawn.high]
+
+
 def grid_values(key: str, override: Override) -> list[Any]:
     """Every value of a key for sweep.sampler=grid: choices and ranges only."""
     if isinstance(override.value(), IntervalSweep):

@@ -12,6 +12,7 @@ finished trials stay, a trial whose sweeper died is marked failed and its parame
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import math
@@ -26,7 +27,7 @@ from typing import Any
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distrain.cli.console import console, print_error
 from distrain.trainer.config import run_files
@@ -94,6 +95,33 @@ class DistrainSweeper(Sweeper):
             distributions = {key: spaces.distribution(o) for key, o in space.items()}
         except ValueError as error:
             raise SweepInputError(str(error)) from None
+        # The run config itself (paths, ranges), with the space's keys at their base values.
+        try:
+            validate(cfg)
+        except ConfigError as error:
+            raise SweepInputError("\n".join(error.problems)) from None
+        # Then each searched key at the ends of its range (each choice): a value the run would refuse is found
+        # here, not as a failed trial after another
+        from distrain.cli.compose import config_groups
+
+        problems = []
+        for key, drawn in distributions.items():
+            if key in config_groups():  # an option of a group composes a section: the trials check those
+                continue
+            for value in spaces.end_values(drawn):
+                at_end = copy.deepcopy(cfg)
+                OmegaConf.update(at_end, key, value, merge=False)
+                try:
+                    validate(at_end)
+                except ConfigError as error:
+                    named = [p for p in error.problems if p.startswith(key)]
+                    if named:
+                        problems.append(f"sweep.params: {key} can be drawn as {value}, which the run refuses: "
+                                        f"{named[0]}")  # fmt: skip
+                        break
+        if problems:
+            raise SweepInputError("\n".join(problems))
+        # The storage last: a refused sweep leaves no study file behind
         sweep_dir = Path(cfg.hydra.sweep.dir).resolve()
         url = studies.resolve_storage(sweep.storage, sweep_dir)
         try:
@@ -105,11 +133,6 @@ class DistrainSweeper(Sweeper):
                 "expected null (SQLite in the sweep dir), journal, journal:PATH or an RDB URL such as "
                 "postgresql://user@host/db that this machine can reach"
             ) from None
-        # The run config itself (paths, ranges; imports torch: last), with the space's keys at their base values.
-        try:
-            validate(cfg)
-        except ConfigError as error:
-            raise SweepInputError("\n".join(error.problems)) from None
         from distrain.trainer.tasks import task_class
 
         lower = cfg.task.metric in task_class(cfg.task.name).lower_is_better
@@ -269,6 +292,9 @@ class LocalTrials:
 
         sweep, failures = self.plan["sweep"], 0
         running: dict[int, tuple[Any, subprocess.Popen]] = {}
+        # A shell starts a background job with SIGINT ignored, and Python then raises no KeyboardInterrupt: the
+        # sweep must stop on it all the same (as `distrain train` does)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             while True:
                 while (len(running) < sweep.n_jobs and failures < sweep.max_failures
@@ -286,17 +312,25 @@ class LocalTrials:
                         ok = tell(study, trial, self.plan["sweep_dir"] / str(number), process.returncode)
                         failures += not ok
         except KeyboardInterrupt:
-            # The children got the Ctrl-C too: they write a checkpoint and stop. Their trials are tried again.
+            # The children write a checkpoint and stop: on the Ctrl-C they got too, or on their run dir's stop file
+            # (the signal may have been sent to this process alone). Their trials are tried again.
             from optuna.trial import TrialState
 
+            from distrain.trainer.config import run_files
             from distrain.trainer.search.study import told
 
+            for number in running:
+                run_dir = self.plan["sweep_dir"] / str(number)
+                if run_dir.is_dir():  # a trial still composing its run has no dir: the Ctrl-C reached it, if any
+                    (run_dir / run_files.STOP).touch()
             for number, (trial, process) in running.items():
                 process.wait()
                 told(study, trial, state=TrialState.FAIL)
                 study.enqueue_trial(trial.params, user_attrs={studies.RETRY_OF: number})
             console.print("interrupted: rerun the same command to continue the study", highlight=False)
             raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 class LauncherTrials:
