@@ -59,6 +59,9 @@ def export_job(cfg: DictConfig) -> None:
         except QuantizationLoss as error:
             print_error("export failed its check", str(error))
             raise SystemExit(1) from None
+        except KeyboardInterrupt:  # the half-written folder is already removed
+            print_error("export interrupted", f"nothing was written to {target}")
+            raise SystemExit(130) from None
     except UserError as error:
         print_error("cannot export", str(error))
         raise SystemExit(2) from None

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import onnx
 import pytest
-from conftest import run_distrain
+from conftest import DISTRAIN, run_distrain
 from test_ner_raw_text import conll_sentences
 
 PREDICT_LINES = "Barack Obama visited Paris\n\nThe European Union met in Brussels on Monday\n"
@@ -246,6 +248,22 @@ def test_logits_beyond_the_fp32_tolerance_fail_the_export_and_leave_nothing(ship
     assert not target.exists() and not list(tmp_path.glob("*.partial"))
     bad = run_distrain("export", f"ckpt={shipped['run']}", "fp32_tolerance=0", check=False)
     assert bad.returncode == 2 and "fp32_tolerance: expected a number > 0, got 0" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_during_an_export_leaves_nothing_and_says_so(shipped, tmp_path):
+    target = tmp_path / "interrupted"
+    partial = target.with_name(target.name + ".partial")
+    export = subprocess.Popen([DISTRAIN, "export", f"ckpt={shipped['run']}", f"output={target}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not partial.exists() and export.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    export.send_signal(signal.SIGINT)
+    out, err = export.communicate(timeout=120)
+    said = " ".join(err.split())
+    assert export.returncode == 130 and f"nothing was written to {target}" in said, out + err
+    assert "Traceback" not in err and not target.exists() and not partial.exists()
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, special: li
         vocab_size=vocab_size,
         special_tokens=[EOS, *(special or [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bars print blank lines into the run's output and logs; it takes seconds
     )
     tokenizer.train_from_iterator(texts, trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=EOS,
