@@ -171,7 +171,8 @@ def test_plan_without_readable_data_still_plans_and_says_so(tmp_path):
     [
         (["parallel=tp", "launcher.nproc_per_node=4"],
          "parallel.tp: num_attention_heads=2 of the model is not divisible by tp=4"),
-        (["parallel=fsdp_tp", "parallel.tp=3", "launcher.nproc_per_node=4"], "parallel.tp: expected an integer >= 1 that divides"),
+        (["parallel=fsdp_tp", "parallel.tp=3", "launcher.nproc_per_node=4"],
+         "parallel.tp: expected an integer >= 1 that divides"),
         (["parallel=tp", "parallel.dp=2", "launcher.nproc_per_node=4"], "parallel.dp: tp alone does not replicate"),
         (["parallel=fsdp_tp", "parallel.dp=2", "parallel.tp=2", "launcher.nproc_per_node=2"],
          "parallel.dp x parallel.tp: expected 2"),

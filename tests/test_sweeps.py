@@ -142,7 +142,7 @@ def test_the_median_pruner_stops_a_hopeless_trial_whose_run_dir_stays_usable(tmp
     study = load(tmp_path)
     assert [t.params["optim.lr"] for t in study.trials] == [5e-3, 1e-7]
     good, bad = study.trials
-    assert good.state == TrialState.COMPLETE and sorted(good.intermediate_values) == [2, 4]
+    assert good.state == TrialState.COMPLETE and sorted(good.intermediate_values) == [2, 4, 6]  # the last too
     assert bad.state == TrialState.PRUNED and list(bad.intermediate_values) == [2]
     assert bad.intermediate_values[2] < good.intermediate_values[2]
     run = tmp_path / str(bad.number)

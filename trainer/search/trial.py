@@ -38,8 +38,9 @@ class TrialReporter:
             self.trial = optuna.trial.Trial(study, trial_id)
         return self.trial
 
-    def prune(self, value: float, step: int) -> str | None:
-        """Report a dev evaluation; the reason to stop when the pruner says so (the same on every rank)."""
+    def prune(self, value: float, step: int, may_stop: bool = True) -> str | None:
+        """Report a dev evaluation; the reason to stop when the pruner says so (the same on every rank), asked only
+        when the run `may_stop` here."""
         if not self.enabled:
             return None
         reason = None
@@ -47,7 +48,7 @@ class TrialReporter:
             try:
                 trial = self._trial()
                 trial.report(value, step)
-                if self.prunes and trial.should_prune():
+                if self.prunes and may_stop and trial.should_prune():
                     reason = (f"sweep.pruner={self.sweep.pruner} stopped trial {self.sweep.trial} at step {step}: dev "
                               f"{self.metric} {value:.4g} is not among the promising trials at this step")  # fmt: skip
             except Exception as error:  # the study is unreachable or the trial already told: train on, unpruned

@@ -135,7 +135,8 @@ class Trainer:
                 if cadence.eval_due(s.step, t.eval_every, self.batches.steps_per_epoch, self.total_steps, preempted):
                     dev = self.evaluator.evaluate("dev", s.step)
                     improved, stopped_early = self.evaluator.judge(dev, s.step)
-                    pruned = None if last or stopped_early else self.trial.prune(dev[self.cfg.task.metric], s.step)
+                    # Every evaluation goes to the study; the last, or one that stopped early, cannot be pruned
+                    pruned = self.trial.prune(dev[self.cfg.task.metric], s.step, may_stop=not (last or stopped_early))
                     if pruned:
                         self.metrics.say(f"pruned: {pruned}")
                     if (stopped_early or pruned) and not cadence.log_due(s.step, t.log_every, ends):
