@@ -254,8 +254,10 @@ def test_logits_beyond_the_fp32_tolerance_fail_the_export_and_leave_nothing(ship
 def test_a_ctrl_c_during_an_export_leaves_nothing_and_says_so(shipped, tmp_path):
     target = tmp_path / "interrupted"
     partial = target.with_name(target.name + ".partial")
+    # As from a terminal: a CI job may run in the background, where the shell starts everything with SIGINT ignored
     export = subprocess.Popen([DISTRAIN, "export", f"ckpt={shipped['run']}", f"output={target}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not partial.exists() and export.poll() is None and time.time() < deadline:
         time.sleep(0.05)
