@@ -7,7 +7,11 @@ max_metric_drop on dev (the folder is written, marked failed in onnx_export.json
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -36,9 +40,33 @@ def check(cfg: DictConfig) -> list[str]:
     return problems
 
 
+@contextmanager
+def ctrl_c_removes(partial: Path, target: Path):
+    """Ctrl-C while the export runs removes `partial` and exits 130 from the signal handler itself: a
+    KeyboardInterrupt raised inside torch.onnx's tracer comes back as its own error, or, raised in a Python callback
+    of its C++ code, as a segfault. A shell that ignores SIGINT (a background job) keeps it ignored."""
+
+    def stop(signum: int, frame: object) -> None:
+        shutil.rmtree(partial, ignore_errors=True)
+        print_error("export interrupted", f"nothing was written to {target}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @hydra.main(config_path="pkg://distrain.configs", config_name="export", version_base=None)
 def export_job(cfg: DictConfig) -> None:
-    from distrain.trainer.export.onnx import QuantizationLoss, default_output, export_onnx
+    from distrain.trainer.export.onnx import METADATA, default_output, export_onnx, partial_of, replace
     from distrain.trainer.inference.load import locate
 
     try:
@@ -53,18 +81,17 @@ def export_job(cfg: DictConfig) -> None:
             raise UserError(f"output: {target} exists; pass overwrite=true to replace it, or another output=DIR")
         console.print(f"[bold]distrain export[/] {weights.kind} {weights.path} -> {target} (onnx, {cfg.quantize})")
         say = lambda text: console.print(text, highlight=False)  # noqa: E731
-        try:
+        with ctrl_c_removes(partial_of(target), target):
             meta = export_onnx(weights, target, cfg.quantize, float(cfg.max_metric_drop), cfg.calibration_samples,
                                cfg.batch_size, float(cfg.fp32_tolerance), say, cfg.max_samples)  # fmt: skip
-        except QuantizationLoss as error:
-            print_error("export failed its check", str(error))
-            raise SystemExit(1) from None
-        except KeyboardInterrupt:  # the half-written folder is already removed
-            print_error("export interrupted", f"nothing was written to {target}")
-            raise SystemExit(130) from None
+        replace(partial_of(target), target)
     except UserError as error:
         print_error("cannot export", str(error))
         raise SystemExit(2) from None
+    if meta["status"] == "failed":
+        print_error("export failed its check", f"{meta['failure']}: {target} is written but marked failed in "
+                    f"{METADATA}; raise max_metric_drop to accept it, or ship quantize=none")  # fmt: skip
+        raise SystemExit(1)
     metric = meta["metric"]
     scores = ", ".join(f"{name} {values[metric]:.4f}" for name, values in meta["dev_metrics"].items())
     console.print(f"dev {metric}: {scores}", highlight=False)
