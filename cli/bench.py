@@ -142,7 +142,7 @@ def run_distrain(args: argparse.Namespace, run_dir: Path) -> dict:
             [str(BIN / "distrain"), "eval", f"ckpt={run_dir / 'export'}", "split=test"],
             run_dir.with_suffix(".eval.log"),
         )
-        report = json.loads((run_dir / run_files.EXPORT / "eval_test.json").read_text())
+        report = json.loads((run_dir / f"{run_files.EXPORT}_eval" / "eval_test.json").read_text())
         result["test_f1"], result["test_accuracy"] = report["f1"], report["accuracy"]
     return result
 

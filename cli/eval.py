@@ -18,7 +18,7 @@ from distrain.cli.compose import check_tool_command_line
 from distrain.cli.console import console, error_console, print_error
 from distrain.cli.validate import writable_problem
 from distrain.trainer.errors import UserError
-from distrain.trainer.inference.load import eval_report, failed_export, locate
+from distrain.trainer.inference.load import default_eval_output, eval_report, failed_export, locate
 from distrain.trainer.tasks import task_class
 
 
@@ -47,9 +47,9 @@ def eval_job(cfg: DictConfig) -> float:
         if warning := failed_export(weights):
             error_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         console.print(f"[bold]distrain eval[/] {weights.kind} {weights.path} on {cfg.split}")
-        output = Path(cfg.output).expanduser().resolve() if cfg.output else None
-        problem = writable_problem("output", str(output)) if output is not None else None
-        if problem:  # before the predictions, which take minutes on a large split
+        output = Path(cfg.output).expanduser().resolve() if cfg.output else default_eval_output(weights)
+        # before the predictions, which take minutes on a large split
+        if problem := writable_problem("output", str(output)):
             raise UserError(problem)
         report = eval_report(weights, cfg.split, cfg.batch_size, cfg.data_dir, output, cfg,
                              say=lambda message: console.print(message, highlight=False))  # fmt: skip

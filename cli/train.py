@@ -58,19 +58,23 @@ def refuse_incompatible_resume(cfg: DictConfig, run_dir: Path) -> None:
     """Before any worker starts: a `checkpoint.step` with no complete checkpoint, or a rerun whose settings would
     train the checkpoint on other batches (another global batch, seed or length grouping), is a config error naming
     the keys. The workers check the data itself."""
-    from distrain.trainer.checkpoint.store import latest_checkpoint, read_trainer_state, starting_checkpoint
+    from distrain.trainer.checkpoint.store import (
+        newest_readable_checkpoint,
+        readable_trainer_state,
+        starting_checkpoint,
+    )
     from distrain.trainer.parallel.dims import ParallelDims
     from distrain.trainer.train.batches import config_order, order_problems, reorder_message
 
     root = run_dir / run_files.CHECKPOINTS
     try:
-        checkpoint = starting_checkpoint(root, latest_checkpoint(root), cfg.checkpoint.step)
+        checkpoint = starting_checkpoint(root, newest_readable_checkpoint(root), cfg.checkpoint.step)
     except UserError as error:
         raise ConfigError([str(error)]) from None
     if checkpoint is None:
         return
     dims, _ = ParallelDims.resolve(cfg.parallel, cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
-    saved = read_trainer_state(checkpoint).get("data_order") or {}
+    saved = (readable_trainer_state(checkpoint) or {}).get("data_order") or {}
     problems = order_problems(saved, config_order(cfg, dims.dp)) if dims else []
     if problems:
         raise ConfigError([reorder_message(f"checkpoint {checkpoint}", problems, run_dir)])

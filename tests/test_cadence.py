@@ -22,15 +22,13 @@ def test_log_every_n_steps_and_whenever_the_invocation_ends():
     assert cadence.log_due(5, 0, ends=True) and not cadence.log_due(5, 0, ends=False)
 
 
-def test_eval_every_n_steps_at_epoch_ends_with_0_and_always_at_the_end_unless_preempted():
-    def evals(eval_every, steps_per_epoch, total=7, preempted=()):
-        return [s for s in range(1, total + 1)
-                if cadence.eval_due(s, eval_every, steps_per_epoch, total, s in preempted)]  # fmt: skip
+def test_eval_every_n_steps_at_epoch_ends_with_0_and_always_at_the_end():
+    def evals(eval_every, steps_per_epoch, total=7):
+        return [s for s in range(1, total + 1) if cadence.eval_due(s, eval_every, steps_per_epoch, total)]
 
     assert evals(2, 3) == [2, 4, 6, 7]
     assert evals(0, 3) == [3, 6, 7]
     assert evals(0, None) == [7]  # a stream has no epoch ends known in advance
-    assert evals(2, 3, preempted={4}) == [2, 6, 7]  # the time left goes to the checkpoint
 
 
 def test_save_every_n_steps_on_a_new_best_and_at_every_end():

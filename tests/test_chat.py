@@ -191,7 +191,7 @@ def test_train_eval_predict_a_tiny_chat_model(tmp_path, cache_dir):
 
     checkpoint = run / "checkpoints" / f"step_{STEPS}"
     run_distrain("eval", f"ckpt={checkpoint}", "split=dev", "max_new_tokens=8", "max_samples=16")  # the run's 16
-    report = json.loads((checkpoint / "eval_dev.json").read_text())
+    report = json.loads((checkpoint.with_name(f"step_{STEPS}_eval") / "eval_dev.json").read_text())
     # The loss is the one training measured on the same assistant tokens of the same dev conversations.
     assert report["loss"] == pytest.approx(dev["loss"], rel=1e-5) and report["tokens"] == dev["tokens"]
     assert report["answers"] == 16 and report["max_new_tokens"] == 8

@@ -198,7 +198,7 @@ def test_a_distilled_student_trains_exports_and_evaluates(bert_parity, tmp_path,
     assert isinstance(tagger("Paris is nice"), list)
     # a checkpoint of the student loads over the student's architecture (not the teacher's)
     run_distrain("eval", f"ckpt={run / 'checkpoints' / 'step_4'}", "split=dev", "max_samples=16")
-    assert json.loads((run / "checkpoints" / "step_4" / "eval_dev.json").read_text())["examples"] == 16
+    assert json.loads((run / "checkpoints" / "step_4_eval" / "eval_dev.json").read_text())["examples"] == 16
 
 
 def test_the_hidden_state_loss_compares_each_student_block_with_its_teacher_block(bert_parity):

@@ -213,7 +213,7 @@ def test_a_stopped_dpo_run_resumes_exactly_like_the_uninterrupted_one(tmp_path, 
     assert "reward accuracy" in report
     # The export's rewards, against the same rebuilt reference (not the export itself: loss log 2, margin 0), are
     # the run's last evaluation's
-    evaluated, last = json.loads((parts / "export" / "eval_dev.json").read_text()), eval_records(parts)[-1]
+    evaluated, last = json.loads((parts / "export_eval" / "eval_dev.json").read_text()), eval_records(parts)[-1]
     assert evaluated["reward_accuracy"] == pytest.approx(last["reward_accuracy"])
     assert evaluated["reward_margin"] == pytest.approx(last["reward_margin"], abs=1e-5) != 0
     assert evaluated["loss"] == pytest.approx(last["loss"], abs=1e-5)

@@ -72,7 +72,7 @@ def tagged(tmp_path_factory, cache_dir) -> dict:
 def eval_entities(run: Path) -> list[set]:
     """Each test sentence's predicted entities as `distrain eval` scored them, as (type, text, start, end) in the
     sentence's words joined by spaces, from its predictions_test.txt (`token gold predicted` lines)."""
-    blocks = (run / "export" / "predictions_test.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    blocks = (run / "export_eval" / "predictions_test.txt").read_text(encoding="utf-8").strip().split("\n\n")
     out = []
     for block in blocks:
         tokens, predicted = zip(*((row.split()[0], row.split()[2]) for row in block.splitlines()), strict=True)
@@ -111,7 +111,7 @@ def test_predict_offsets_point_into_the_raw_line(tagged):
 
 
 def test_eval_reports_the_raw_text_f1_beside_the_word_level_f1(tagged):
-    report = json.loads((tagged["run"] / "export" / "eval_test.json").read_text())
+    report = json.loads((tagged["run"] / "export_eval" / "eval_test.json").read_text())
     # predict's entities are eval's (the test above), so their F1 over exact spans is seqeval's F1.
     assert report["predict_f1"] == pytest.approx(report["f1"], abs=1e-12) and report["f1"] > 0.3
     assert report["pipeline_aggregation"] == "first"

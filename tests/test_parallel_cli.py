@@ -101,7 +101,7 @@ def test_a_checkpoint_reshards_through_every_strategy_and_world_size(bert_parity
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     # ... and the checkpoint FSDP wrote evaluates in one process like any other
     run_distrain("eval", f"ckpt={run / 'checkpoints' / 'step_4'}", "split=dev", "max_samples=16")
-    assert json.loads((run / "checkpoints" / "step_4" / "eval_dev.json").read_text())["examples"] == 16
+    assert json.loads((run / "checkpoints" / "step_4_eval" / "eval_dev.json").read_text())["examples"] == 16
 
 
 @pytest.mark.slow  # the default suite keeps one parity run per model family

@@ -29,7 +29,7 @@ def test_minilm_learns_entities_on_a_conll2003_subset(tmp_path, cache_dir):
     # The first 1,000 of the 3,453 test sentences: the whole split would add two minutes to CI, and eval taking
     # the whole split is tested on bundled data (test_onnx_export.py)
     run_distrain("eval", f"ckpt={run}", "split=test", "max_samples=1000")
-    report = json.loads((Path(run) / "export" / "eval_test.json").read_text())
+    report = json.loads((Path(run) / "export_eval" / "eval_test.json").read_text())
     assert report["examples"] == 1000
     assert set(report["classes"]) >= {"PER", "ORG", "LOC", "MISC"}
     assert report["f1"] > 0.5, report

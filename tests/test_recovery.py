@@ -169,23 +169,28 @@ def test_a_stop_file_a_preempt_signal_and_sigterm_each_checkpoint_and_the_reruns
 
 
 @pytest.mark.slow  # test_schedule sets a damaged checkpoint aside in process
-def test_a_garbled_complete_marker_is_damage_eval_refuses_it_and_a_rerun_resumes_before_it(
-    uninterrupted, tmp_path, cache_dir
+@pytest.mark.parametrize("garbled", ["COMPLETE", "trainer_state.json"])
+def test_a_garbled_marker_or_state_is_damage_eval_refuses_it_and_a_rerun_resumes_before_it(
+    garbled, uninterrupted, tmp_path, cache_dir
 ):
-    """A marker that records no digests proves nothing about the files beside it: treated as any other damage."""
+    """A marker that records no digests proves nothing about the files beside it, and an emptied trainer state
+    (read by the launcher's own checks before any worker starts) is a file that differs from its digest: each is
+    treated as any other damage."""
     run = tmp_path / "garbled"
     shutil.copytree(uninterrupted, run)
-    marker = run / "checkpoints" / f"step_{STEPS}" / "COMPLETE"
-    marker.write_text("garbage\n")
-    result = run_distrain("eval", f"ckpt={marker.parent}", "split=dev", check=False)
-    assert result.returncode == 2 and f"{marker} cannot be parsed" in result.stderr, result.stdout + result.stderr
+    path = run / "checkpoints" / f"step_{STEPS}" / garbled
+    content = "garbage\n" if garbled == "COMPLETE" else ""
+    path.write_text(content)
+    why = f"{path} cannot be parsed" if garbled == "COMPLETE" else f"{path} has 0 bytes"
+    result = run_distrain("eval", f"ckpt={path.parent}", "split=dev", check=False)
+    assert result.returncode == 2 and why in result.stderr, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
     rerun = run_distrain("train", *RUN, f"data.cache_dir={cache_dir}", f"run.dir={run}")
-    assert f"checkpoint step_{STEPS} skipped: {marker} cannot be parsed" in rerun.stdout, rerun.stdout
+    assert f"checkpoint step_{STEPS} skipped: {why}" in rerun.stdout, rerun.stdout
     assert f"renamed to step_{STEPS}.damaged for inspection" in rerun.stdout
     assert f"at step {STEPS - 10}" in rerun.stdout  # the previous checkpoint (train.save_every=10)
-    assert (run / "checkpoints" / f"step_{STEPS}.damaged" / "COMPLETE").read_text() == "garbage\n"
+    assert (run / "checkpoints" / f"step_{STEPS}.damaged" / garbled).read_text() == content
     assert_matches(run, uninterrupted)
 
 

@@ -201,6 +201,32 @@ def test_early_stopping_after_patience_evaluations_without_improvement(start, sc
     assert (run.run_dir / "export" / "model.safetensors").is_file()  # an early stop is a finished run
 
 
+@pytest.mark.parametrize("stop_at", [2, 4])
+def test_a_stop_request_at_a_due_evaluation_is_evaluated_first_by_the_resumed_run(start, stop_at):
+    """The stop's time goes to the checkpoint; the rerun evaluates that step before training on, so its best step,
+    early stopping and records are the uninterrupted run's (step 2 a new best, step 4 the early stop)."""
+    script = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.65, 5: 0.9}
+    settings = ("train.early_stopping_patience=2", "train.eval_every=1", "train.max_steps=10")
+    stopped = start(script, *settings)
+    step = stopped.trainer.stepper.run
+
+    def stop_after(micro_batches, number):  # a STOP file, as a user or the launcher writes it, during the step
+        if number == stop_at:
+            (stopped.run_dir / "STOP").touch()
+        return step(micro_batches, number)
+
+    stopped.trainer.stepper.run = stop_after
+    assert stopped.fit()["status"] == f"preempted at step {stop_at}"
+    assert stopped.eval_steps() == list(range(1, stop_at))
+    (stopped.run_dir / "STOP").unlink()  # as the launcher does before a rerun
+
+    result = start(script, *settings).fit()
+    assert result["status"] == "early stopped" and result["step"] == 4
+    assert (result["best_step"], result["best_metric"]) == (2, 0.7)
+    assert stopped.eval_steps() == [1, 2, 3, 4]  # each once
+    assert stopped.state(4)["evals_without_improvement"] == 2 and stopped.state(2)["best_step"] == 2
+
+
 # --- the export ----------------------------------------------------------------------------------------------------
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint, loaded as `distrain eval` loads them."""

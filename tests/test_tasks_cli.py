@@ -92,7 +92,7 @@ def test_eval_reports_the_task_metrics(task_runs, task):
     run = task_runs[task]
     # max_samples: the first 32, as the run's data.max_eval_samples=32 evaluated (eval takes the whole split)
     result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev", "max_samples=32")
-    report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    report = json.loads((run / "checkpoints" / f"step_{STEPS}_eval" / "eval_dev.json").read_text())
     # The same weights on the same dev samples (LM: the same masks): the numbers recorded in training at that step.
     (dev,) = [r for r in records(run) if r["kind"] == "eval" and r["step"] == STEPS]
     assert report["examples"] == 32
@@ -114,7 +114,7 @@ def test_eval_headlines_the_runs_task_metric(task_runs):
     run = task_runs["classify"]
     assert yaml.safe_load((run / "config.yaml").read_text())["task"]["metric"] == "macro_f1"
     result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev", "max_samples=32")
-    report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    report = json.loads((run / "checkpoints" / f"step_{STEPS}_eval" / "eval_dev.json").read_text())
     (dev,) = [r for r in records(run) if r["kind"] == "eval" and r["step"] == STEPS]
     assert report.get("metric") == "macro_f1", report
     assert report["macro_f1"] == pytest.approx(dev["macro_f1"], rel=1e-6)

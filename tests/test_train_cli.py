@@ -130,7 +130,7 @@ def test_eval_of_a_two_process_checkpoint_reports_what_training_measured(runs):
     # the first 16 dev samples, as the run's data.max_eval_samples=16 evaluated (eval takes the whole split)
     result = run_distrain("eval", f"ckpt={run / 'checkpoints' / f'step_{STEPS}'}", "split=dev", "max_samples=16")
     assert "entity F1" in result.stdout and "micro avg" in result.stdout and "token accuracy" in result.stdout
-    report = json.loads((run / "checkpoints" / f"step_{STEPS}" / "eval_dev.json").read_text())
+    report = json.loads((run / "checkpoints" / f"step_{STEPS}_eval" / "eval_dev.json").read_text())
     for key in ("f1", "precision", "recall", "accuracy", "loss"):
         assert report[key] == pytest.approx(dev_f1[key], rel=1e-5), key
     assert "loss " in result.stdout
@@ -144,12 +144,13 @@ def test_the_dev_loss_is_the_cross_entropy_per_target_of_what_ships(runs):
 
     export = runs["single_8"] / "export"
     run_distrain("eval", f"ckpt={export}", "split=dev", "batch_size=3", "max_samples=16")
-    report = json.loads((export / "eval_dev.json").read_text())
+    evaluated = export.with_name("export_eval")  # beside the export: its predictions must not ship in it
+    report = json.loads((evaluated / "eval_dev.json").read_text())
     model = AutoModelForTokenClassification.from_pretrained(export).eval()
     tokenizer = AutoTokenizer.from_pretrained(export)
     ids = model.config.label2id
     sentences = [[line.split(" ") for line in block.splitlines()]
-                 for block in (export / "predictions_dev.txt").read_text().strip().split("\n\n")]  # fmt: skip
+                 for block in (evaluated / "predictions_dev.txt").read_text().strip().split("\n\n")]  # fmt: skip
     total, targets = 0.0, 0
     for sentence in sentences:
         words, tags = [w for w, _, _ in sentence], [g for _, g, _ in sentence]
@@ -171,12 +172,13 @@ def test_the_dev_loss_is_the_cross_entropy_per_target_of_what_ships(runs):
 def test_eval_on_the_test_split_agrees_with_seqeval_on_its_predictions(runs):
     export = runs["single_8"] / "export"
     said = run_distrain("eval", f"ckpt={export}", "split=test").stdout
-    report = json.loads((export / "eval_test.json").read_text())
+    report = json.loads((export.with_name("export_eval") / "eval_test.json").read_text())
+    assert not list(export.glob("*_test.*")), "the test split's predictions went into the folder that ships"
     # its phases, each as it starts and with its time as it ends
     assert f"predicting {report['examples']:,} test examples in batches of " in said, said
     assert said.count("  done in ") == 2 and "scoring the raw-text path (ner" in said, said
     gold, pred, g, p = [], [], [], []
-    for line in (export / "predictions_test.txt").read_text().splitlines() + [""]:
+    for line in (export.with_name("export_eval") / "predictions_test.txt").read_text().splitlines() + [""]:
         if line:
             _, gt, pt = line.split(" ")
             g.append(gt)
@@ -370,7 +372,7 @@ def test_relative_model_paths_mean_the_same_from_another_directory(tmp_path, cac
     checkpoint = project / "runs" / "relative" / "checkpoints" / "step_2"
     result = run_distrain("eval", f"ckpt={checkpoint}", "split=dev", "max_samples=16", cwd=elsewhere)
     assert "entity F1" in result.stdout
-    assert json.loads((checkpoint / "eval_dev.json").read_text())["examples"] == 16
+    assert json.loads((checkpoint.with_name("step_2_eval") / "eval_dev.json").read_text())["examples"] == 16
     # Another run's weights named relatively (a warm start): stored absolute, so a requeue from elsewhere finds them.
     run_distrain("train", "+debug=tiny", "model=minilm", "model.name_or_path=models/tiny", "model.cache_dir=cache",
                  "train.max_steps=1", "data.max_eval_samples=16", f"data.cache_dir={cache_dir}",

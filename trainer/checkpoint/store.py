@@ -234,7 +234,7 @@ def starting_checkpoint(root: Path, latest: Path | None, wanted: int | None) -> 
     and was stopped: resume where that left off). UserError when step `wanted` has no complete checkpoint."""
     if wanted is None:
         return latest
-    if latest is not None and read_trainer_state(latest).get("restarted_from") == wanted:
+    if latest is not None and (readable_trainer_state(latest) or {}).get("restarted_from") == wanted:
         return latest
     folder = root / f"step_{wanted}"
     if not (folder / MARKER).is_file():
@@ -253,6 +253,21 @@ def is_checkpoint(path: Path) -> bool:
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
+
+
+def readable_trainer_state(path: Path) -> dict[str, Any] | None:
+    """The launcher's look at a checkpoint before the workers verify it: None when its state cannot be read (the
+    workers then find the damage and set the checkpoint aside)."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def newest_readable_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint whose trainer state reads: where the workers will most likely resume."""
+    return next((f for _, f in reversed(complete_checkpoints(root)) if readable_trainer_state(f) is not None), None)
 
 
 # --- save / load -----------------------------------------------------------------------------------------------

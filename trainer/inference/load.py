@@ -186,16 +186,22 @@ def runtime(weights: Weights, cfg: DictConfig) -> dict[str, str]:
     return {"runtime": "torch", "runtime_precision": str(cfg.precision.name)}
 
 
+def default_eval_output(weights: Weights) -> Path:
+    """Beside the evaluated folder, never in it: an export folder is what gets uploaded, and a test split's
+    predictions (CoNLL-2003's words with their gold tags) must not ship with it."""
+    return weights.path.with_name(weights.path.name + "_eval")
+
+
 def eval_report(
     weights: Weights,
     split: str,
     batch_size: int | None,
     data_dir: str | None,
-    output: Path | None,
+    output: Path,
     options: DictConfig,
     say: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file.
+    """Evaluate on one split in this process; write eval_<split>.json and the task's predictions file into `output`.
     `options`: eval's settings of the task's raw-text scores (Task.raw_text_report); `say`: each phase as it starts
     and its seconds as it ends (a large split takes minutes)."""
     cfg, env, tokenizer, task, model = load_for_inference(weights)
@@ -237,9 +243,8 @@ def eval_report(
     # metric: the run's task.metric (what it picked its best checkpoint by), not the task's first metric.
     report.update({"task": str(task.name), "metric": str(cfg.task.metric), "split": split, "examples": len(dataset),
                    "weights": str(weights.path), **runtime(weights, cfg)})  # fmt: skip
-    out_dir = output or weights.path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"eval_{split}.json").write_text(strict_json.dumps(report, indent=1))
-    written = task.write_predictions(predictions, dataset, out_dir / f"predictions_{split}.txt")
-    report["files"] = [str(out_dir / f"eval_{split}.json"), *([str(written)] if written else [])]
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"eval_{split}.json").write_text(strict_json.dumps(report, indent=1))
+    written = task.write_predictions(predictions, dataset, output / f"predictions_{split}.txt")
+    report["files"] = [str(output / f"eval_{split}.json"), *([str(written)] if written else [])]
     return report

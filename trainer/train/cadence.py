@@ -19,11 +19,10 @@ def log_due(step: int, log_every: int, ends: bool) -> bool:
     return every(step, log_every) or ends
 
 
-def eval_due(step: int, eval_every: int, steps_per_epoch: int | None, total_steps: int, preempted: bool) -> bool:
+def eval_due(step: int, eval_every: int, steps_per_epoch: int | None, total_steps: int) -> bool:
     """Every eval_every steps; with eval_every=0 at each epoch's end (map-style data: a stream has no epochs known
-    in advance); always at the run's last step. Not when preempted: the time left is for the checkpoint."""
-    if preempted:
-        return False
+    in advance); always at the run's last step. A stop request defers it to the resumed run (TrainState.eval_owed):
+    the time left is for the checkpoint."""
     epoch_end = steps_per_epoch is not None and step % steps_per_epoch == 0
     return every(step, eval_every) or (eval_every == 0 and epoch_end) or step == total_steps
 

@@ -107,8 +107,13 @@ class Trainer:
         if t.eval_at_start and s.step == 0:
             self.evaluator.evaluate("dev", 0)  # the baseline, recorded at step 0; never a best checkpoint
         try:
+            if s.eval_owed:  # the stopped invocation's due evaluation, on the same weights, as it would have run
+                s.eval_owed = False
+                improved, stopped_early, pruned = self._evaluate(last=False, log_train=False)
+                if improved or stopped_early or pruned:  # the checkpoint of this step, with the evaluator's news
+                    self.checkpoints.save(s.step)
             steps = self.batches.batches(s.step)
-            while s.step < stop_at:
+            while s.step < stop_at and not (stopped_early or pruned):
                 self.profiler.before_step(s.step + 1)
                 tick = time.perf_counter()
                 mark("data", s.step + 1)
@@ -132,16 +137,12 @@ class Trainer:
                 if cadence.log_due(s.step, t.log_every, ends):
                     self.metrics.log_train(self.epoch, self.batches.samples_by_source(s.step))
                 improved = False
-                if cadence.eval_due(s.step, t.eval_every, self.batches.steps_per_epoch, self.total_steps, preempted):
-                    dev = self.evaluator.evaluate("dev", s.step)
-                    improved, stopped_early = self.evaluator.judge(dev, s.step)
-                    # Every evaluation goes to the study; the last, or one that stopped early, cannot be pruned
-                    pruned = self.trial.prune(dev[self.cfg.task.metric], s.step, may_stop=not (last or stopped_early))
-                    if pruned:
-                        self.metrics.say(f"pruned: {pruned}")
-                    if (stopped_early or pruned) and not cadence.log_due(s.step, t.log_every, ends):
-                        # the run ends here too: its last steps get their train record (and count in the summary)
-                        self.metrics.log_train(self.epoch, self.batches.samples_by_source(s.step))
+                due = cadence.eval_due(s.step, t.eval_every, self.batches.steps_per_epoch, self.total_steps)
+                if due and preempted:
+                    s.eval_owed = True
+                elif due:
+                    log_train = not cadence.log_due(s.step, t.log_every, ends)
+                    improved, stopped_early, pruned = self._evaluate(last, log_train)
                 # A pruned trial ends with a checkpoint, like a stop request: its run dir resumes and exports.
                 if cadence.save_due(s.step, t.save_every, improved, ends or stopped_early or bool(pruned)):
                     self.checkpoints.save(s.step)
@@ -157,6 +158,20 @@ class Trainer:
         finally:
             self.metrics.stop_progress()
         return self._finish(started, self._status(stopped_early, preempted, diverged, pruned), diverged, pruned)
+
+    def _evaluate(self, last: bool, log_train: bool) -> tuple[bool, bool, str | None]:
+        """Dev evaluation at this step: (a new best, early stopping says stop, the study's pruner says why to stop).
+        `log_train`: give the steps since the last train record theirs when the run ends here."""
+        step = self.state.step
+        dev = self.evaluator.evaluate("dev", step)
+        improved, stopped_early = self.evaluator.judge(dev, step)
+        # Every evaluation goes to the study; the last, or one that stopped early, cannot be pruned
+        pruned = self.trial.prune(dev[self.cfg.task.metric], step, may_stop=not (last or stopped_early))
+        if pruned:
+            self.metrics.say(f"pruned: {pruned}")
+        if (stopped_early or pruned) and log_train:  # their steps count in the summary
+            self.metrics.log_train(self.epoch, self.batches.samples_by_source(step))
+        return improved, stopped_early, pruned
 
     def _status(self, stopped_early: bool, preempted: bool, diverged: Diverged | None, pruned: str | None) -> str:
         step = self.state.step
