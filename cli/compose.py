@@ -250,6 +250,9 @@ def _tool_help(command: str, source: str) -> str:
 
 # Keys of eval, predict and export that are null or a count
 COUNTS = ("batch_size", "calibration_samples", "max_new_tokens", "max_samples")
+# Keys that are null or one of these: transformers.pipeline's strategies that group sub-words into entities (its
+# "none" returns sub-words, which pipeline_f1 cannot score)
+CHOICES = {"aggregation": ("simple", "first", "average", "max")}
 
 
 def check_tool_command_line(command: str, args: list[str]) -> None:
@@ -286,6 +289,8 @@ def check_tool_command_line(command: str, args: list[str]) -> None:
         value, default = override.value(), defaults._get_node(key)._value()
         if key in COUNTS:
             expected, fits = "an integer > 0", type(value) is int and value > 0 or value is None
+        elif key in CHOICES:
+            expected, fits = f"one of {', '.join(CHOICES[key])}", value is None or value in CHOICES[key]
         elif isinstance(default, str) or default is None:
             continue
         else:

@@ -49,8 +49,17 @@ def parse_strategy(spec: str, nproc: int) -> tuple[str, int, int | None, int | N
     return name, nproc, None, None
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path) -> dict[int, float | None]:
+    """Each step's train loss; None where it was not finite (a skipped step: strict JSON writes null)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / run_files.METRICS) if r["kind"] == "train"}
+
+
+def gap(mine: float | None, reference: float | None) -> float:
+    """|mine - reference|: 0 where both steps were non-finite (the same skip), infinite where one alone was or
+    the step is missing."""
+    if mine is None or reference is None:
+        return 0.0 if mine is None and reference is None else float("inf")
+    return abs(mine - reference)
 
 
 def main() -> None:
@@ -116,7 +125,7 @@ def main() -> None:
     report = {}
     for spec, (run_dir, layout) in runs.items():
         mine = losses(run_dir)
-        diffs = [abs(mine.get(step, float("inf")) - loss) for step, loss in sorted(reference.items())]
+        diffs = [gap(mine[step], loss) if step in mine else float("inf") for step, loss in sorted(reference.items())]
         worst = max(worst, max(diffs))
         ok = max(diffs) <= own["tolerance"]
         report[spec] = {"max_abs_diff": max(diffs), "per_step": diffs, "run_dir": str(run_dir)}
@@ -124,6 +133,10 @@ def main() -> None:
         steps = " ".join(f"{d:.0e}" for d in diffs) if len(diffs) <= 10 else f"largest at step {worst_step}"
         table.add_row(spec, layout, f"{max(diffs):.2e}", steps, "[green]yes" if ok else "[red]NO")
     console.print(table)
+    if skipped := [step for step, loss in sorted(reference.items()) if loss is None]:
+        console.print(f"[yellow]warning:[/] the loss of step(s) {', '.join(map(str, skipped))} was not finite in "
+                      f"{reference_name} (the step was skipped); a strategy agrees there only when it skipped it too. "
+                      "Lower optim.lr for a run whose losses can be compared", highlight=False)  # fmt: skip
     (out / "parity.json").write_text(strict_json.dumps({"reference": reference_name, "tolerance": own["tolerance"],
                                                   "strategies": report}, indent=1))  # fmt: skip
     console.print(f"runs and parity.json in {out}")

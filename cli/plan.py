@@ -24,7 +24,7 @@ from rich.table import Table
 
 from distrain.cli.compose import compose_train, split_args
 from distrain.cli.console import console, print_error
-from distrain.cli.validate import validate
+from distrain.cli.validate import validate, writable_file_problem
 from distrain.trainer import strict_json
 from distrain.trainer.errors import ConfigError
 from distrain.trainer.model import adapters
@@ -86,6 +86,9 @@ def layouts(cfg: DictConfig, world: int) -> list[tuple[str, DictConfig]]:
 
 def main() -> None:
     own, overrides = split_args(sys.argv[1:], OWN, __doc__)
+    if own["output"] and (problem := writable_file_problem("output", own["output"])):
+        print_error("cannot plan", problem)
+        raise SystemExit(2)
     cfg = compose_train(overrides)
     problems: list[str] = []
     try:

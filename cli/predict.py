@@ -7,7 +7,6 @@ for masked LMs. Empty input lines give `{"input": "", "skipped": "empty line"}`,
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformers import pipeline
 
 from distrain.cli.compose import check_tool_command_line
 from distrain.cli.console import error_console, print_error
+from distrain.cli.validate import writable_file_problem
 from distrain.trainer import strict_json
 from distrain.trainer.errors import UserError
 from distrain.trainer.inference.load import failed_export, load_for_inference, locate
@@ -41,29 +41,14 @@ def read_lines(source: str) -> list[str]:
                         "e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
 
 
-def output_problem(output: str) -> str | None:
-    """Why `output` (a file, or - for standard output) cannot be written, before any prediction is made."""
-    if output == "-":
-        return None
-    path = Path(output).expanduser().absolute()
-    if path.is_dir():
-        return f"output: {path} is a folder; expected a file path (or - for standard output)"
-    if not path.parent.is_dir():
-        return f"output: the folder {path.parent} does not exist"
-    if not os.access(path.parent, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
-        return f"output: {path} cannot be written by this user"
-    return None
-
-
 @hydra.main(config_path="pkg://distrain.configs", config_name="predict", version_base=None)
 def predict_job(cfg: DictConfig) -> None:
     try:
         weights = locate(Path(cfg.ckpt).expanduser().resolve())
         if warning := failed_export(weights):
             error_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-        problem = output_problem(cfg.output)
-        if problem:
-            raise UserError(problem)
+        if cfg.output != "-" and (problem := writable_file_problem("output", cfg.output)):
+            raise UserError(f"{problem} (or - for standard output)")
         lines = read_lines(cfg.input)
         _, env, tokenizer, task, model = load_for_inference(weights)
         for number, line in enumerate(lines, start=1):

@@ -231,6 +231,25 @@ def writable_problem(key: str, value: str) -> str | None:
     return None
 
 
+def writable_file_problem(key: str, value: str) -> str | None:
+    """A message when the file `value` cannot be written (it is a folder, its folder is missing, or opening it
+    fails: really opened, without truncating it, as os.access says yes to root where nothing can be written)."""
+    path = resolve_path(value).absolute()
+    if path.is_dir():
+        return f"{key}: {path} is a folder; expected a file path"
+    if not path.parent.is_dir():
+        return f"{key}: the folder {path.parent} does not exist"
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        return f"{key}: {path} cannot be written by this user ({error.strerror or error})"
+    if not existed:
+        path.unlink()
+    return None
+
+
 def _path_problems(cfg: DictConfig) -> list[str]:
     problems = [
         writable_problem(key, OmegaConf.select(cfg, key)) for key in ("run.dir", "data.cache_dir", "model.cache_dir")

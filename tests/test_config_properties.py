@@ -11,6 +11,7 @@ processes check the same from the shell.
 from __future__ import annotations
 
 import enum
+import json
 import typing
 from collections import Counter
 
@@ -194,6 +195,19 @@ def test_parity_checks_every_strategy_before_the_first_trains(tmp_path):
 
 
 @pytest.mark.slow
+def test_parity_compares_runs_whose_losses_went_non_finite(tmp_path):
+    """Skipped steps (a null loss in metrics.jsonl) agree only with skipped steps: no traceback, and a warning."""
+    out = tmp_path / "p"
+    result = run_distrain("parity", *TINY, "strategies=[single,ddp]", "optim.lr=1e6", "train.max_nonfinite_steps=10",
+                          "steps=3", f"out={out}", check=False)  # fmt: skip
+    said = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "the loss of step(s) 2, 3 was not finite in single" in said, said
+    report = json.loads((out / "parity.json").read_text())["strategies"]["ddp"]
+    assert report["per_step"][1:] == [0.0, 0.0] and report["max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["parity", "plan"])
 def test_parity_and_plan_suggest_the_nearest_key(command):
     result = run_distrain(command, *TINY, "optim.lrr=1e-4", check=False)
@@ -208,6 +222,8 @@ def test_parity_and_plan_suggest_the_nearest_key(command):
         ("eval", ["ckpt=X", "+splt=dev"], "splt: no such key of distrain eval; did you mean split?"),  # not taken
         ("eval", ["split=dev"], "ckpt: required (distrain eval ckpt=...)"),
         ("eval", ["ckpt=X", "batch_size=0"], "batch_size=0: expected an integer > 0 (default null)"),
+        ("eval", ["ckpt=X", "aggregation=frist"], "aggregation=frist: expected one of simple, first, average, max "
+                                                  "(default null)"),
         ("export", ["ckpt=X", "quantise=int8"], "quantise: no such key of distrain export; did you mean quantize?"),
         ("export", ["ckpt=X", "overwrite=yes"], "overwrite=yes: expected bool (default false)"),
         ("predict", ["ckpt=X", "top_k=2.5"], "top_k=2.5: expected int (default 50)"),

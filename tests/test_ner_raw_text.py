@@ -136,6 +136,10 @@ def test_input_that_is_not_utf8_and_an_output_that_cannot_be_written_are_named_b
     result = run_distrain("predict", f"ckpt={tagged['run']}", f"input={latin1}",
                           f"output={tmp_path / 'missing' / 'out.jsonl'}", check=False)  # fmt: skip
     assert result.returncode == 2 and f"output: the folder {tmp_path / 'missing'} does not exist" in result.stderr
+    # a folder where even root cannot create a file (os.access says yes to root there)
+    result = run_distrain("predict", f"ckpt={tagged['run']}", f"input={latin1}", "output=/proc/out.jsonl", check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "output: /proc/out.jsonl cannot be written by this user" in said, said
     result = run_distrain("eval", f"ckpt={tagged['run']}", "split=dev", f"output={latin1}", check=False)
     said = " ".join(result.stderr.split())
     assert result.returncode == 2 and f"output: expected a folder, {latin1} is a file" in said, said

@@ -154,6 +154,16 @@ def test_plan_flags_layouts_that_cannot_work(tmp_path):
     assert "cannot work" in result.stdout
 
 
+def test_plan_refuses_an_output_it_cannot_write_before_planning(tmp_path):
+    missing = tmp_path / "none"
+    for output, expected in ((missing / "plan.json", f"output: the folder {missing} does not exist"),
+                             (tmp_path, f"output: {tmp_path} is a folder; expected a file path")):  # fmt: skip
+        result = run_distrain("plan", "model=bert_tiny", f"output={output}", check=False)
+        said = " ".join(result.stderr.split())
+        assert result.returncode == 2 and expected in said and "Traceback" not in said, said
+        assert "planned" not in result.stdout.lower() and list(tmp_path.iterdir()) == []
+
+
 def test_plan_without_readable_data_still_plans_and_says_so(tmp_path):
     # The README's own example with its data missing: the plan is printed (exit 0), flagged, without reading data.
     out = tmp_path / "plan.json"
