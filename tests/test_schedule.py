@@ -415,6 +415,19 @@ def test_a_rewind_with_another_lr_trains_at_it_on_the_same_schedule(start, capsy
     assert "optimizer's settings" not in capsys.readouterr().out
 
 
+def test_a_run_extended_by_max_steps_says_its_lr_now_follows_the_longer_schedule(start, capsys):
+    overrides = ("train.save_every=2", "train.eval_every=100", "optim.lr=1e-3", "optim.warmup_ratio=0")
+    assert start(every_step(4), "train.max_steps=4", *overrides).fit()["status"] == "finished"
+    capsys.readouterr()
+    longer = start(every_step(8), "train.max_steps=8", *overrides)
+    assert longer.fit()["status"] == "finished"
+    said = " ".join(capsys.readouterr().out.split())
+    # linear decay to 0: the lr of step 5 is 1e-3 x 4/8 on 8 steps, 0 on the finished 4-step schedule
+    assert ("the learning-rate schedule spans 8 steps now, the checkpoint's 4 (train.max_steps or train.epochs "
+            "changed): the lr of step 5 is 0.0005 on it, 0 on the checkpoint's") in said, said  # fmt: skip
+    assert {r["step"]: r["lr"] for r in longer.records("train")}[5] == pytest.approx(5e-4)
+
+
 def model_weights(run: Run) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in run.trainer.model.state_dict().items()}
 

@@ -142,6 +142,9 @@ class CheckpointManager:
         if changed:
             self._say(f"the optimizer's settings are this run's config from step {state['step']} on, not the "
                       f"checkpoint's: {', '.join(changed)}")  # fmt: skip
+        for part in self.parts.values():  # what a part had to change on this resume (the schedule's length)
+            if notice := getattr(part, "notice", None):
+                self._say(notice)
         return state["step"]
 
     def _restore_rank_tensors(self, path: Path, state: dict[str, Any]) -> None:

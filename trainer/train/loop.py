@@ -69,7 +69,7 @@ class Trainer:
             "train": self.state,
             "evaluator": self.evaluator,
             "batches": self.batches,
-            "scheduler": ScheduleState(self.scheduler),
+            "scheduler": ScheduleState(self.scheduler, self.total_steps),
             "grad_scaler": Wrapped("grad_scaler", self.stepper.scaler),
             "comm": self.comm,  # PowerSGD's iteration; its error feedback and factors per rank (tensors())
             "sync": self.sync,  # local SGD / DiLoCo: each rank's own weights and optimizer state, the anchor
