@@ -31,6 +31,8 @@ from distrain.trainer.config import run_files
 from distrain.trainer.observe.reporting import read_metrics
 from distrain.trainer.tasks import task_class
 
+JOB_KEYS = ("run.", "sweep.", "launcher.rdzv_id", "launcher.rdzv_endpoint")
+
 
 def run_dirs(folder: Path) -> list[Path]:
     """The run dir `folder`, or its sub-folders that are run dirs or a sweep's jobs refused before they started
@@ -348,11 +350,10 @@ def main() -> None:
     metric, task = trained[0]["metric"], trained[0]["task"]
     best_first = task.best_first(metric)
     rows.sort(key=lambda r: (r["task"] is None, r["value"] is None, best_first(r["value"] or 0)))
-    # Show only what differs between runs (in a sweep: the swept keys).
+    # Show only what differs between runs (in a sweep: the swept keys), not where or as which job each ran (a SLURM
+    # job's rendezvous id and endpoint, from train.sbatch)
     seen = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in rows]
-    keys = sorted(
-        {k for s in seen for k in s if len({s2.get(k) for s2 in seen}) > 1 and not k.startswith(("run.", "sweep."))}
-    )
+    keys = sorted({k for s in seen for k in s if len({s2.get(k) for s2 in seen}) > 1 and not k.startswith(JOB_KEYS)})
     direction = task.direction(metric)
     console.print(f"runs in {folder}", highlight=False)
     table = Table(title=f"{len(rows)} runs ranked by dev {metric} ({direction})")

@@ -82,11 +82,14 @@ def test_report_draws_the_run_and_a_sweep_of_runs(profiled, tmp_path):
     sweep = tmp_path / "sweep"
     for n, lr in enumerate(("1e-3", "5e-4")):
         shutil.copytree(run, sweep / str(n), ignore=shutil.ignore_patterns("checkpoints", "export", "profile"))
-        (sweep / str(n) / "overrides.yaml").write_text(f"- optim.lr={lr}\n")
+        # as scripts/slurm/train.sbatch runs them: each its own SLURM job's rendezvous, which is not a setting
+        (sweep / str(n) / "overrides.yaml").write_text(f"- optim.lr={lr}\n- launcher.rdzv_id={100 + n}\n"
+                                                       f"- launcher.rdzv_endpoint=node{n}:29500\n")  # fmt: skip
     out = run_distrain("report", str(sweep)).stdout.replace("\n", "")
     for name in ("curves.png", "optim.lr.png"):
         assert f"wrote {sweep / 'report' / name}" in out
         assert imread(sweep / "report" / name).ndim == 3
+    assert "rdzv" not in out and not list((sweep / "report").glob("launcher.*"))
 
 
 # --- resume safety of the trackers, in-process on the real libraries -----------------------------------------------

@@ -109,7 +109,8 @@ case "${1:-}" in
   stop)
     scancel --quiet --user="$(id -un)" 2>/dev/null || true
     stop_daemons
-    echo "SLURM stopped (state kept in $STATE)"
+    pkill -x munged 2>/dev/null || true  # started by `start` (this machine has no other user of munge)
+    echo "SLURM and munge stopped (state kept in $STATE)"
     ;;
   status)
     sinfo && squeue
