@@ -461,6 +461,27 @@ def test_a_full_disk_removes_the_partial_checkpoint_and_stops_with_the_path_and_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_disk_that_fills_between_checkpoints_stops_the_run_saying_where_and_how_to_resume(tmp_path, cache_dir):
+    """Another process fills the run's disk during training: its next record cannot be written. The run stops
+    naming the folder and the way on, without a traceback; once there is room, the rerun resumes."""
+    run = tmp_path / "filled"
+    run.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(run)], check=True)
+    try:
+        process = start(run, cache_dir, "train.save_every=1000")
+        wait_for(lambda: max(steps_logged(run), default=0) >= 3, "step 3", process)
+        subprocess.run(["dd", "if=/dev/zero", f"of={run / 'filler'}", "bs=64k"], capture_output=True)
+        output, _ = process.communicate(timeout=180)
+        said = " ".join(output.split())
+        assert process.returncode == 1 and "Traceback" not in said, output
+        assert f"the disk holding {run} is full" in said, output
+        assert "Free space, then rerun the same command to resume from the start" in said, output
+    finally:
+        subprocess.run(["umount", str(run)], check=True)
+
+
+@pytest.mark.slow
 def test_without_a_relaunch_the_surviving_node_stops_in_bounded_time_naming_the_missing_host(tmp_path, cache_dir):
     run, endpoint = tmp_path / "lost", f"127.0.0.1:{free_port()}"
     first = two_node_launch(run, cache_dir, endpoint, "launcher.join_timeout_s=20")

@@ -21,3 +21,8 @@ class DataError(UserError, ValueError):
 
 class Diverged(UserError):
     """Training produced non-finite losses, gradients or weights; the message names the step and the values."""
+
+
+class DiskFull(UserError):
+    """A write of the run (its records, logs or trackers) found the disk full; the message says where and how to
+    resume."""

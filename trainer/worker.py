@@ -13,13 +13,16 @@ import time
 
 STARTED = time.perf_counter()  # before the heavy imports below (forked: already done): start-up phases count from here
 
+import errno
 import faulthandler
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler, 
 from distrain.trainer import strict_json
 from distrain.trainer.config import run_files
 from distrain.trainer.config.schema import Precision, load_run_config
-from distrain.trainer.errors import ConfigError, Diverged, UserError
+from distrain.trainer.errors import ConfigError, DiskFull, Diverged, UserError
 from distrain.trainer.exit import exit_now
 from distrain.trainer.model import adapters
 from distrain.trainer.model.build import build_model, model_source
@@ -86,6 +89,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
                                        os.uname().nodename, attempt, how, torch.get_num_threads())  # fmt: skip
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    threading.excepthook = log_thread_failure
+    logging.raiseExceptions = False  # a log file on a full disk: no "Logging error" traceback for each record
     transformers.utils.logging.disable_default_handler()  # its records reach our handlers instead
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" for a single file
@@ -216,7 +221,11 @@ def main() -> None:
         except RuntimeError as error:
             fail_if_collective_failed(error)  # exits with the diagnosis when it is one
             raise
-        except UserError as error:
+        except (UserError, OSError) as error:
+            if isinstance(error, OSError):
+                if error.errno != errno.ENOSPC:
+                    raise
+                error = disk_full(run_dir, error)
             # Bad data or settings: the message names the file:line or key; a traceback would bury it.
             # The launcher reports it on the console (from the error file); the rank's log keeps it too.
             logging.getLogger("distrain").error("%s: %s", type(error).__name__, error, extra={"file_only": True})
@@ -224,6 +233,29 @@ def main() -> None:
             raise SystemExit(1) from None
         finally:
             watchdog.stop()
+
+
+def log_thread_failure(args: threading.ExceptHookArgs) -> None:
+    """A library's background thread that dies (tensorboard's event writer on a full disk): one line on the console,
+    the traceback in the rank's log; the loop's own writes then report the cause."""
+    log = logging.getLogger("distrain")
+    name = getattr(args.thread, "name", "?")
+    log.warning("background thread %s stopped: %s: %s", name, args.exc_type.__name__, args.exc_value)
+    # the traceback in the log file only: below the console handler's level
+    log.info("its traceback:", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def disk_full(run_dir: Path, error: OSError) -> DiskFull:
+    """A full disk outside a checkpoint's write (which reports its own): where, and how to go on."""
+    from distrain.trainer.checkpoint.store import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / run_files.CHECKPOINTS)
+    writing = f" writing {error.filename}" if error.filename else ""
+    return DiskFull(
+        f"the disk holding {run_dir} is full ({shutil.disk_usage(run_dir).free / 1e6:.1f} MB free): "
+        f"{error.strerror}{writing}. Free space, then rerun the same command to resume from "
+        f"{latest or 'the start (no checkpoint was written yet)'}"
+    )
 
 
 def forked() -> bool:

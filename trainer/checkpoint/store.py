@@ -355,10 +355,12 @@ class Checkpointer:
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)
         self.env.barrier()
-        needed = sum(self.env.all_gather_ints(needed))  # tensor bytes (replicas counted once per rank)
+        needed = sum(self.env.all_gather_ints(needed))  # tensor bytes; DCP writes a replica once, this counts each
         previous = self.latest()
         if previous is not None:  # what a checkpoint of this run takes on disk, exactly
             needed = sum(f.stat().st_size for f in previous.iterdir() if f.is_file())
+        size = f"about {needed / 1e6:.1f} MB" if previous else f"at most {needed / 1e6:.1f} MB"
+        kept = "the previous checkpoints kept" if previous else "no checkpoint of this run was written yet"
         free = shutil.disk_usage(self.root).free
         root = _root_cause(error) if error else None
         cause = f"{type(root).__name__}: {root}" if root else "another rank's write failed (see its log)"
@@ -366,9 +368,9 @@ class Checkpointer:
             # torch.save's zip writer reports a full disk as "unexpected pos ..." (a RuntimeError), not ENOSPC
             cause = f"No space left on the device ({cause})"
         raise CheckpointWriteFailed(
-            f"writing checkpoint {partial} failed: {cause}. It needs about {needed / 1e6:.1f} MB "
-            f"({free / 1e6:.1f} MB free in {self.root}); the partial folder was removed and the previous "
-            "checkpoints kept. Free space (or fix the permissions), then rerun the same command to resume"
+            f"writing checkpoint {partial} failed: {cause}. It needs {size} ({free / 1e6:.1f} MB free in "
+            f"{self.root}); the partial folder was removed, {kept}. Free space (or fix the permissions), then rerun "
+            "the same command to resume"
         )
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
