@@ -137,13 +137,8 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
     except SignalException as error:
         # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
         if len(interrupts) > 1:
-            from distrain.trainer.checkpoint.store import latest_checkpoint
-
-            latest = latest_checkpoint(run_dir / run_files.CHECKPOINTS)
-            raise TrainingFailed(
-                f"aborted by a second Ctrl-C: the workers were killed. Rerun the same command (run.dir={run_dir}) "
-                f"to resume from {latest or 'the start: no checkpoint was written yet'}"
-            ) from None
+            message = f"aborted by a second Ctrl-C: the workers were killed. {resume_hint(run_dir)}"
+            raise TrainingFailed(message) from None
         if not _preempted(run_dir):
             raise TrainingFailed(f"stopped by {error.sigval.name} before a checkpoint was written") from None
     except ChildFailedError as error:
@@ -156,6 +151,8 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
         for rank, failure in sorted(error.failures.items()):
             if rank != first_rank:
                 lines.append(f"rank {rank} exited too (code {failure.exitcode}): {run_files.rank_log(run_dir, rank)}")
+        if first.exitcode < 0:  # killed by a signal (the OOM killer, kill -9): the work up to a checkpoint is kept
+            lines.append(resume_hint(run_dir))
         lines.append(f"logs: {run_dir / run_files.LOGS}")
         raise TrainingFailed("\n".join(lines)) from None
     finally:
@@ -169,6 +166,14 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
                 os.environ[name] = value
     if _preempted(run_dir):
         _after_preemption(launcher, run_dir, interrupted=bool(interrupts))
+
+
+def resume_hint(run_dir: Path) -> str:
+    from distrain.trainer.checkpoint.store import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir / run_files.CHECKPOINTS)
+    return (f"Rerun the same command (run.dir={run_dir}) to resume from "
+            f"{latest or 'the start: no checkpoint was written yet'}")  # fmt: skip
 
 
 def _missing_nodes(launcher: DictConfig, run_dir: Path) -> str:

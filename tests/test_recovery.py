@@ -168,6 +168,21 @@ def test_a_stop_file_a_preempt_signal_and_sigterm_each_checkpoint_and_the_reruns
     assert_matches(run, uninterrupted)
 
 
+@pytest.mark.slow
+def test_a_killed_worker_without_restarts_fails_naming_the_checkpoint_to_resume_from(tmp_path, cache_dir):
+    run = tmp_path / "killed-once"
+    process = start(run, cache_dir)
+    wait_for(lambda: (run / "checkpoints" / "step_10" / "COMPLETE").is_file(), "the step 10 checkpoint", process)
+    log = (run / "logs" / "rank_1.log").read_text()
+    os.kill(int(re.search(r"rank 1: pid (\d+)", log).group(1)), signal.SIGKILL)
+    output, _ = process.communicate(timeout=300)
+    said = " ".join(output.split())
+    assert process.returncode == 1 and "rank 1 failed first (exit code -9)" in said, output
+    latest = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*[0-9]"))
+    assert f"Rerun the same command (run.dir={run}) to resume from {run}/checkpoints/step_{latest}" in said, output
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+
+
 @pytest.mark.slow  # test_schedule sets a damaged checkpoint aside in process
 @pytest.mark.parametrize("garbled", ["COMPLETE", "trainer_state.json"])
 def test_a_garbled_marker_or_state_is_damage_eval_refuses_it_and_a_rerun_resumes_before_it(
