@@ -187,7 +187,7 @@ def test_saves_every_save_every_steps_at_each_new_best_and_at_the_end_keeping_la
         ({1: 0.5, 2: 0.4, 3: 0.6, 4: 0.6, 5: 0.55, 6: 0.9}, 5, (3, 0.6)),
     ],
 )
-def test_early_stopping_after_patience_evaluations_without_improvement(start, script, stop, best):
+def test_early_stopping_after_patience_evaluations_without_improvement(start, script, stop, best, capsys):
     run = start(
         script, "train.early_stopping_patience=2", "train.eval_every=1", "train.max_steps=10", "train.log_every=100"
     )  # the stop, not the cadence, writes the last train record
@@ -199,6 +199,11 @@ def test_early_stopping_after_patience_evaluations_without_improvement(start, sc
     assert stop in run.checkpoints() and run.saved[-1] == stop  # stopping writes a checkpoint
     assert run.state(stop)["evals_without_improvement"] == 2
     assert (run.run_dir / "export" / "model.safetensors").is_file()  # an early stop is a finished run
+    # A rerun of the same command: the run stays stopped (no step trained, no new record but the resume's)
+    records = len(run.records())
+    rerun = start(script, "train.early_stopping_patience=2", "train.eval_every=1", "train.max_steps=10")
+    assert rerun.fit()["status"] == "early stopped" and [r["kind"] for r in run.records()[records:]] == ["resume"]
+    assert f"the run was already complete at step {stop} (early stopped): nothing to train" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("stop_at", [2, 4])
@@ -419,6 +424,10 @@ def test_a_run_extended_by_max_steps_says_its_lr_now_follows_the_longer_schedule
     overrides = ("train.save_every=2", "train.eval_every=100", "optim.lr=1e-3", "optim.warmup_ratio=0")
     assert start(every_step(4), "train.max_steps=4", *overrides).fit()["status"] == "finished"
     capsys.readouterr()
+    assert start(every_step(4), "train.max_steps=4", *overrides).fit()["status"] == "finished"
+    said = " ".join(capsys.readouterr().out.split())
+    assert "the run was already complete at step 4 (all 4 steps): nothing to train; to train on, raise " \
+           "train.max_steps or train.epochs" in said, said  # fmt: skip
     longer = start(every_step(8), "train.max_steps=8", *overrides)
     assert longer.fit()["status"] == "finished"
     said = " ".join(capsys.readouterr().out.split())

@@ -59,6 +59,11 @@ class Evaluator:
             self.say(f"early stopping: no better dev {self.metric} for {self.patience} evaluations")
         return improved, stop
 
+    @property
+    def patience_ran_out(self) -> bool:
+        """Early stopping stopped the run (restored from its checkpoint): it stays stopped."""
+        return self.patience > 0 and self.evals_without_improvement >= self.patience
+
     def state_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "best_metric": self.best_metric, "best_step": self.best_step,
                 "evals_without_improvement": self.evals_without_improvement}  # fmt: skip

@@ -112,6 +112,10 @@ class Trainer:
                 improved, stopped_early, pruned = self._evaluate(last=False, log_train=False)
                 if improved or stopped_early or pruned:  # the checkpoint of this step, with the evaluator's news
                     self.checkpoints.save(s.step)
+            if s.step > 0 and not (stopped_early or pruned):
+                stopped_early = self.evaluator.patience_ran_out
+                if stopped_early or s.step >= self.total_steps:
+                    self.metrics.say(self._complete_already(stopped_early))
             steps = self.batches.batches(s.step)
             while s.step < stop_at and not (stopped_early or pruned):
                 self.profiler.before_step(s.step + 1)
@@ -158,6 +162,12 @@ class Trainer:
         finally:
             self.metrics.stop_progress()
         return self._finish(started, self._status(stopped_early, preempted, diverged, pruned), diverged, pruned)
+
+    def _complete_already(self, stopped_early: bool) -> str:
+        how, more = ("early stopped", "train.early_stopping_patience (0: off)") if stopped_early else \
+            (f"all {self.total_steps} steps", "train.max_steps or train.epochs")  # fmt: skip
+        return f"the run was already complete at step {self.state.step} ({how}): nothing to train; to train on, " \
+               f"raise {more}"  # fmt: skip
 
     def _evaluate(self, last: bool, log_train: bool) -> tuple[bool, bool, str | None]:
         """Dev evaluation at this step: (a new best, early stopping says stop, the study's pruner says why to stop).
