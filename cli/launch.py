@@ -56,7 +56,9 @@ def torchrun_args(launcher: DictConfig, run_dir: Path, forked_worker: str | None
         f"--nnodes={launcher.nnodes}",
         f"--max-restarts={launcher.max_restarts}",
         f"--monitor-interval={launcher.monitor_interval}",
-        "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT",  # torchrun's agent leaves SIGINT (Ctrl-C) to `launch`
+        # torchrun's agent leaves SIGINT (Ctrl-C) and SIGTERM to `launch`: on its own SIGTERM it would wait 30 s
+        # for forked workers that stopped with a checkpoint and then wait for it to read their results
+        "--signals-to-handle=SIGHUP,SIGQUIT",
     ]
     job = rdzv_id(launcher, run_dir)
     if job is None:
@@ -95,9 +97,9 @@ def _message(failure: ProcessFailure) -> str:
 
 
 def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
-    """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM, which
-    torchrun passes on to the workers) makes them checkpoint and stop; under SLURM the job is then requeued.
-    Ctrl-C (SIGINT) is a stop request too (never requeued); a second Ctrl-C kills the workers at once."""
+    """Run the workers to the end. A stop signal to this process (launcher.preempt_signal, or SIGTERM) makes them
+    checkpoint and stop; under SLURM the job is then requeued. Ctrl-C (SIGINT) is a stop request too (never
+    requeued); a second Ctrl-C kills the workers at once."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import parse_args, run
@@ -116,7 +118,16 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
     stop_file = run_dir / run_files.STOP
     stop_file.unlink(missing_ok=True)  # a request from an earlier run must not stop this one
     preempt = signal_number(launcher.preempt_signal)
-    previous = signal.signal(preempt, lambda *_: stop_file.touch())  # the workers see the file after their step
+    terms = []
+
+    def on_stop(signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM:
+            terms.append(signum)
+            if len(terms) > 1:  # as a second Ctrl-C: the workers may be stuck (the watchdog would take minutes)
+                raise SignalException("a second SIGTERM", sigval=signal.SIGKILL)
+        stop_file.touch()  # the workers see the file after their step
+
+    previous = {number: signal.signal(number, on_stop) for number in {preempt, signal.SIGTERM}}
     interrupts = []
 
     def on_interrupt(signum: int, frame: object) -> None:
@@ -135,9 +146,11 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
     except RendezvousTimeoutError:
         raise TrainingFailed(_missing_nodes(launcher, run_dir)) from None
     except SignalException as error:
-        # SIGTERM to this process: torchrun has passed it on and waited for the workers. A second Ctrl-C: killed.
-        if len(interrupts) > 1:
-            message = f"aborted by a second Ctrl-C: the workers were killed. {resume_hint(run_dir)}"
+        # SIGHUP or SIGQUIT to this process: torchrun has passed it on and waited for the workers. A second
+        # Ctrl-C or SIGTERM: killed.
+        if len(interrupts) > 1 or len(terms) > 1:
+            what = "Ctrl-C" if len(interrupts) > 1 else "SIGTERM"
+            message = f"aborted by a second {what}: the workers were killed. {resume_hint(run_dir)}"
             raise TrainingFailed(message) from None
         if not _preempted(run_dir):
             raise TrainingFailed(f"stopped by {error.sigval.name} before a checkpoint was written") from None
@@ -156,7 +169,8 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
         lines.append(f"logs: {run_dir / run_files.LOGS}")
         raise TrainingFailed("\n".join(lines)) from None
     finally:
-        signal.signal(preempt, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         signal.signal(signal.SIGINT, previous_interrupt)
         stop_file.unlink(missing_ok=True)
         for name, value in saved.items():
@@ -202,6 +216,8 @@ def _after_preemption(launcher: DictConfig, run_dir: Path, interrupted: bool) ->
     job = os.environ.get("SLURM_JOB_ID")
     if job and launcher.requeue and not interrupted:  # a Ctrl-C is the user's stop, not the scheduler's
         # The requeued job gets the same SLURM_JOB_ID, hence the same run dir, and resumes from the checkpoint.
+        # Requeueing ends this job step with SIGTERM: the line below is still printed, and the exit is clean.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         if result.returncode != 0:
             raise TrainingFailed(f"stopped with a checkpoint, but `scontrol requeue {job}` failed: {result.stderr}")

@@ -96,7 +96,10 @@ def stop(run: Path, process: subprocess.Popen, how: str) -> tuple[int, str]:
         os.killpg(process.pid, signal.SIGINT)  # what a terminal does
     else:
         process.send_signal(signal.SIGUSR1 if how == "preempt signal" else signal.SIGTERM)
+    asked = time.monotonic()
     output, _ = process.communicate(timeout=300)
+    # a step, a checkpoint and the exit: not torchrun's 30 s wait for forked workers (once for SIGTERM)
+    assert time.monotonic() - asked < 20, (how, time.monotonic() - asked)
     assert process.returncode == 0, output
     summary = json.loads((run / "summary.json").read_text())
     stopped = int(summary["status"].removeprefix("preempted at step "))
