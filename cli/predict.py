@@ -83,16 +83,27 @@ def predict_job(cfg: DictConfig) -> None:
             progress.advance(job, len(chunk))
     results = iter(outputs)
     out = sys.stdout if cfg.output == "-" else open(Path(cfg.output).expanduser(), "w", encoding="utf-8")  # noqa: SIM115
+    truncated = []
     try:
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             if line.strip():
                 record = {"input": line, **task.format_prediction(line, next(results))}
             else:
                 record = {"input": line, "skipped": "empty line"}
+            if "truncated" in record:
+                truncated.append(number)
             out.write(strict_json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()
+    if truncated:  # NER: as in evaluation, the words beyond data.max_length tokens are tagged O
+        shown = ", ".join(map(str, truncated[:10])) + (", ..." if len(truncated) > 10 else "")
+        error_console.print(
+            f"[yellow]warning:[/] {len(truncated)} line(s) longer than the model's data.max_length "
+            f"tokens (line {shown}): the words beyond it are not tagged; each such record's "
+            '"truncated" says how many were. Split long lines into sentences',
+            highlight=False,
+        )
 
 
 def main() -> None:

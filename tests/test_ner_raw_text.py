@@ -63,10 +63,12 @@ def tagged(tmp_path_factory, cache_dir) -> dict:
     lines = [" ".join(words) for words in sentences]
     # The first sentences again, spaced as raw text may be: tabs, runs of spaces, leading and trailing blanks.
     spaced = ["  " + "\t ".join(words) + " " for words in sentences[:10]]
-    (root / "in.txt").write_text("\n".join(lines + spaced) + "\n", encoding="utf-8")
-    run_distrain("predict", f"ckpt={run}", f"input={root / 'in.txt'}", f"output={root / 'out.jsonl'}")
+    long = " ".join(" ".join(words) for words in sentences)  # every test sentence on one line: beyond max_length
+    (root / "in.txt").write_text("\n".join([*lines, *spaced, long]) + "\n", encoding="utf-8")
+    said = run_distrain("predict", f"ckpt={run}", f"input={root / 'in.txt'}", f"output={root / 'out.jsonl'}").stderr
     out = [json.loads(line) for line in (root / "out.jsonl").read_text(encoding="utf-8").splitlines()]
-    return {"run": run, "sentences": sentences, "lines": lines, "out": out, "spaced": spaced}
+    return {"run": run, "sentences": sentences, "lines": lines, "out": out, "spaced": spaced, "long": long,
+            "stderr": said}  # fmt: skip
 
 
 def eval_entities(run: Path) -> list[set]:
@@ -98,9 +100,20 @@ def test_predict_returns_the_entities_eval_scores_sentence_by_sentence(tagged):
     assert mismatches == []
 
 
+def test_a_line_beyond_max_length_is_tagged_as_far_as_it_fits_and_says_so(tagged):
+    """As in evaluation, the words past data.max_length tokens are not tagged: the record and a warning say so."""
+    record, words = tagged["out"][-1], len(tagged["long"].split())
+    assert record["input"] == tagged["long"] and not any("truncated" in r for r in tagged["out"][:-1])
+    cut = record["truncated"]
+    assert cut["words"] == words and 0 < cut["tagged"] < words and cut["max_length"] == 256, cut
+    assert all(e["end"] <= len(" ".join(tagged["long"].split()[: cut["tagged"]])) for e in record["entities"])
+    said = " ".join(tagged["stderr"].split())
+    assert f"1 line(s) longer than the model's data.max_length tokens (line {len(tagged['out'])})" in said, said
+
+
 def test_predict_offsets_point_into_the_raw_line(tagged):
     """Tabs, runs of spaces and accents: the same words give the same entities, at offsets into the line as given."""
-    for spaced, plain, result in zip(tagged["spaced"], tagged["out"][:10], tagged["out"][80:], strict=True):
+    for spaced, plain, result in zip(tagged["spaced"], tagged["out"][:10], tagged["out"][80:90], strict=True):
         assert result["input"] == spaced
         for entity in result["entities"]:
             assert spaced[entity["start"] : entity["end"]] == entity["text"], entity

@@ -223,7 +223,8 @@ class NerTask(Task):
     def text_tagger(
         self, model: torch.nn.Module, env: Any, options: DictConfig | None = None
     ) -> Callable[..., list[list[dict[str, Any]]]]:
-        """`distrain predict`'s tagger: lines of raw text -> each line's entities, as `distrain eval` sees them.
+        """`distrain predict`'s tagger: lines of raw text -> each line's {"entities"}, as `distrain eval` sees them,
+        and "truncated" (words, tagged, max_length) when the line's words did not all fit in data.max_length tokens.
 
         A line's words are its whitespace-separated tokens (a sentence of the data joined by spaces gives back its
         words); each word is labelled at its first sub-word, as in evaluation, and an entity is a seqeval entity
@@ -250,22 +251,26 @@ class NerTask(Task):
                 scores, labels = logits.float().softmax(-1).max(-1)
                 for row, (line, spans) in enumerate(zip(lines, words, strict=True)):
                     tags, score = ["O"] * len(spans), [0.0] * len(spans)
-                    previous = None
+                    previous, tagged = None, 0
                     for position, word in enumerate(encoded.word_ids(row)):
                         if word is not None and word != previous:  # the word's first sub-word
                             tags[word], score[word] = names[int(labels[row, position])], float(scores[row, position])
+                            tagged = word + 1
                         previous = word
-                    out.append(
-                        [{"type": kind, "text": line[spans[first][0] : spans[last][1]], "start": spans[first][0],
-                          "end": spans[last][1], "score": round(sum(score[first : last + 1]) / (last - first + 1), 4)}
-                         for kind, first, last in get_entities(tags)]
-                    )  # fmt: skip
+                    result: dict[str, Any] = {"entities": [
+                        {"type": kind, "text": line[spans[first][0] : spans[last][1]], "start": spans[first][0],
+                         "end": spans[last][1], "score": round(sum(score[first : last + 1]) / (last - first + 1), 4)}
+                        for kind, first, last in get_entities(tags)]}  # fmt: skip
+                    if tagged < len(spans):  # the rest did not fit in data.max_length tokens: O, as in evaluation
+                        result["truncated"] = {"words": len(spans), "tagged": tagged,
+                                               "max_length": self.cfg.data.max_length}  # fmt: skip
+                    out.append(result)
             return out
 
         return tag
 
     def format_prediction(self, text: str, output: Any) -> dict[str, Any]:
-        return {"entities": output}
+        return output  # the tagger's record: entities, and what did not fit (truncated)
 
     def card_usage(self) -> str:
         subwords = self.cfg.data.label_subwords
@@ -300,8 +305,9 @@ class NerTask(Task):
         runner = pipeline(self.pipeline_task, model=model, tokenizer=self.tokenizer, device=env.device,
                           aggregation_strategy=aggregation)  # fmt: skip
         piped = runner(texts, batch_size=batch_size)
+        spans = [{(e["type"], e["start"], e["end"]) for e in line["entities"]} for line in tagged]
         return {
-            "predict_f1": span_f1(gold, [{(e["type"], e["start"], e["end"]) for e in line} for line in tagged]),
+            "predict_f1": span_f1(gold, spans),
             "pipeline_f1": span_f1(
                 gold, [{(e["entity_group"], int(e["start"]), int(e["end"])) for e in line} for line in piped]
             ),
