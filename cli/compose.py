@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distrain.cli.console import print_error
@@ -200,8 +200,11 @@ def _type_problems(overrides: list[Override]) -> list[str]:
         else:
             values = [override.value()]
         for value in values:
-            # Mappings and lists merge into what the chosen options hold: only the composition can judge them
-            if isinstance(value, dict | list) or isinstance(value, str) and "${" in value:
+            if isinstance(value, str) and "${" in value:
+                continue
+            # A mapping or list merges into what the chosen options hold (only the composition can judge it), unless
+            # the key holds a single value (optim.lr=[1,2]), which the schema refuses here
+            if isinstance(value, dict | list) and isinstance(OmegaConf.select(schema, key), DictConfig | ListConfig):
                 continue
             try:
                 OmegaConf.update(schema, key, value, merge=False)

@@ -183,9 +183,11 @@ def test_every_bad_override_is_named_at_once():
     """Hydra's composition stops at the first value of the wrong type; the check before it names them all, with an
     unknown key, and each bad value of a sweep, and passes what fits (interpolations are the composition's)."""
     problems = override_problems(["optim.lrr=1", "train.max_steps=abc", "optim.lr=1e-4,x", "train.epochs=2",
-                                  "precision=bf16", "run.name=${now:%H}", "train.profile_steps=[1,2]"])  # fmt: skip
-    assert [p.split(":")[0] for p in problems] == ["optim.lrr", "train.max_steps=abc", "optim.lr=x"], problems
-    assert "could not be converted to Integer" in problems[1]
+                                  "precision=bf16", "run.name=${now:%H}", "train.profile_steps=[1,2]",
+                                  "optim.weight_decay=[1,2]", "data.augment=[]"])  # fmt: skip
+    named = ["optim.lrr", "train.max_steps=abc", "optim.lr=x", "optim.weight_decay=[1, 2]"]
+    assert [p.split(":")[0] for p in problems] == named, problems
+    assert "could not be converted to Integer" in problems[1] and "of type 'list'" in problems[3]
 
 
 def test_parity_checks_every_strategy_before_the_first_trains(tmp_path):
