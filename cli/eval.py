@@ -40,6 +40,11 @@ def report_table(report: dict[str, Any], key: str = "classes", what: str = "") -
     return table
 
 
+def shown(value: float) -> str:
+    """A score to 4 decimals; a count (clm's tokens) as the whole number it is."""
+    return f"{value:,.0f}" if value > 1 and value.is_integer() else f"{value:.4f}"
+
+
 @hydra.main(config_path="pkg://distrain.configs", config_name="eval", version_base=None)
 def eval_job(cfg: DictConfig) -> float:
     try:
@@ -62,7 +67,7 @@ def eval_job(cfg: DictConfig) -> float:
         console.print(report_table(report, "token_classes", ", word-level tokens (O included)"))
     task = task_class(report["task"])
     metrics = [(k, v) for k, v in report.items() if isinstance(v, float)]
-    console.print("  ".join(f"{task.metric_titles.get(k, k.replace('_', ' '))} {v:.4f}" for k, v in metrics))
+    console.print("  ".join(f"{task.metric_titles.get(k, k.replace('_', ' '))} {shown(v)}" for k, v in metrics))
     metric = report["metric"]  # the run's task.metric: the headline, and the value a Hydra sweeper reads
     console.print(f"{report['split']} {metric} {report[metric]:.4f} (task.metric)", highlight=False)
     console.print(f"wrote {', '.join(report['files'])}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -41,10 +42,15 @@ examples:
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE.format(commands="\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items())))
+        usage = USAGE.format(commands="\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items()))
+        print(usage, file=sys.stdout if args else sys.stderr)
+        if not args:  # no command: a usage error, as for an unknown one
+            raise SystemExit(2)
         return
     if args[0] not in COMMANDS:
-        print(f"distrain: unknown command {args[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+        near = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        print(f"distrain: unknown command {args[0]!r}{hint} (expected one of {', '.join(COMMANDS)})", file=sys.stderr)
         raise SystemExit(2)
     module, _ = COMMANDS[args[0]]
     # Hydra reads sys.argv: hand it the command's own arguments.

@@ -247,6 +247,15 @@ def test_eval_refuses_a_misspelled_key_before_reading_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_distrain_without_a_command_or_with_an_unknown_one_is_a_usage_error():
+    bare = run_distrain(check=False)
+    assert bare.returncode == 2 and "train" in bare.stderr and "eval" in bare.stderr and not bare.stdout
+    unknown = run_distrain("trian", check=False)
+    assert unknown.returncode == 2 and "unknown command 'trian'; did you mean train?" in unknown.stderr
+    helped = run_distrain("--help")
+    assert helped.returncode == 0 and "train" in helped.stdout
+
+
 def test_eval_help_lists_its_own_keys_with_their_meaning():
     out = run_distrain("eval", "--help").stdout
     assert "max_samples: null  # the first N examples of the split" in out and "split: test" in out

@@ -95,10 +95,11 @@ def test_eval_reports_the_task_metrics(task_runs, task):
     report = json.loads((run / "checkpoints" / f"step_{STEPS}_eval" / "eval_dev.json").read_text())
     # The same weights on the same dev samples (LM: the same masks): the numbers recorded in training at that step.
     (dev,) = [r for r in records(run) if r["kind"] == "eval" and r["step"] == STEPS]
-    assert report["examples"] == 32
+    assert report["examples"] == 32 and "Warning" not in result.stderr, result.stderr  # DCP's single-process note
     if task in ("mlm", "clm"):
         assert "perplexity" in result.stdout and report["perplexity"] > 1
         assert report["tokens"] == dev["tokens"] > 0
+        assert f"tokens {report['tokens']:,.0f}\n" in result.stdout, result.stdout  # a count, not 8015.0000
         for metric in ("perplexity", "loss"):
             assert report[metric] == pytest.approx(dev[metric], rel=1e-5), metric  # sums in another order
     else:

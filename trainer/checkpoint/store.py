@@ -25,6 +25,7 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 def _load(state: dict[str, Any], path: Path) -> None:
     # no_dist: `distrain eval` loads in a single process without a process group.
     no_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
+    with warnings.catch_warnings():  # DCP warns that it "assumes" the single process that no_dist asks for
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner(), no_dist=no_dist)
 
 
 # --- integrity -------------------------------------------------------------------------------------------------
