@@ -238,6 +238,8 @@ def hydra_message(error: HydraException) -> str:
     text = f"{error}\n{error.__cause__ or ''}".strip()
     if isinstance(error, OverrideParseException):  # name the override (and so its key), not only the grammar
         text = f"{error.override}: {text} (quote a value with brackets or colons: key='[::1]:29500')"
+    if "is not Optional" in text and (override := re.search(r"Error merging override (\S+?)=null", text)):
+        text += f"\n(null is not a value of {override.group(1)}: to leave the key out, write ~{override.group(1)})"
     return "\n".join(line for line in text.splitlines() if not line.startswith("To append to your config use +"))
 
 

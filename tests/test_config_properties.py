@@ -247,6 +247,12 @@ def test_eval_refuses_a_misspelled_key_before_reading_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_a_null_split_file_says_how_to_leave_the_split_out(tmp_path):
+    result = run_distrain("train", "data=custom", "data.files.test=null", f"run.dir={tmp_path / 'r'}", check=False)
+    said = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "to leave the key out, write ~data.files.test" in said, said
+
+
 def test_distrain_without_a_command_or_with_an_unknown_one_is_a_usage_error():
     bare = run_distrain(check=False)
     assert bare.returncode == 2 and "train" in bare.stderr and "eval" in bare.stderr and not bare.stdout
