@@ -32,8 +32,16 @@ def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str
         raise SystemExit(0)
     values, rest = dict(own), []
     parser = OverridesParser.create()
+    sections = {key.split(".")[0] for key in schema_keys()[0]} | set(config_groups())
     for arg in args:
         key = arg.split("=", 1)[0]
+        bare = "." not in key and key not in own and key not in sections
+        near = difflib.get_close_matches(key, own, n=1) if bare else []
+        if near:  # a misspelling of this command's own key (outptu=), which the train config would not know either
+            command = " ".join(doc.split("`")[1].split()[:2])  # the doc opens with `distrain <command> ...`
+            print_error("invalid argument", f"{key}: no such key of {command}; did you mean {near[0]}? (its keys: "
+                        f"{', '.join(own)}; and the train config's)")  # fmt: skip
+            raise SystemExit(2)
         if key in own:
             try:
                 values[key] = parser.parse_override(arg).value()

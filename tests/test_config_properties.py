@@ -247,6 +247,19 @@ def test_eval_refuses_a_misspelled_key_before_reading_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("command", "typo", "expected"),
+    [
+        ("plan", "outptu=x", "outptu: no such key of distrain plan; did you mean output?"),
+        ("parity", "stepz=3", "stepz: no such key of distrain parity; did you mean steps?"),
+    ],
+)
+def test_a_misspelled_key_of_plan_or_parity_gets_its_own_key_suggested(command, typo, expected, tmp_path):
+    result = run_distrain(command, "model=bert_tiny", typo, check=False, cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_null_split_file_says_how_to_leave_the_split_out(tmp_path):
     result = run_distrain("train", "data=custom", "data.files.test=null", f"run.dir={tmp_path / 'r'}", check=False)
     said = " ".join(result.stderr.split())
