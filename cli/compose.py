@@ -30,6 +30,11 @@ def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str
     if {"-h", "--help"} & set(args):
         print(doc)
         raise SystemExit(0)
+    command = " ".join(doc.split("`")[1].split()[:2])  # the doc opens with `distrain <command> ...`
+    if flags := [arg for arg in args if arg.startswith("-")]:
+        print_error("invalid argument", f"{flags[0]}: {command} takes key=value arguments only (`distrain train "
+                    "<the same overrides> --cfg job` prints the config they compose)")  # fmt: skip
+        raise SystemExit(2)
     values, rest = dict(own), []
     parser = OverridesParser.create()
     sections = {key.split(".")[0] for key in schema_keys()[0]} | set(config_groups())
@@ -38,7 +43,6 @@ def split_args(args: list[str], own: dict[str, Any], doc: str) -> tuple[dict[str
         bare = "." not in key and key not in own and key not in sections
         near = difflib.get_close_matches(key, own, n=1) if bare else []
         if near:  # a misspelling of this command's own key (outptu=), which the train config would not know either
-            command = " ".join(doc.split("`")[1].split()[:2])  # the doc opens with `distrain <command> ...`
             print_error("invalid argument", f"{key}: no such key of {command}; did you mean {near[0]}? (its keys: "
                         f"{', '.join(own)}; and the train config's)")  # fmt: skip
             raise SystemExit(2)
