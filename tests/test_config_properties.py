@@ -252,6 +252,7 @@ def test_eval_refuses_a_misspelled_key_before_reading_anything(tmp_path):
     [
         ("plan", "outptu=x", "outptu: no such key of distrain plan; did you mean output?"),
         ("parity", "stepz=3", "stepz: no such key of distrain parity; did you mean steps?"),
+        ("plan", "--cfg", "--cfg: distrain plan takes key=value arguments only"),
     ],
 )
 def test_a_misspelled_key_of_plan_or_parity_gets_its_own_key_suggested(command, typo, expected, tmp_path):
