@@ -129,6 +129,7 @@ def main() -> None:
         activations = activation_bytes(
             model.config, cfg.train.micro_batch_size * task.rows_per_sample, cfg.data.max_length, dims.tp,
             cfg.train.activation_checkpointing, vocab_logits=model.get_output_embeddings() is not None,
+            precision=cfg.precision.name,
         )  # fmt: skip
         if frozen is not None:  # frozen fp32 weights only, sharded like the model's under FSDP
             kind, frozen_model = frozen

@@ -108,10 +108,12 @@ def planned_bytes(model: torch.nn.Module, dims: ParallelDims, optim: DictConfig)
 
 
 def activation_bytes(
-    config: Any, micro_batch: int, seq_len: int, tp: int, checkpointing: bool, vocab_logits: bool
-) -> int:
-    """An estimate of one micro-batch's activations (Korthikanti et al. 2022, scaled to 4-byte floats), plus the
-    logits over the vocabulary for language models."""
+    config: Any, micro_batch: int, seq_len: int, tp: int, checkpointing: bool, vocab_logits: bool,
+    precision: str = "fp32",
+) -> int:  # fmt: skip
+    """An estimate of one micro-batch's activations (Korthikanti et al. 2022, for 16-bit ones, as bf16 and fp16
+    runs keep them; scaled to 4-byte floats for fp32), plus the fp32 logits over the vocabulary for language
+    models."""
     c, s, b = config, seq_len, micro_batch
     h, a, layers = c.hidden_size, c.num_attention_heads, c.num_hidden_layers
     if checkpointing:
@@ -119,7 +121,8 @@ def activation_bytes(
     else:
         per_layer = s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
     logits = b * s * getattr(c, "vocab_size", 0) * FP32 if vocab_logits else 0
-    return int(per_layer * layers * FP32 / 2 + logits)
+    element = 2 if precision in ("bf16", "fp16") else FP32
+    return int(per_layer * layers * element / 2 + logits)
 
 
 def measure_peak_flops(
