@@ -142,9 +142,9 @@ def main() -> None:
     console.print(f"runs and parity.json in {out}")
     if worst > own["tolerance"]:
         if str(base.precision.name) in ("bf16", "fp16"):  # the layouts sum in other orders, each rounded to 16 bits
-            console.print(f"[yellow]note:[/] at precision={base.precision.name} the strategies' losses differ by "
-                          "16-bit rounding (about 1e-4 on the tiny models): compare them with tolerance=1e-3, or "
-                          "at precision=fp32 for the default 1e-5", highlight=False)  # fmt: skip
+            console.print(f"[yellow]note:[/] at precision={base.precision.name} the strategies' losses also differ "
+                          "by 16-bit rounding: compare them with a tolerance above it (tolerance=1e-3), or at "
+                          "precision=fp32 with the default 1e-5", highlight=False)  # fmt: skip
         raise SystemExit(1)
 
 

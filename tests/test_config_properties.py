@@ -210,6 +210,14 @@ def test_parity_compares_runs_whose_losses_went_non_finite(tmp_path):
 
 
 @pytest.mark.slow
+def test_parity_at_bf16_beyond_its_tolerance_says_which_tolerance_fits(tmp_path):
+    result = run_distrain("parity", *TINY, "precision=bf16", "strategies=[single,tp]", "steps=2", "tolerance=1e-12",
+                          f"out={tmp_path / 'p'}", check=False)  # fmt: skip
+    said = " ".join(result.stdout.split())
+    assert result.returncode == 1 and "at precision=bf16 the strategies' losses also differ by 16-bit" in said, said
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["parity", "plan"])
 def test_parity_and_plan_suggest_the_nearest_key(command):
     result = run_distrain(command, *TINY, "optim.lrr=1e-4", check=False)
