@@ -164,7 +164,9 @@ def launch(launcher: DictConfig, run_dir: Path, device: str, task: str) -> None:
         for rank, failure in sorted(error.failures.items()):
             if rank != first_rank:
                 lines.append(f"rank {rank} exited too (code {failure.exitcode}): {run_files.rank_log(run_dir, rank)}")
-        if first.exitcode < 0:  # killed by a signal (the OOM killer, kill -9): the work up to a checkpoint is kept
+        # A rank killed by a signal (the OOM killer, kill -9), or its peer's collective failing with it (which
+        # torchrun may report first): the work up to the last checkpoint is kept
+        if first.exitcode < 0 or said.startswith("HangError: "):
             lines.append(resume_hint(run_dir))
         lines.append(f"logs: {run_dir / run_files.LOGS}")
         raise TrainingFailed("\n".join(lines)) from None
