@@ -262,7 +262,7 @@ def readable_trainer_state(path: Path) -> dict[str, Any] | None:
     """The launcher's look at a checkpoint before the workers verify it: None when its state cannot be read (the
     workers then find the damage and set the checkpoint aside)."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = read_trainer_state(path)
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
